@@ -1,0 +1,3 @@
+from upcall_capture.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,139 @@
+"""The capture loop: probe records, merged into time order, handed to the outputs.
+
+It stops on -c, on a signal, when the traced process exits, or when a pipe reader
+leaves; then it stops the probe, drains what is left, and closes every output so
+that the file is complete. The probe's own counters are the truth about losses.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Protocol
+
+from upcall_capture.probe.loader import Counters, RecvUpcallProbe
+from upcall_capture.probe.record import TimeMerger
+from upcall_capture.sink import Sink
+from upcall_capture.target import is_alive
+from upcall_capture.upcall_blocks import UpcallBlocks
+
+# How often to look whether the traced process is still there.
+LIVENESS_INTERVAL_NS = 250_000_000
+
+
+class Output(Protocol):
+    def packets(self, records: list[bytes], dropped: int = 0) -> None: ...
+    def finish(self, end_ktime_ns: int, start_ktime_ns: int) -> None: ...
+
+
+def clock_offset_ns(samples: int = 5) -> int:
+    """Wall clock minus CLOCK_MONOTONIC (the probe's bpf_ktime_get_ns), in ns.
+
+    Taken from the tightest of a few bracketed readings.
+    """
+    best = None
+    for _ in range(samples):
+        before = time.monotonic_ns()
+        wall = time.time_ns()
+        after = time.monotonic_ns()
+        if best is None or after - before < best[0]:
+            best = (after - before, wall - (before + after) // 2)
+    return best[1]
+
+
+class PcapngOutput:
+    """A pcapng section: its header at once, packets as they come, statistics at the end."""
+
+    def __init__(self, blocks: UpcallBlocks, sink: Sink, section_header: bytes) -> None:
+        self.blocks = blocks
+        self.sink = sink
+        sink.write(section_header)
+
+    @property
+    def closed_by_reader(self) -> bool:
+        return self.sink.closed_by_reader
+
+    def packets(self, records: list[bytes], dropped: int = 0) -> None:
+        self.sink.write(self.blocks.packets(records, dropped))
+
+    def finish(self, end_ktime_ns: int, start_ktime_ns: int) -> None:
+        self.sink.write(self.blocks.statistics(end_ktime_ns, start_ktime_ns=start_ktime_ns))
+        self.sink.close()
+
+
+@dataclass
+class Summary:
+    captured: int
+    lost: int
+    filtered: int
+    fired: int
+    stop_reason: str
+
+    def line(self) -> str:
+        text = f"{self.captured} upcalls captured, {self.lost} lost"
+        if self.filtered:
+            text += f", {self.filtered} filtered out"
+        return text + f" ({self.fired} fired)"
+
+
+class Capture:
+    def __init__(self, probe: RecvUpcallProbe, outputs: list[Output], *, target_pid: int,
+                 count: int | None = None, duration: float | None = None) -> None:
+        self.probe = probe
+        self.outputs = outputs
+        self.target_pid = target_pid
+        self.count = count
+        self.duration = duration
+        self.stop_reason: str | None = None
+        self.captured = 0
+        self._merger = TimeMerger()
+        self._lost_seen = 0
+
+    def request_stop(self, reason: str) -> None:
+        """Safe to call from a signal handler: the loop notices after its current poll."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+
+    def run(self) -> Summary:
+        start_ns = time.monotonic_ns()
+        deadline = None if self.duration is None else start_ns + int(self.duration * 1e9)
+        next_liveness = start_ns + LIVENESS_INTERVAL_NS
+        while self.stop_reason is None:
+            drain_start = time.monotonic_ns()
+            self._merger.add(self.probe.drain())
+            self._deliver(self._merger.release(drain_start), self.probe.counters())
+            now = time.monotonic_ns()
+            if now >= next_liveness:
+                next_liveness = now + LIVENESS_INTERVAL_NS
+                if not is_alive(self.target_pid):
+                    self.request_stop(f"pid {self.target_pid} exited")
+            if deadline is not None and now >= deadline:
+                self.request_stop("duration reached")
+        # Stop the probe first: after that the rings hold all that it submitted, and
+        # its counters agree exactly with what was received.
+        self._merger.add(self.probe.stop())
+        counters = self.probe.counters()
+        self._deliver(self._merger.release_all(), counters)
+        end_ns = time.monotonic_ns()
+        for output in self.outputs:
+            output.finish(end_ns, start_ns)
+        return Summary(
+            captured=self.captured, lost=counters.lost, filtered=counters.filtered,
+            fired=counters.fired, stop_reason=self.stop_reason,
+        )
+
+    def _deliver(self, records: list[bytes], counters: Counters) -> None:
+        if self.count is not None:
+            room = self.count - self.captured
+            if len(records) >= room:
+                records = records[:room]
+                self.request_stop("count reached")
+        dropped = counters.lost - self._lost_seen
+        self._lost_seen = counters.lost
+        if not records and not dropped:
+            return
+        for output in self.outputs:
+            output.packets(records, dropped)
+        self.captured += len(records)
+        if any(getattr(output, "closed_by_reader", False) for output in self.outputs):
+            self.request_stop("output closed by its reader")

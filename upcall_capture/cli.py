@@ -1,0 +1,199 @@
+"""Command line: parse, check, then wire the probe, the outputs and the capture loop."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import signal
+import sys
+from collections.abc import Iterable, Iterator
+
+from upcall_capture import __version__, pcapng, target
+from upcall_capture.capture import Capture, PcapngOutput, clock_offset_ns
+from upcall_capture.errors import CaptureError, UsageError
+from upcall_capture.flowkey import format_key
+from upcall_capture.ports import PortNames, dpctl_show, no_port_names
+from upcall_capture.probe import loader
+from upcall_capture.probe.record import (
+    DEFAULT_KEY_CAP,
+    DEFAULT_SNAPLEN,
+    MAX_KEY_CAP,
+    MAX_SNAPLEN,
+    MIN_KEY_CAP,
+)
+from upcall_capture.sink import open_file, open_stdout
+from upcall_capture.upcall_blocks import UpcallBlocks
+from upcall_capture.view import ConsoleOutput
+
+PROG = "upcall-capture"
+
+EXAMPLES = f"""\
+examples:
+  {PROG} -w upcalls.pcapng            capture from the running ovs-vswitchd into a file
+  {PROG} -p 1234 -w out.pcapng -c 1000
+                                      one process, stop after 1000 upcalls
+  {PROG}                              one line per upcall on the terminal
+  {PROG} -w - | wireshark -k -i -     watch live in Wireshark
+  {PROG} --decode-key 0800030001000000
+                                      print a netlink flow key as OVS does
+"""
+
+
+def _ranged(low: int, high: int, what: str):
+    def parse(text: str) -> int:
+        try:
+            value = int(text, 0)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{what} must be a number, not {text!r}") from None
+        if not low <= value <= high:
+            raise argparse.ArgumentTypeError(f"{what} must be from {low} to {high}, not {value}")
+        return value
+    return parse
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Capture Open vSwitch upcalls (the dpif_recv:recv_upcall USDT probe of "
+                    "ovs-vswitchd) into pcapng, with each upcall's flow key as a packet comment.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    target_group = parser.add_argument_group("target")
+    target_group.add_argument(
+        "-p", "--pid", type=_ranged(1, 2**22, "pid"),
+        help="trace this ovs-vswitchd (default: the only one running)")
+
+    output = parser.add_argument_group("output")
+    output.add_argument(
+        "-w", dest="write", metavar="FILE",
+        help="write pcapng to FILE ('-' for standard output); without it, print one line "
+             "per upcall")
+    output.add_argument(
+        "--overwrite", action="store_true",
+        help="replace FILE if it exists (by default an existing file is never overwritten)")
+    output.add_argument(
+        "--print", action="store_true", dest="print_lines",
+        help="with -w FILE, also print one line per upcall on standard output")
+    output.add_argument(
+        "--no-port-names", action="store_true",
+        help="do not ask ovs-vswitchd (ovs-appctl dpctl/show) for datapath port names")
+
+    capture = parser.add_argument_group("capture")
+    capture.add_argument(
+        "-c", "--count", type=_ranged(1, 2**63, "count"),
+        help="stop after writing this many upcalls")
+    capture.add_argument(
+        "--duration", type=float, metavar="SECONDS", help="stop after this many seconds")
+    capture.add_argument(
+        "-s", "--snaplen", type=_ranged(1, MAX_SNAPLEN, "snaplen"), default=DEFAULT_SNAPLEN,
+        help=f"copy at most this many bytes of each packet (default {DEFAULT_SNAPLEN}, "
+             f"max {MAX_SNAPLEN}: a 9000-byte jumbo frame fits)")
+    capture.add_argument(
+        "--key-size", type=_ranged(MIN_KEY_CAP, MAX_KEY_CAP, "key size"),
+        default=DEFAULT_KEY_CAP, metavar="BYTES",
+        help=f"copy at most this many bytes of each flow key (default {DEFAULT_KEY_CAP}, "
+             f"from {MIN_KEY_CAP} to {MAX_KEY_CAP})")
+    capture.add_argument(
+        "--buffer-pages", type=_ranged(1, 1 << 20, "buffer pages"), metavar="PAGES",
+        help="perf buffer pages per CPU, a power of two (default: 2048, less on hosts with "
+             "many CPUs so that the total stays within 64 MiB of locked memory)")
+
+    tools = parser.add_argument_group("tools")
+    tools.add_argument(
+        "--decode-key", metavar="HEX",
+        help="print the OVS text of a netlink flow key given in hex, and exit; '-' reads "
+             "one key per line from standard input ('-' alone on a line is an empty key)")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.decode_key is not None:
+            return decode_keys(args.decode_key)
+        return capture(args, argv if argv is not None else sys.argv[1:])
+    except (UsageError, CaptureError) as err:
+        print(f"{PROG}: {err}", file=sys.stderr)
+        return err.exit_status
+    except KeyboardInterrupt:
+        return 130
+
+
+def decode_keys(source: str) -> int:
+    lines: Iterable[str] = sys.stdin if source == "-" else [source]
+    for text in _key_texts(lines):
+        sys.stdout.write(text + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+def _key_texts(lines: Iterable[str]) -> Iterator[str]:
+    for number, line in enumerate(lines, 1):
+        line = line.strip()
+        try:
+            key = b"" if line == "-" else bytes.fromhex(line)
+        except ValueError:
+            raise UsageError(f"line {number}: not a hex flow key: {line[:40]!r}") from None
+        yield format_key(key)
+
+
+def capture(args: argparse.Namespace, argv: list[str]) -> int:
+    if args.buffer_pages is not None and args.buffer_pages & (args.buffer_pages - 1):
+        raise UsageError(f"--buffer-pages must be a power of two, not {args.buffer_pages}")
+    loader.check_environment()
+    process = target.process(args.pid) if args.pid else target.find_vswitchd()
+    target.check_probe(process)
+
+    port_name = no_port_names if args.no_port_names else \
+        PortNames(lambda: dpctl_show(process.pid)).name
+    offset = clock_offset_ns()
+    outputs = []
+    sink = None
+    if args.write is not None:
+        sink = open_stdout() if args.write == "-" else open_file(args.write,
+                                                                 overwrite=args.overwrite)
+    if args.write is None or args.print_lines:
+        outputs.append(ConsoleOutput(sys.stdout, clock_offset_ns=offset, port_name=port_name))
+
+    probe = loader.RecvUpcallProbe(
+        process.pid, snaplen=args.snaplen, key_cap=args.key_size,
+        buffer_pages=args.buffer_pages or loader.default_buffer_pages(os.cpu_count() or 1),
+    )
+    run = Capture(probe, outputs, target_pid=process.pid, count=args.count,
+                  duration=args.duration)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, lambda signum, frame: run.request_stop(
+            signal.Signals(signum).name))
+    try:
+        probe.attach()
+    except UsageError:
+        if sink is not None:
+            sink.discard()
+        raise
+    try:
+        if sink is not None:
+            blocks = UpcallBlocks(snaplen=args.snaplen, clock_offset_ns=offset,
+                                  port_name=port_name)
+            outputs.insert(0, PcapngOutput(blocks, sink, _section_header(argv)))
+        print(f"{PROG}: listening on {target.PROBE_PROVIDER}:{target.PROBE_NAME} in "
+              f"{process.comm} (pid {process.pid}), snapshot length {args.snaplen} bytes, "
+              f"key size {args.key_size} bytes", file=sys.stderr, flush=True)
+        summary = run.run()
+    finally:
+        probe.close()
+    print(f"{PROG}: {summary.line()}", file=sys.stderr)
+    return 0
+
+
+def _section_header(argv: list[str]) -> bytes:
+    uname = os.uname()
+    return pcapng.section_header(
+        userappl=f"{PROG} {__version__}",
+        os=f"{uname.sysname} {uname.release}",
+        hardware=uname.machine,
+        comment=shlex.join([PROG, *argv]),
+    )
