@@ -77,6 +77,10 @@ class Summary:
 
 
 class Capture:
+    TARGET_EXITED = "the traced process exited"
+    READER_LEFT = "the output's reader went away"
+    COUNT_REACHED = "count reached"
+    DURATION_REACHED = "duration reached"
     def __init__(self, probe: RecvUpcallProbe, outputs: list[Output], *, target_pid: int,
                  count: int | None = None, duration: float | None = None) -> None:
         self.probe = probe
@@ -106,9 +110,9 @@ class Capture:
             if now >= next_liveness:
                 next_liveness = now + LIVENESS_INTERVAL_NS
                 if not is_alive(self.target_pid):
-                    self.request_stop(f"pid {self.target_pid} exited")
+                    self.request_stop(self.TARGET_EXITED)
             if deadline is not None and now >= deadline:
-                self.request_stop("duration reached")
+                self.request_stop(self.DURATION_REACHED)
         # Stop the probe first: after that the rings hold all that it submitted, and
         # its counters agree exactly with what was received.
         self._merger.add(self.probe.stop())
@@ -127,7 +131,7 @@ class Capture:
             room = self.count - self.captured
             if len(records) >= room:
                 records = records[:room]
-                self.request_stop("count reached")
+                self.request_stop(self.COUNT_REACHED)
         dropped = counters.lost - self._lost_seen
         self._lost_seen = counters.lost
         if not records and not dropped:
@@ -136,4 +140,4 @@ class Capture:
             output.packets(records, dropped)
         self.captured += len(records)
         if any(getattr(output, "closed_by_reader", False) for output in self.outputs):
-            self.request_stop("output closed by its reader")
+            self.request_stop(self.READER_LEFT)

@@ -185,6 +185,8 @@ def capture(args: argparse.Namespace, argv: list[str]) -> int:
         summary = run.run()
     finally:
         probe.close()
+    if summary.stop_reason in (run.TARGET_EXITED, run.READER_LEFT):
+        print(f"{PROG}: {summary.stop_reason}", file=sys.stderr)
     print(f"{PROG}: {summary.line()}", file=sys.stderr)
     return 0
 

@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The demo: replay realistic upcalls through the real dpif_recv:recv_upcall probe,
+# capture them with upcall-capture into a pcapng, and show the file with tshark.
+# Run by `bash scripts/bootstrap.sh demo` (as root, after set-up).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-/tmp/upcall-demo.pcapng}
+RECORDS=samples/replay/basic.upc
+COUNT=$(.venv/bin/python -c 'import sys; sys.path.insert(0, "samples/replay"); import upcalls
+print(len(upcalls.read_records(sys.argv[1])))' "$RECORDS")
+rm -f "$OUT"
+log=$(mktemp)
+trap 'kill "$replay" 2>/dev/null || true; rm -f "$log"' EXIT
+
+# The replay source waits for SIGUSR1, so that the capture is attached before it fires.
+samples/replay/upcall-replay -S -k -r 200 "$RECORDS" >/dev/null &
+replay=$!
+.venv/bin/upcall-capture -p "$replay" -w "$OUT" -c "$COUNT" 2>"$log" &
+capture=$!
+for _ in $(seq 100); do grep -q listening "$log" && break; sleep 0.1; done
+cat "$log"
+kill -USR1 "$replay"
+wait "$capture"
+tail -n 1 "$log"
+
+echo
+echo "== $OUT, as tshark reads it (interface, packet, comment) =="
+tshark -r "$OUT" -T fields -E separator=' | ' -e frame.number -e frame.interface_name \
+    -e _ws.col.Info -e frame.comment 2>/dev/null | head -n 40
+echo
+echo "Open it in Wireshark: wireshark $OUT"

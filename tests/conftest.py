@@ -1,0 +1,108 @@
+"""Shared fixtures: the project root, the replay source, and running the real CLI."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+REPLAY_DIR = ROOT / "samples" / "replay"
+REPLAY_BIN = REPLAY_DIR / "upcall-replay"
+sys.path.insert(0, str(REPLAY_DIR))
+
+
+def _capture_unavailable() -> str | None:
+    if os.geteuid() != 0:
+        return "capture tests attach eBPF: they need root"
+    try:
+        import bcc  # noqa: F401
+    except ImportError:
+        return "bcc is not installed (python3-bpfcc)"
+    return None
+
+
+def pytest_collection_modifyitems(config, items):
+    reason = _capture_unavailable()
+    if reason:
+        for item in items:
+            if "capture" in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(scope="session")
+def replay_bin() -> Path:
+    subprocess.run(["make", "-s", "-C", str(REPLAY_DIR)], check=True)
+    return REPLAY_BIN
+
+
+class Replay:
+    """The replay source, started paused (-S) so that the capture attaches first."""
+
+    def __init__(self, replay_bin: Path, records: Path, *args: str) -> None:
+        self.proc = subprocess.Popen(
+            [str(replay_bin), "-S", *args, str(records)],
+            stdout=subprocess.PIPE, text=True,
+        )
+        self.pid = self.proc.pid
+
+    def start(self) -> None:
+        os.kill(self.pid, signal.SIGUSR1)
+
+    def wait(self, timeout: float = 60) -> str:
+        out, _ = self.proc.communicate(timeout=timeout)
+        return out
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+
+class Tool:
+    """upcall-capture run as a user runs it, through its command line."""
+
+    @staticmethod
+    def command() -> list[str]:
+        return [sys.executable, "-m", "upcall_capture"]
+
+    def __init__(self, *args: str, stdout=subprocess.DEVNULL) -> None:
+        self.proc = subprocess.Popen(
+            [*self.command(), *args],
+            stdout=stdout, stderr=subprocess.PIPE, text=True, cwd=ROOT,
+        )
+        self.stderr_lines: list[str] = []
+
+    def wait_listening(self, timeout: float = 60) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            line = self.proc.stderr.readline()
+            if not line:
+                raise AssertionError(f"tool exited before listening: {self.stderr_lines}")
+            self.stderr_lines.append(line)
+            if "listening on dpif_recv:recv_upcall" in line:
+                return
+        raise AssertionError("tool never said it was listening")
+
+    def wait(self, timeout: float = 60) -> tuple[int, str]:
+        _, err = self.proc.communicate(timeout=timeout)
+        return self.proc.returncode, "".join(self.stderr_lines) + err
+
+
+@pytest.fixture
+def replay(replay_bin):
+    started = []
+
+    def start(records: Path, *args: str) -> Replay:
+        source = Replay(replay_bin, records, *args)
+        started.append(source)
+        return source
+
+    yield start
+    for source in started:
+        source.kill()

@@ -1,0 +1,170 @@
+"""Capture end to end: the real CLI, real eBPF on the replay source's real USDT probe."""
+
+from __future__ import annotations
+
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+import upcalls  # samples/replay/upcalls.py: the replayed records
+from conftest import REPLAY_DIR, Tool
+
+from upcall_capture import pcapng
+from upcall_capture.flowkey import format_key
+
+pytestmark = pytest.mark.capture
+
+BASIC = REPLAY_DIR / "basic.upc"
+MIXED = REPLAY_DIR / "mixed.upc"
+SUMMARY = re.compile(r"(\d+) upcalls captured, (\d+) lost")
+
+
+def read_capture(path):
+    blocks = list(pcapng.iter_blocks(path.read_bytes()))
+    interfaces = [b for b in blocks if isinstance(b, pcapng.InterfaceDescription)]
+    packets = [b for b in blocks if isinstance(b, pcapng.Packet)]
+    stats = [b for b in blocks if isinstance(b, pcapng.InterfaceStatistics)]
+    return blocks, interfaces, packets, stats
+
+
+def tshark_count(path) -> int:
+    done = subprocess.run(["tshark", "-r", str(path), "-T", "fields", "-e", "frame.number"],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    return len(done.stdout.split())
+
+
+def capture(replay, tmp_path, records, *replay_args, tool_args=()):
+    out = tmp_path / "out.pcapng"
+    source = replay(records, *replay_args)
+    tool = Tool("-p", str(source.pid), "-w", str(out), *tool_args)
+    tool.wait_listening()
+    t_start = time.time_ns()
+    source.start()
+    return source, tool, out, t_start
+
+
+def test_every_upcall_byte_for_byte(replay, tmp_path):
+    records = upcalls.read_records(BASIC)
+    fired = 2000
+    source, tool, out, t_start = capture(replay, tmp_path, BASIC, "-n", str(fired), "-r", "5000")
+    assert f"fired {fired} upcalls" in source.wait()
+    status, stderr = tool.wait()  # the replay exited: the tool stops by itself
+    t_end = time.time_ns()
+    assert status == 0, stderr
+    assert "exited" in stderr
+    assert SUMMARY.search(stderr).groups() == (str(fired), "0")
+
+    _, interfaces, packets, stats = read_capture(out)
+    assert len(packets) == fired
+    assert tshark_count(out) == fired
+    for i, packet in enumerate(packets):
+        sent = records[i % len(records)]
+        assert packet.data == sent.packet[:9216]
+        assert packet.orig_len == len(sent.packet)
+        assert packet.key == sent.key
+        assert packet.inbound
+        head, key_text = packet.comments[0].split("\n")[:2]
+        assert head.startswith(f"upcall {('miss', 'action')[sent.type]} dpif={sent.dpif} ")
+        assert f"pid={source.pid} " in head and "thread=handler1" in head
+        assert key_text == format_key(sent.key)
+        assert t_start <= packet.timestamp_ns <= t_end
+        interface = interfaces[packet.interface_id]
+        has_eth = "eth(" in key_text
+        assert interface.linktype == (pcapng.LINKTYPE_ETHERNET if has_eth
+                                      else pcapng.LINKTYPE_RAW)
+        port = re.search(r"in_port\((\d+)\)", key_text).group(1)
+        assert interface.name == f"port {port} ({sent.dpif})"
+    assert [p.timestamp_ns for p in packets] == sorted(p.timestamp_ns for p in packets)
+    assert sum(s.received for s in stats) == fired
+    assert sum(s.dropped for s in stats) == 0
+    assert len(stats) == len(interfaces)
+
+
+def test_count_stops_exactly(replay, tmp_path):
+    source, tool, out, _ = capture(replay, tmp_path, BASIC, "-n", "500", "-r", "2000", "-k",
+                                   tool_args=("-c", "123"))
+    status, stderr = tool.wait()
+    assert status == 0, stderr
+    assert SUMMARY.search(stderr).group(1) == "123"
+    _, _, packets, _ = read_capture(out)
+    assert len(packets) == 123
+    assert tshark_count(out) == 123
+    records = upcalls.read_records(BASIC)
+    assert [p.data for p in packets] == [records[i % len(records)].packet for i in range(123)]
+
+
+def test_sigint_in_the_middle_leaves_a_valid_file(replay, tmp_path):
+    source, tool, out, _ = capture(replay, tmp_path, MIXED, "-n", "20000", "-r", "5000")
+    time.sleep(1.0)
+    tool.proc.send_signal(signal.SIGINT)
+    status, stderr = tool.wait()
+    assert status == 0, stderr
+    captured, lost = map(int, SUMMARY.search(stderr).groups())
+    data = out.read_bytes()
+    assert pcapng.complete_length(data) == len(data)
+    _, interfaces, packets, stats = read_capture(out)
+    assert 0 < len(packets) == captured < 20000
+    assert lost == 0
+    assert tshark_count(out) == captured
+    assert len(stats) == len(interfaces) and sum(s.received for s in stats) == captured
+
+
+def test_threads_on_several_cpus_are_merged_in_time_order(replay, tmp_path):
+    fired = 6000
+    source, tool, out, _ = capture(replay, tmp_path, MIXED, "-n", str(fired), "-r", "20000",
+                                   "-T", "4")
+    source.wait()
+    status, stderr = tool.wait()
+    assert status == 0, stderr
+    _, _, packets, _ = read_capture(out)
+    assert len(packets) == fired
+    stamps = [p.timestamp_ns for p in packets]
+    assert stamps == sorted(stamps)
+    threads = {re.search(r"thread=(\S+)", p.comments[0]).group(1) for p in packets}
+    assert threads == {"handler1", "handler2", "handler3", "handler4"}
+
+
+def test_pipe_to_tshark(replay, tmp_path):
+    source = replay(BASIC, "-n", "300", "-r", "3000")
+    tool = Tool("-p", str(source.pid), "-w", "-", stdout=subprocess.PIPE)
+    reader = subprocess.Popen(["tshark", "-r", "-", "-T", "fields", "-e", "frame.comment"],
+                              stdin=tool.proc.stdout, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    tool.proc.stdout.close()
+    tool.wait_listening()
+    source.start()
+    source.wait()
+    status, stderr = tool.wait()
+    out, _ = reader.communicate(timeout=60)
+    assert status == 0, stderr
+    assert out.count("upcall ") == 300
+
+
+def test_console_lines(replay):
+    source = replay(BASIC, "-n", "40", "-r", "1000")
+    tool = Tool("-p", str(source.pid), stdout=subprocess.PIPE)
+    tool.wait_listening()
+    source.start()
+    source.wait()
+    out, err = tool.proc.communicate(timeout=60)
+    lines = out.splitlines()
+    assert len(lines) == 40
+    records = upcalls.read_records(BASIC)
+    for line, sent in zip(lines, records, strict=False):
+        assert f" {('miss', 'action')[sent.type]} " in line
+        assert f"({sent.dpif}) handler1: " in line
+
+
+@pytest.mark.parametrize("args, message", [
+    (["-p", "4194000"], "no such process: 4194000"),
+    (["-p", "1"], "has no dpif_recv:recv_upcall USDT probe"),
+])
+def test_bad_targets_fail_in_one_line(args, message):
+    done = subprocess.run([*Tool.command(), *args], capture_output=True, text=True)
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
+    assert "Traceback" not in done.stderr
