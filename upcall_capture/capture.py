@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Protocol
 
+from upcall_capture.errors import CaptureError
 from upcall_capture.probe.loader import Counters, RecvUpcallProbe
 from upcall_capture.probe.record import TimeMerger
 from upcall_capture.sink import Sink
@@ -22,6 +23,9 @@ LIVENESS_INTERVAL_NS = 250_000_000
 
 
 class Output(Protocol):
+    # Why the output can take no more (its reader left, a write failed), or None.
+    ended: str | None
+
     def packets(self, records: list[bytes], dropped: int = 0) -> None: ...
     def finish(self, end_ktime_ns: int, start_ktime_ns: int) -> None: ...
 
@@ -47,18 +51,36 @@ class PcapngOutput:
     def __init__(self, blocks: UpcallBlocks, sink: Sink, section_header: bytes) -> None:
         self.blocks = blocks
         self.sink = sink
+        self.ended: str | None = None
+        self.error: CaptureError | None = None
+        self.written = 0  # upcalls in complete blocks in the output
         sink.write(section_header)
 
-    @property
-    def closed_by_reader(self) -> bool:
-        return self.sink.closed_by_reader
-
     def packets(self, records: list[bytes], dropped: int = 0) -> None:
-        self.sink.write(self.blocks.packets(records, dropped))
+        if self.ended:
+            return
+        try:
+            self.sink.write(self.blocks.packets(records, dropped))
+        except CaptureError as err:
+            # The sink cut the file back to its last complete block: this batch is not in it.
+            self.error = err
+            self.ended = str(err)
+            return
+        if self.sink.closed_by_reader:
+            self.ended = "the output's reader went away"
+        else:
+            self.written += len(records)
 
     def finish(self, end_ktime_ns: int, start_ktime_ns: int) -> None:
-        self.sink.write(self.blocks.statistics(end_ktime_ns, start_ktime_ns=start_ktime_ns))
+        if not self.ended:
+            self.packets_statistics(end_ktime_ns, start_ktime_ns)
         self.sink.close()
+
+    def packets_statistics(self, end_ktime_ns: int, start_ktime_ns: int) -> None:
+        try:
+            self.sink.write(self.blocks.statistics(end_ktime_ns, start_ktime_ns=start_ktime_ns))
+        except CaptureError as err:
+            self.error = err
 
 
 @dataclass
@@ -78,7 +100,6 @@ class Summary:
 
 class Capture:
     TARGET_EXITED = "the traced process exited"
-    READER_LEFT = "the output's reader went away"
     COUNT_REACHED = "count reached"
     DURATION_REACHED = "duration reached"
     def __init__(self, probe: RecvUpcallProbe, outputs: list[Output], *, target_pid: int,
@@ -139,5 +160,6 @@ class Capture:
         for output in self.outputs:
             output.packets(records, dropped)
         self.captured += len(records)
-        if any(getattr(output, "closed_by_reader", False) for output in self.outputs):
-            self.request_stop(self.READER_LEFT)
+        for output in self.outputs:
+            if output.ended:
+                self.request_stop(output.ended)

@@ -52,8 +52,14 @@ def _ranged(low: int, high: int, what: str):
     return parse
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):
+        # One line, like every other error, instead of argparse's usage block.
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG,
         description="Capture Open vSwitch upcalls (the dpif_recv:recv_upcall USDT probe of "
                     "ovs-vswitchd) into pcapng, with each upcall's flow key as a packet comment.",
@@ -185,10 +191,15 @@ def capture(args: argparse.Namespace, argv: list[str]) -> int:
         summary = run.run()
     finally:
         probe.close()
-    if summary.stop_reason in (run.TARGET_EXITED, run.READER_LEFT):
+    ended = [output for output in outputs if output.ended]
+    if summary.stop_reason == run.TARGET_EXITED or ended:
         print(f"{PROG}: {summary.stop_reason}", file=sys.stderr)
-    print(f"{PROG}: {summary.line()}", file=sys.stderr)
-    return 0
+    line = summary.line()
+    failed = [output for output in ended if getattr(output, "error", None)]
+    if failed:
+        line += f"; {failed[0].written} written to {args.write}"
+    print(f"{PROG}: {line}", file=sys.stderr)
+    return failed[0].error.exit_status if failed else 0
 
 
 def _section_header(argv: list[str]) -> bytes:

@@ -72,8 +72,11 @@ class ConsoleOutput:
         self.stream = stream
         self.clock_offset_ns = clock_offset_ns
         self.port_name = port_name
+        self.ended: str | None = None
 
     def packets(self, records: list[bytes], dropped: int = 0) -> None:
+        if self.ended:
+            return
         lines = []
         if dropped:
             lines.append(f"({dropped} upcalls lost)")
@@ -88,9 +91,13 @@ class ConsoleOutput:
                 thread=upcall.thread, packet=upcall.packet,
                 l3=bool(upcall.key) and "eth.src" not in fields,
             ))
-        if lines:
-            self.stream.write("\n".join(lines) + "\n")
-            self.stream.flush()
+        try:
+            if lines:
+                self.stream.write("\n".join(lines) + "\n")
+                self.stream.flush()
+        except BrokenPipeError:
+            self.ended = "the output's reader went away"  # as in: upcall-capture | head
 
     def finish(self, end_ktime_ns: int, start_ktime_ns: int) -> None:
-        self.stream.flush()
+        if not self.ended:
+            self.stream.flush()

@@ -55,6 +55,7 @@ def check_environment() -> None:
     """Fail early, in one line, on what would otherwise be a bcc traceback."""
     if os.geteuid() != 0:
         raise UsageError("must be run as root (attaching eBPF to a USDT probe needs it)")
+    _import_bcc()
     release = os.uname().release
     if not Path(f"/lib/modules/{release}/build/include").exists() and not Path(
         "/sys/kernel/kheaders.tar.xz"
