@@ -9,7 +9,7 @@ import signal
 import sys
 from collections.abc import Iterable, Iterator
 
-from upcall_capture import __version__, pcapng, target
+from upcall_capture import __version__, pcapng, readback, target
 from upcall_capture.capture import Capture, PcapngOutput, clock_offset_ns
 from upcall_capture.errors import CaptureError, UsageError
 from upcall_capture.flowkey import format_key
@@ -23,8 +23,9 @@ from upcall_capture.probe.record import (
     MIN_KEY_CAP,
 )
 from upcall_capture.sink import open_file, open_stdout
+from upcall_capture.stats import StatsOutput, UpcallStats, as_json, as_text
 from upcall_capture.upcall_blocks import UpcallBlocks
-from upcall_capture.view import ConsoleOutput
+from upcall_capture.view import ConsoleOutput, ConsolePrinter, from_record
 
 PROG = "upcall-capture"
 
@@ -85,6 +86,25 @@ def build_parser() -> argparse.ArgumentParser:
     output.add_argument(
         "--no-port-names", action="store_true",
         help="do not ask ovs-vswitchd (ovs-appctl dpctl/show) for datapath port names")
+    output.add_argument(
+        "-r", dest="read", metavar="FILE",
+        help="read upcalls from FILE (this tool's pcapng, or any pcap or pcapng, gzipped or "
+             "not) instead of capturing; with -w, write the selected ones to a new file")
+    output.add_argument(
+        "-v", "--verbose", action="store_true",
+        help="print each upcall's flow key, as OVS prints it, under its line")
+    output.add_argument("-x", dest="hexdump", action="store_true",
+                        help="print each packet in hex under its line")
+    output.add_argument("--decode", action="store_true",
+                        help="print scapy's full dissection of each packet")
+    output.add_argument(
+        "--stats", action="store_true",
+        help="at the end, print counts by type, datapath and port, the top flow keys and the "
+             "upcall rate per second")
+    output.add_argument("--stats-format", choices=("text", "json"), default="text",
+                        help="text (default) or json, for scripts")
+    output.add_argument("--top", type=_ranged(1, 10000, "--top"), default=10, metavar="N",
+                        help="how many flow keys --stats lists (default 10)")
 
     capture = parser.add_argument_group("capture")
     capture.add_argument(
@@ -121,7 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.decode_key is not None:
             return decode_keys(args.decode_key)
-        return capture(args, argv if argv is not None else sys.argv[1:])
+        argv = argv if argv is not None else sys.argv[1:]
+        if args.read is not None:
+            return read_back(args, argv)
+        return capture(args, argv)
     except (UsageError, CaptureError) as err:
         print(f"{PROG}: {err}", file=sys.stderr)
         return err.exit_status
@@ -163,7 +186,11 @@ def capture(args: argparse.Namespace, argv: list[str]) -> int:
         sink = open_stdout() if args.write == "-" else open_file(args.write,
                                                                  overwrite=args.overwrite)
     if args.write is None or args.print_lines:
-        outputs.append(ConsoleOutput(sys.stdout, clock_offset_ns=offset, port_name=port_name))
+        outputs.append(ConsoleOutput(_printer(args), clock_offset_ns=offset,
+                                     port_name=port_name))
+    stats = UpcallStats() if args.stats else None
+    if stats is not None:
+        outputs.append(StatsOutput(stats, lambda record: from_record(record, offset, port_name)))
 
     probe = loader.RecvUpcallProbe(
         process.pid, snaplen=args.snaplen, key_cap=args.key_size,
@@ -199,7 +226,64 @@ def capture(args: argparse.Namespace, argv: list[str]) -> int:
     if failed:
         line += f"; {failed[0].written} written to {args.write}"
     print(f"{PROG}: {line}", file=sys.stderr)
+    if stats is not None:
+        _print_stats(stats, args)
     return failed[0].error.exit_status if failed else 0
+
+
+def read_back(args: argparse.Namespace, argv: list[str]) -> int:
+    items = readback.read_upcalls(args.read)
+    sink = rewriter = None
+    if args.write is not None:
+        sink = open_stdout() if args.write == "-" else open_file(args.write,
+                                                                 overwrite=args.overwrite)
+        sink.write(_section_header(argv))
+        rewriter = readback.Rewriter()
+    printer = _printer(args) if args.write is None or args.print_lines else None
+    stats = UpcallStats() if args.stats else None
+    count = 0
+    last_ns = 0
+    for batch in _batches(items, args.count):
+        if rewriter is not None:
+            sink.write(rewriter.blocks(batch))
+        if printer is not None:
+            printer.show(batch)
+        if stats is not None:
+            stats.add(batch)
+        count += len(batch)
+        last_ns = batch[-1].wall_ns
+    if sink is not None:
+        sink.write(rewriter.statistics(last_ns))
+        sink.close()
+        print(f"{PROG}: {count} upcalls written to {args.write}", file=sys.stderr)
+    if stats is not None:
+        _print_stats(stats, args)
+    return 0
+
+
+def _batches(items, limit: int | None, size: int = 1000):
+    batch = []
+    for number, item in enumerate(items, 1):
+        batch.append(item)
+        if len(batch) == size or number == limit:
+            yield batch
+            batch = []
+            if number == limit:
+                return
+    if batch:
+        yield batch
+
+
+def _printer(args: argparse.Namespace) -> ConsolePrinter:
+    return ConsolePrinter(sys.stdout, verbose=args.verbose, hexdump=args.hexdump,
+                          dissect=args.decode)
+
+
+def _print_stats(stats: UpcallStats, args: argparse.Namespace) -> None:
+    report = stats.report(args.top)
+    text = as_json(report) if args.stats_format == "json" else as_text(report)
+    # With -w - the pcapng owns standard output.
+    print(text, file=sys.stderr if args.write == "-" else sys.stdout)
 
 
 def _section_header(argv: list[str]) -> bytes:

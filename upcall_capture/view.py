@@ -1,21 +1,61 @@
-"""The console view: one terse line per upcall, in the spirit of tcpdump."""
+"""The console view: one terse line per upcall, in the spirit of tcpdump.
+
+The same lines serve a live capture and a file read back with -r. `-v` adds the key
+as OVS prints it, `-x` a hex dump, and `--decode` scapy's full dissection.
+"""
 
 from __future__ import annotations
 
 import socket
 import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TextIO
 
 import dpkt
 
-from upcall_capture.flowkey import decode_key
-from upcall_capture.probe.record import parse
+from upcall_capture import pcapng
+from upcall_capture.flowkey import decode_key, format_key
+from upcall_capture.probe.record import Upcall, parse
 from upcall_capture.upcall_blocks import interface_name
 
+PortNamer = Callable[[str, int], "str | None"]
 
-def packet_summary(packet: bytes, l3: bool) -> str:
+
+@dataclass(frozen=True, slots=True)
+class CapturedUpcall:
+    """An upcall with what is shown beside it: its time, link type and interface."""
+
+    upcall: Upcall
+    wall_ns: int
+    linktype: int
+    interface: str
+    port: int | None
+    port_name: str | None
+    packet_block: pcapng.Packet | None = None  # when read back from our own pcapng
+
+
+def linktype_of(key: bytes, fields: dict) -> int:
+    """Ethernet, or raw IP for an L3 upcall: a key without an eth() attribute."""
+    if not key or "eth.src" in fields:
+        return pcapng.LINKTYPE_ETHERNET
+    return pcapng.LINKTYPE_RAW
+
+
+def from_record(record: bytes, clock_offset_ns: int, port_name: PortNamer) -> CapturedUpcall:
+    upcall = parse(record)
+    fields = decode_key(upcall.key, upcall.key_size).fields
+    port = fields.get("in_port")
+    name = port_name(upcall.dpif, port) if port is not None else None
+    return CapturedUpcall(upcall, upcall.ktime_ns + clock_offset_ns,
+                          linktype_of(upcall.key, fields), interface_name(upcall.dpif, port, name),
+                          port, name)
+
+
+def packet_summary(packet: bytes, linktype: int) -> str:
     """A short description of the packet, tcpdump style (dpkt: fast and forgiving)."""
     try:
-        if l3:
+        if linktype != pcapng.LINKTYPE_ETHERNET:
             ip_class = dpkt.ip6.IP6 if packet[:1] and packet[0] >> 4 == 6 else dpkt.ip.IP
             return _ip_summary(ip_class(packet), len(packet))
         frame = dpkt.ethernet.Ethernet(packet)
@@ -58,18 +98,68 @@ def clock_time(wall_ns: int) -> str:
     return time.strftime("%H:%M:%S", time.localtime(seconds)) + f".{nanos:09d}"
 
 
-def upcall_line(*, wall_ns: int, dpif: str, type_name: str, port: int | None,
-                port_name: str | None, thread: str, packet: bytes, l3: bool) -> str:
-    where = interface_name(dpif, port, port_name)
-    return (f"{clock_time(wall_ns)} {type_name} {where} {thread}: "
-            f"{packet_summary(packet, l3)}")
+def hex_dump(data: bytes) -> list[str]:
+    """tcpdump -x: 16 bytes a line, in groups of two."""
+    lines = []
+    for offset in range(0, len(data), 16):
+        chunk = data[offset:offset + 16].hex()
+        groups = " ".join(chunk[i:i + 4] for i in range(0, len(chunk), 4))
+        lines.append(f"\t0x{offset:04x}:  {groups}")
+    return lines
+
+
+def dissection(packet: bytes, linktype: int) -> str:
+    """scapy's full dissection of the packet."""
+    from scapy.layers.inet import IP
+    from scapy.layers.inet6 import IPv6
+    from scapy.layers.l2 import Ether
+
+    if linktype == pcapng.LINKTYPE_ETHERNET:
+        layer = Ether(packet)
+    else:
+        layer = IPv6(packet) if packet[:1] and packet[0] >> 4 == 6 else IP(packet)
+    return layer.show(dump=True).rstrip("\n")
+
+
+class ConsolePrinter:
+    """Writes upcalls as text lines."""
+
+    def __init__(self, stream: TextIO, *, verbose: bool = False, hexdump: bool = False,
+                 dissect: bool = False) -> None:
+        self.stream = stream
+        self.verbose = verbose
+        self.hexdump = hexdump
+        self.dissect = dissect
+
+    def lines(self, item: CapturedUpcall) -> list[str]:
+        upcall = item.upcall
+        who = f" {upcall.thread}" if upcall.thread else ""
+        kind = f" {upcall.type_name}" if upcall.type >= 0 else ""
+        lines = [f"{clock_time(item.wall_ns)}{kind} {item.interface}{who}: "
+                 f"{packet_summary(upcall.packet, item.linktype)}"]
+        if self.verbose and (upcall.key or upcall.type >= 0):
+            lines.append("\t" + format_key(upcall.key, upcall.key_size))
+        if self.hexdump:
+            lines.extend(hex_dump(upcall.packet))
+        if self.dissect:
+            lines.append(dissection(upcall.packet, item.linktype))
+        return lines
+
+    def show(self, items: Iterable[CapturedUpcall], note: str | None = None) -> None:
+        lines = [f"({note})"] if note else []
+        for item in items:
+            lines.extend(self.lines(item))
+        if lines:
+            self.stream.write("\n".join(lines) + "\n")
+            self.stream.flush()
 
 
 class ConsoleOutput:
-    """Prints one line per upcall to a text stream."""
+    """The live capture's console: records in, lines out."""
 
-    def __init__(self, stream, *, clock_offset_ns: int, port_name) -> None:
-        self.stream = stream
+    def __init__(self, printer: ConsolePrinter, *, clock_offset_ns: int,
+                 port_name: PortNamer) -> None:
+        self.printer = printer
         self.clock_offset_ns = clock_offset_ns
         self.port_name = port_name
         self.ended: str | None = None
@@ -77,27 +167,13 @@ class ConsoleOutput:
     def packets(self, records: list[bytes], dropped: int = 0) -> None:
         if self.ended:
             return
-        lines = []
-        if dropped:
-            lines.append(f"({dropped} upcalls lost)")
-        for record in records:
-            upcall = parse(record)
-            fields = decode_key(upcall.key, upcall.key_size).fields
-            port = fields.get("in_port")
-            lines.append(upcall_line(
-                wall_ns=upcall.ktime_ns + self.clock_offset_ns, dpif=upcall.dpif,
-                type_name=upcall.type_name, port=port,
-                port_name=self.port_name(upcall.dpif, port) if port is not None else None,
-                thread=upcall.thread, packet=upcall.packet,
-                l3=bool(upcall.key) and "eth.src" not in fields,
-            ))
         try:
-            if lines:
-                self.stream.write("\n".join(lines) + "\n")
-                self.stream.flush()
+            self.printer.show(
+                (from_record(r, self.clock_offset_ns, self.port_name) for r in records),
+                note=f"{dropped} upcalls lost" if dropped else None,
+            )
         except BrokenPipeError:
             self.ended = "the output's reader went away"  # as in: upcall-capture | head
 
     def finish(self, end_ktime_ns: int, start_ktime_ns: int) -> None:
-        if not self.ended:
-            self.stream.flush()
+        pass
