@@ -170,3 +170,44 @@ def test_bad_targets_fail_in_one_line(args, message):
     assert message in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert "Traceback" not in done.stderr
+
+
+def test_rotation_by_size_in_a_ring(replay, tmp_path):
+    source = replay(MIXED, "-n", "6000", "-r", "20000")
+    tool = Tool("-p", str(source.pid), "-w", str(tmp_path / "out.pcapng"), "-C", "1", "-W", "3")
+    tool.wait_listening()
+    source.start()
+    source.wait()
+    status, stderr = tool.wait()
+    assert status == 0, stderr
+    captured = int(SUMMARY.search(stderr).group(1))
+    files = sorted(tmp_path.glob("out-*.pcapng"))
+    assert [f.name for f in files] == ["out-000.pcapng", "out-001.pcapng", "out-002.pcapng"]
+    counts = []
+    for path in files:
+        data = path.read_bytes()
+        assert pcapng.complete_length(data) == len(data)
+        assert tshark_count(path) >= 1
+        blocks = list(pcapng.iter_blocks(data))
+        assert isinstance(blocks[0], pcapng.SectionHeader)
+        packets = [b for b in blocks if isinstance(b, pcapng.Packet)]
+        stats = [b for b in blocks if isinstance(b, pcapng.InterfaceStatistics)]
+        assert sum(s.received for s in stats) == len(packets)
+        # A file closes at the first batch past 1 MB: it holds a whole batch at most more.
+        counts.append(len(packets))
+    # 6000 mixed upcalls are about 6 MB: the ring turned over, so the files hold the last
+    # ones only, and fewer than were captured.
+    assert sum(counts) < captured == 6000
+
+
+def test_rotation_by_time(replay, tmp_path):
+    source = replay(MIXED, "-n", "5000", "-r", "2000")
+    tool = Tool("-p", str(source.pid), "-w", str(tmp_path / "t.pcapng"), "-G", "1")
+    tool.wait_listening()
+    source.start()
+    source.wait()
+    status, stderr = tool.wait()
+    assert status == 0, stderr
+    files = sorted(tmp_path.glob("t-*.pcapng"))
+    assert len(files) >= 2
+    assert sum(tshark_count(path) for path in files) == 5000

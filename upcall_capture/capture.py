@@ -8,10 +8,11 @@ that the file is complete. The probe's own counters are the truth about losses.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from upcall_capture.errors import CaptureError
+from upcall_capture.errors import CaptureError, UsageError
 from upcall_capture.probe.loader import Counters, RecvUpcallProbe
 from upcall_capture.probe.record import TimeMerger
 from upcall_capture.sink import Sink
@@ -45,25 +46,75 @@ def clock_offset_ns(samples: int = 5) -> int:
     return best[1]
 
 
-class PcapngOutput:
-    """A pcapng section: its header at once, packets as they come, statistics at the end."""
+@dataclass(frozen=True)
+class Rotation:
+    """When to start a new file, as tcpdump's -C, -G and -W."""
 
-    def __init__(self, blocks: UpcallBlocks, sink: Sink, section_header: bytes) -> None:
-        self.blocks = blocks
-        self.sink = sink
+    max_bytes: int | None = None  # -C: a file reaching this size is closed
+    interval_ns: int | None = None  # -G: a file this old is closed
+    ring: int | None = None  # -W: reuse this many names in turn
+
+
+def rotated_name(path: str, index: int, ring: int | None) -> str:
+    """out.pcapng, file 3 -> out-003.pcapng (the number goes before the extensions)."""
+    width = max(3, len(str(ring - 1))) if ring else 3
+    number = f"-{index % ring if ring else index:0{width}d}"
+    for extension in (".pcapng.gz", ".pcapng", ".pcap.gz", ".pcap"):
+        if path.endswith(extension):
+            return path[:-len(extension)] + number + extension
+    return path + number
+
+
+class PcapngOutput:
+    """pcapng sections: a header at once, packets as they come, statistics at the end.
+
+    With a Rotation, each file is a complete capture of its own: when one is full or
+    old enough it gets its statistics and is closed, and the next starts with a new
+    section header and its own interfaces.
+    """
+
+    def __init__(self, make_blocks: Callable[[], UpcallBlocks], sink: Sink,
+                 section_header: bytes, *, rotation: Rotation | None = None,
+                 open_next: Callable[[int], Sink] | None = None) -> None:
+        self.make_blocks = make_blocks
+        self.section_header = section_header
+        self.rotation = rotation
+        self.open_next = open_next
         self.ended: str | None = None
         self.error: CaptureError | None = None
         self.written = 0  # upcalls in complete blocks in the output
-        sink.write(section_header)
+        self.files = 0
+        self._start(sink)
+
+    def _start(self, sink: Sink) -> None:
+        self.sink = sink
+        self.blocks = self.make_blocks()
+        self.files += 1
+        self._file_start_ns = time.monotonic_ns()
+        sink.write(self.section_header)
+
+    def _rotation_due(self, now_ns: int) -> bool:
+        rotation = self.rotation
+        if rotation is None:
+            return False
+        if rotation.max_bytes is not None and self.sink.good_bytes >= rotation.max_bytes:
+            return True
+        return rotation.interval_ns is not None and \
+            now_ns - self._file_start_ns >= rotation.interval_ns
 
     def packets(self, records: list[bytes], dropped: int = 0) -> None:
         if self.ended:
             return
         try:
+            now_ns = time.monotonic_ns()
+            if self._rotation_due(now_ns):
+                self._write_statistics(now_ns)
+                self.sink.close()
+                self._start(self.open_next(self.files))
             self.sink.write(self.blocks.packets(records, dropped))
-        except CaptureError as err:
+        except (CaptureError, UsageError) as err:
             # The sink cut the file back to its last complete block: this batch is not in it.
-            self.error = err
+            self.error = CaptureError(str(err))
             self.ended = str(err)
             return
         if self.sink.closed_by_reader:
@@ -73,14 +124,14 @@ class PcapngOutput:
 
     def finish(self, end_ktime_ns: int, start_ktime_ns: int) -> None:
         if not self.ended:
-            self.packets_statistics(end_ktime_ns, start_ktime_ns)
+            try:
+                self._write_statistics(end_ktime_ns)
+            except CaptureError as err:
+                self.error = err
         self.sink.close()
 
-    def packets_statistics(self, end_ktime_ns: int, start_ktime_ns: int) -> None:
-        try:
-            self.sink.write(self.blocks.statistics(end_ktime_ns, start_ktime_ns=start_ktime_ns))
-        except CaptureError as err:
-            self.error = err
+    def _write_statistics(self, end_ktime_ns: int) -> None:
+        self.sink.write(self.blocks.statistics(end_ktime_ns, start_ktime_ns=self._file_start_ns))
 
 
 @dataclass

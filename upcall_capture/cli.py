@@ -10,7 +10,13 @@ import sys
 from collections.abc import Iterable, Iterator
 
 from upcall_capture import __version__, pcapng, readback, target
-from upcall_capture.capture import Capture, PcapngOutput, clock_offset_ns
+from upcall_capture.capture import (
+    Capture,
+    PcapngOutput,
+    Rotation,
+    clock_offset_ns,
+    rotated_name,
+)
 from upcall_capture.errors import CaptureError, UsageError
 from upcall_capture.flowkey import format_key
 from upcall_capture.ports import PortNames, dpctl_show, no_port_names
@@ -57,6 +63,16 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         # One line, like every other error, instead of argparse's usage block.
         self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,7 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
         "-c", "--count", type=_ranged(1, 2**63, "count"),
         help="stop after writing this many upcalls")
     capture.add_argument(
-        "--duration", type=float, metavar="SECONDS", help="stop after this many seconds")
+        "--duration", type=_positive_float, metavar="SECONDS",
+        help="stop after this many seconds")
+    output.add_argument(
+        "-C", dest="file_size", type=_ranged(1, 10**6, "-C"), metavar="MB",
+        help="start a new file when the current one reaches MB million bytes; files are "
+             "named FILE with -NNN before the extension (out-000.pcapng, out-001.pcapng...)")
+    output.add_argument(
+        "-G", dest="rotate_seconds", type=_ranged(1, 10**7, "-G"), metavar="SECONDS",
+        help="start a new file every SECONDS seconds (named as with -C)")
+    output.add_argument(
+        "-W", dest="file_count", type=_ranged(1, 10**6, "-W"), metavar="N",
+        help="with -C or -G, keep a ring of N files, reusing the oldest name")
     capture.add_argument(
         "-s", "--snaplen", type=_ranged(1, MAX_SNAPLEN, "snaplen"), default=DEFAULT_SNAPLEN,
         help=f"copy at most this many bytes of each packet (default {DEFAULT_SNAPLEN}, "
@@ -173,6 +200,7 @@ def _key_texts(lines: Iterable[str]) -> Iterator[str]:
 def capture(args: argparse.Namespace, argv: list[str]) -> int:
     if args.buffer_pages is not None and args.buffer_pages & (args.buffer_pages - 1):
         raise UsageError(f"--buffer-pages must be a power of two, not {args.buffer_pages}")
+    rotation = _rotation(args)
     loader.check_environment()
     process = target.process(args.pid) if args.pid else target.find_vswitchd()
     target.check_probe(process)
@@ -183,8 +211,8 @@ def capture(args: argparse.Namespace, argv: list[str]) -> int:
     outputs = []
     sink = None
     if args.write is not None:
-        sink = open_stdout() if args.write == "-" else open_file(args.write,
-                                                                 overwrite=args.overwrite)
+        first = rotated_name(args.write, 0, args.file_count) if rotation else args.write
+        sink = open_stdout() if args.write == "-" else open_file(first, overwrite=args.overwrite)
     if args.write is None or args.print_lines:
         outputs.append(ConsoleOutput(_printer(args), clock_offset_ns=offset,
                                      port_name=port_name))
@@ -209,9 +237,15 @@ def capture(args: argparse.Namespace, argv: list[str]) -> int:
         raise
     try:
         if sink is not None:
-            blocks = UpcallBlocks(snaplen=args.snaplen, clock_offset_ns=offset,
-                                  port_name=port_name)
-            outputs.insert(0, PcapngOutput(blocks, sink, _section_header(argv)))
+            outputs.insert(0, PcapngOutput(
+                lambda: UpcallBlocks(snaplen=args.snaplen, clock_offset_ns=offset,
+                                     port_name=port_name),
+                sink, _section_header(argv), rotation=rotation,
+                open_next=lambda index: open_file(
+                    rotated_name(args.write, index, args.file_count),
+                    # A ring reuses the names this run made.
+                    overwrite=args.overwrite or index >= (args.file_count or index + 1)),
+            ))
         print(f"{PROG}: listening on {target.PROBE_PROVIDER}:{target.PROBE_NAME} in "
               f"{process.comm} (pid {process.pid}), snapshot length {args.snaplen} bytes, "
               f"key size {args.key_size} bytes", file=sys.stderr, flush=True)
@@ -229,6 +263,20 @@ def capture(args: argparse.Namespace, argv: list[str]) -> int:
     if stats is not None:
         _print_stats(stats, args)
     return failed[0].error.exit_status if failed else 0
+
+
+def _rotation(args: argparse.Namespace) -> Rotation | None:
+    if args.file_size is None and args.rotate_seconds is None:
+        if args.file_count is not None:
+            raise UsageError("-W needs -C or -G")
+        return None
+    if args.write in (None, "-"):
+        raise UsageError("-C and -G need -w FILE")
+    return Rotation(
+        max_bytes=args.file_size * 1_000_000 if args.file_size else None,
+        interval_ns=args.rotate_seconds * 1_000_000_000 if args.rotate_seconds else None,
+        ring=args.file_count,
+    )
 
 
 def read_back(args: argparse.Namespace, argv: list[str]) -> int:
