@@ -1,0 +1,205 @@
+#!/bin/bash
+# The system test's guest side, run as init from the per-run disk (mounted on /run-disk by
+# the cached root's /sbin/upcall-system-init). It starts real Open vSwitch on the kernel
+# datapath, runs upcall-capture on it while sending traffic through two network namespaces,
+# and leaves everything the host checks in /run-disk/results. Then it powers off.
+set -u
+export PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+export PYTHONPATH=/run-disk/opt/upcall-capture PYTHONDONTWRITEBYTECODE=1
+RESULTS=/run-disk/results
+OVS_RUN=/var/run/openvswitch
+mkdir -p "$RESULTS"
+# Run from a copy, so that nothing holds the run disk open when it is unmounted.
+if [ "$0" != /tmp/guest-init.sh ]; then
+    mount -t tmpfs tmpfs /tmp && cp "$0" /tmp/guest-init.sh && exec /bin/bash /tmp/guest-init.sh
+fi
+
+say() { echo "guest: $*"; }
+
+power_off() {
+    echo "$1" >"$RESULTS/status"
+    ovs-appctl -t ovs-vswitchd exit 2>/dev/null
+    ovs-appctl -t ovsdb-server exit 2>/dev/null
+    sync
+    umount /run-disk || mount -o remount,ro /run-disk
+    say "power off (status $1)"
+    echo o >/proc/sysrq-trigger
+    sleep 60
+}
+
+save_state() {
+    ovs-appctl dpctl/show >"$RESULTS/dpctl-show.txt" 2>&1
+    ovs-dpctl show >"$RESULTS/ovs-dpctl-show.txt" 2>&1
+    dmesg >"$RESULTS/dmesg.txt" 2>&1
+    cp "$OVS_RUN/ovs-vswitchd.pid" "$RESULTS/" 2>/dev/null
+}
+
+fail() {
+    say "FAIL: $*"
+    echo "$*" >"$RESULTS/failure"
+    save_state
+    power_off 1
+}
+
+now() { date -u +%Y-%m-%dT%H:%M:%S.%3NZ; }
+
+mount_filesystems() {
+    mount -t tmpfs tmpfs /run
+    mount -t debugfs debugfs /sys/kernel/debug
+    mount -t tracefs tracefs /sys/kernel/tracing
+    mount -t bpf bpf /sys/fs/bpf
+    ip link set lo up
+}
+
+start_ovs() {
+    modprobe openvswitch || fail "modprobe openvswitch failed"
+    mkdir -p "$OVS_RUN" /etc/openvswitch
+    ovsdb-tool create /etc/openvswitch/conf.db /usr/local/share/openvswitch/vswitch.ovsschema
+    ovsdb-server --remote=punix:$OVS_RUN/db.sock --pidfile --detach \
+        --log-file="$RESULTS/ovsdb-server.log" || fail "ovsdb-server did not start"
+    ovs-vsctl --no-wait init
+    ovs-vswitchd --pidfile --detach --log-file="$RESULTS/ovs-vswitchd.log" ||
+        fail "ovs-vswitchd did not start"
+    # OVS 3.1 trap: add-br right after start can log "Overriding n-handler-threads to 0",
+    # and then the kernel drops every upcall. Waiting first avoids it.
+    sleep 2
+    ovs-appctl vlog/set dpif:file:dbg
+    ovs-vsctl add-br br0
+}
+
+# The two namespaces and their sysctls: no router solicitations or RAs, and neighbour
+# entries that stay reachable for the whole run, so that the kernel sends nothing on its
+# own while the capture starts and stops (the checks compare exact sets of upcalls).
+make_namespace() {
+    local ns=$1 port=$2 v4=$3 v6=$4
+    ip netns add "$ns"
+    ip netns exec "$ns" sysctl -qw net.ipv6.conf.default.accept_ra=0 \
+        net.ipv6.conf.default.router_solicitations=0
+    ip link add "$port" type veth peer name eth0 netns "$ns"
+    ip netns exec "$ns" sysctl -qw net.ipv4.neigh.eth0.base_reachable_time_ms=3600000 \
+        net.ipv6.neigh.eth0.base_reachable_time_ms=3600000
+    sysctl -qw "net.ipv6.conf.$port.disable_ipv6=1"
+    ovs-vsctl add-port br0 "$port"
+    ip link set "$port" up
+    ip netns exec "$ns" ip link set lo up
+    ip netns exec "$ns" ip addr add "$v4/24" dev eth0
+    ip netns exec "$ns" ip addr add "$v6/64" dev eth0 nodad
+    ip netns exec "$ns" ip link set eth0 up
+}
+
+check_upcalls_delivered() {
+    ip netns exec ns-a ping -c 2 -W 5 10.0.0.2 >/dev/null || say "warm-up ping failed"
+    local stats
+    stats=$(ovs-dpctl show | grep -o 'lost:[0-9]*')
+    say "datapath after warm-up: $(ovs-dpctl show | grep lookups)"
+    if [ "$stats" != "lost:0" ]; then
+        grep -i "n-handler-threads" "$RESULTS/ovs-vswitchd.log" >&2
+        fail "the datapath lost upcalls before the capture started ($stats): OVS is not" \
+             "receiving upcalls (OVS 3.1 n-handler-threads trap?), not a fault of the tool"
+    fi
+}
+
+start_capture() {
+    python3 -m upcall_capture -w "$RESULTS/capture.pcapng" 2>"$RESULTS/tool.stderr" &
+    TOOL_PID=$!
+    local waited=0
+    until grep -q "listening on dpif_recv:recv_upcall" "$RESULTS/tool.stderr"; do
+        kill -0 "$TOOL_PID" 2>/dev/null || { cat "$RESULTS/tool.stderr"; fail "the tool exited early"; }
+        [ $waited -ge 600 ] && fail "the tool did not report listening in 600 s"
+        sleep 1
+        waited=$((waited + 1))
+    done
+    now >"$RESULTS/capture-start"
+    say "tool listening after ${waited}s"
+}
+
+stop_capture() {
+    # A quiet moment, so that no upcall straddles the end of the window.
+    sleep 2
+    now >"$RESULTS/capture-stop"
+    kill -INT "$TOOL_PID"
+    local waited=0
+    while kill -0 "$TOOL_PID" 2>/dev/null; do
+        [ $waited -ge 120 ] && { kill -KILL "$TOOL_PID"; fail "the tool did not stop on SIGINT"; }
+        sleep 1
+        waited=$((waited + 1))
+    done
+    wait "$TOOL_PID"
+    echo $? >"$RESULTS/tool.exit"
+}
+
+# A few packets of each kind: OVS logs at most 600 upcalls a minute. NORMAL's megaflows
+# are wide, so each phase starts with an empty datapath flow table, and the UDP flows go
+# in first: they make OVS match on the IP protocol, so UDP and TCP get megaflows of their own.
+send_traffic() {
+    local a="ip netns exec ns-a" b="ip netns exec ns-b"
+    ovs-ofctl add-flow br0 "udp,tp_dst=6000,actions=controller,normal"
+    ovs-ofctl add-flow br0 "udp6,tp_dst=6000,actions=controller,normal"
+    $a ip neigh flush all
+    $b ip neigh flush all
+    ovs-dpctl del-flows
+    say "traffic: ARP + ICMP"
+    $a ping -c 3 -i 0.5 -W 5 10.0.0.2 >/dev/null || say "ping failed"
+    ovs-dpctl del-flows
+    say "traffic: IPv6 ND + ICMPv6"
+    $a ping -6 -c 3 -i 0.5 -W 5 fd00::2 >/dev/null || say "ping -6 failed"
+    say "traffic: UDP and TCP over IPv4 and IPv6"
+    $b python3 - <<'SERVER' &
+import socket
+for family, addr in ((socket.AF_INET, "10.0.0.2"), (socket.AF_INET6, "fd00::2")):
+    srv = socket.socket(family, socket.SOCK_STREAM)
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind((addr, 7000))
+    srv.listen()
+    print("ready", flush=True)
+    conn, _ = srv.accept()
+    conn.sendall(conn.recv(100))
+    conn.close()
+    srv.close()
+SERVER
+    local server=$!
+    sleep 1
+    ovs-dpctl del-flows
+    $a python3 - <<'CLIENT' || say "UDP/TCP client failed"
+import socket
+import time
+for family, addr in ((socket.AF_INET, "10.0.0.2"), (socket.AF_INET6, "fd00::2")):
+    udp = socket.socket(family, socket.SOCK_DGRAM)
+    for i in range(3):
+        udp.sendto(b"upcall udp %d" % i, (addr, 5000))
+    for attempt in range(20):
+        try:
+            tcp = socket.create_connection((addr, 7000), timeout=10)
+            break
+        except ConnectionRefusedError:
+            time.sleep(0.5)
+    tcp.sendall(b"upcall tcp")
+    tcp.recv(100)
+    tcp.close()
+CLIENT
+    wait "$server"
+    say "traffic: UDP to port 6000 through actions=controller (ACTION upcalls)"
+    ovs-dpctl del-flows
+    $a python3 -c '
+import socket, time
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for i in range(5):
+    udp.sendto(b"upcall action %d" % i, ("10.0.0.2", 6000))
+    time.sleep(0.2)
+'
+}
+
+say "started"
+mount_filesystems
+start_ovs
+make_namespace ns-a veth-a 10.0.0.1 fd00::1
+make_namespace ns-b veth-b 10.0.0.2 fd00::2
+check_upcalls_delivered
+sleep 3
+start_capture
+sleep 1
+send_traffic
+stop_capture
+save_state
+say "done"
+power_off 0

@@ -1,0 +1,474 @@
+"""System test: upcall-capture on a real ovs-vswitchd (OVS 3.1, kernel datapath) in a qemu guest.
+
+build-guest.sh makes (once, cached) a Debian guest with OVS built with USDT probes;
+run-guest.sh boots it with the working tree's upcall_capture and guest-init.sh, which turns
+on OVS's own upcall log (dpif:dbg), runs `python3 -m upcall_capture -w` while sending ARP,
+ICMP, ND, UDP and TCP and ACTION upcalls, then stops it with SIGINT. Here every upcall OVS
+logged while the tool was listening is matched one-to-one with the captured packets, and
+the comments, packets and interfaces are checked against what OVS itself said.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.system
+
+HERE = Path(__file__).resolve().parent
+# Kept after the run: the guest's console and everything it left (CI artifacts).
+RUN_DIR = Path(os.environ.get("UPCALL_SYSTEM_RUN_DIR", "/tmp/upcall-capture-system"))
+_TAILS = (
+    ("guest console", "serial.log", 60),
+    ("upcall-capture stderr", "results/tool.stderr", 30),
+    ("ovs-vswitchd.log", "results/ovs-vswitchd.log", 30),
+)
+
+# ---------------------------------------------------------------------------------------------
+# OVS's log: lib/dpif.c dpif_print_packet() logs "<dpif>: <type> upcall:", then the key in
+# odp_flow_key_format text, then ofp_packet_to_string(): flow_format() of the packet and,
+# for TCP/UDP/SCTP/ICMP/ICMPv6, " <proto>_csum:<hex>".
+
+_LOG_HEAD = re.compile(
+    r"^(?P<time>\S+?)\|\d+\|dpif(?:\((?P<thread>[^)]*)\))?\|DBG\|"
+    r"(?P<dpif>\S+): (?P<type>miss|action|<unknown>) upcall:$"
+)
+_LOG_LINE_START = re.compile(r"^\d{4}-\d\d-\d\dT")
+_LOG_RATE_LIMITED = "due to excessive rate"
+
+
+@dataclass
+class LoggedUpcall:
+    time: str
+    thread: str | None
+    dpif: str
+    type: str
+    key: str
+    packet: str  # flow_format() text of the packet, with its checksum suffix
+
+
+def parse_ovs_log(text: str) -> list[LoggedUpcall]:
+    lines = text.splitlines()
+    upcalls = []
+    for i, line in enumerate(lines):
+        head = _LOG_HEAD.match(line)
+        if head is None:
+            continue
+        key, packet = lines[i + 1], lines[i + 2]
+        assert not _LOG_LINE_START.match(key) and not _LOG_LINE_START.match(packet), line
+        upcalls.append(
+            LoggedUpcall(head["time"], head["thread"], head["dpif"], head["type"], key, packet)
+        )
+    return upcalls
+
+
+@dataclass
+class PacketDescription:
+    protocols: set[str]  # flow_format's shorthand names: arp, icmp, icmp6, tcp6...
+    fields: dict[str, str]
+    checksum: tuple[str, int] | None  # ("udp", 0x5570) from " udp_csum:5570"
+
+
+def parse_packet_description(text: str) -> PacketDescription:
+    flow, _, suffix = text.partition(" ")
+    protocols, fields = set(), {}
+    for token in flow.split(","):
+        name, sep, value = token.partition("=")
+        if sep:
+            fields[name] = value
+        else:
+            protocols.add(name)
+    checksum = None
+    if suffix:
+        match = re.fullmatch(r"(\w+)_csum:([0-9a-f]+)", suffix)
+        assert match, f"unexpected packet description suffix {suffix!r}"
+        checksum = (match[1], int(match[2], 16))
+    return PacketDescription(protocols, fields, checksum)
+
+
+# ---------------------------------------------------------------------------------------------
+# The capture, decoded by tshark (independently of the project's own pcapng reader).
+
+# flow_format() field -> tshark fields that may carry it (the first present is used).
+_FIELD_MAP: dict[str, tuple[str, ...]] = {
+    "dl_src": ("eth.src",),
+    "dl_dst": ("eth.dst",),
+    "nw_src": ("ip.src",),
+    "nw_dst": ("ip.dst",),
+    "ipv6_src": ("ipv6.src",),
+    "ipv6_dst": ("ipv6.dst",),
+    "nw_ttl": ("ip.ttl", "ipv6.hlim"),
+    "arp_spa": ("arp.src.proto_ipv4",),
+    "arp_tpa": ("arp.dst.proto_ipv4",),
+    "arp_op": ("arp.opcode",),
+    "arp_sha": ("arp.src.hw_mac",),
+    "arp_tha": ("arp.dst.hw_mac",),
+    "tp_src": ("tcp.srcport", "udp.srcport"),
+    "tp_dst": ("tcp.dstport", "udp.dstport"),
+    "icmp_type": ("icmp.type", "icmpv6.type"),
+    "icmp_code": ("icmp.code", "icmpv6.code"),
+    "nd_target": ("icmpv6.nd.ns.target_address", "icmpv6.nd.na.target_address"),
+}
+# flow_format() shorthand -> the protocols tshark must have found in the frame.
+_PROTOCOL_MAP: dict[str, tuple[str, ...]] = {
+    "arp": ("arp",),
+    "ip": ("ip",),
+    "icmp": ("ip", "icmp"),
+    "tcp": ("ip", "tcp"),
+    "udp": ("ip", "udp"),
+    "ipv6": ("ipv6",),
+    "icmp6": ("ipv6", "icmpv6"),
+    "tcp6": ("ipv6", "tcp"),
+    "udp6": ("ipv6", "udp"),
+}
+_CHECKSUM_FIELDS = {"tcp": "tcp.checksum", "udp": "udp.checksum", "icmp": "icmp.checksum",
+                    "icmp6": "icmpv6.checksum"}
+_OTHER_FIELDS = ("frame.interface_name", "frame.comment", "frame.len", "frame.cap_len",
+                 "frame.protocols", "ip.len", "ipv6.plen")
+TSHARK_FIELDS = sorted(
+    {f for names in _FIELD_MAP.values() for f in names}
+    | set(_CHECKSUM_FIELDS.values())
+    | set(_OTHER_FIELDS)
+)
+
+_COMMENT_HEAD = re.compile(
+    r"^upcall (?P<type>\S+) dpif=(?P<dpif>\S+) in_port=(?P<port>\d+)(?:\((?P<name>[^)]*)\))?"
+    r" pid=(?P<pid>\d+) tid=(?P<tid>\d+) thread=(?P<thread>.*) cpu=(?P<cpu>\d+)$"
+)
+
+
+@dataclass
+class CapturedUpcall:
+    index: int  # frame number, from 1
+    interface: str
+    comment: str
+    layers: dict[str, str] = field(repr=False)  # first occurrence of each tshark field
+
+    @property
+    def head(self) -> re.Match[str]:
+        head = _COMMENT_HEAD.match(self.comment.split("\n")[0])
+        assert head, f"frame {self.index}: comment's first line is not an upcall header: " \
+                     f"{self.comment!r}"
+        return head
+
+    @property
+    def key(self) -> str:
+        lines = self.comment.split("\n")
+        return lines[1] if len(lines) > 1 else ""
+
+    @property
+    def type(self) -> str:
+        return self.head["type"]
+
+
+def read_capture(path: Path) -> tuple[list[CapturedUpcall], str]:
+    """The packets of a pcapng as tshark decodes them, and tshark's complaints (if any)."""
+    args = ["tshark", "-n", "-r", str(path), "-T", "json"]
+    for name in TSHARK_FIELDS:
+        args += ["-e", name]
+    run = subprocess.run(args, capture_output=True, text=True, check=False)
+    complaints = "\n".join(
+        line for line in run.stderr.splitlines() if "Running as user" not in line
+    )
+    if run.returncode != 0:
+        complaints += f"\ntshark exited with {run.returncode}"
+    frames = json.loads(run.stdout) if run.stdout.strip() else []
+    captured = []
+    for number, frame in enumerate(frames, start=1):
+        layers = {name: values[0] for name, values in frame["_source"]["layers"].items()}
+        captured.append(CapturedUpcall(
+            number, layers.get("frame.interface_name", ""), layers.get("frame.comment", ""),
+            layers,
+        ))
+    return captured, complaints
+
+
+def packet_disagreements(logged: LoggedUpcall, captured: CapturedUpcall) -> list[str]:
+    """How the captured packet differs from OVS's description of it (empty: it agrees)."""
+    described = parse_packet_description(logged.packet)
+    layers = captured.layers
+    problems = []
+    frame_protocols = set(layers.get("frame.protocols", "").split(":"))
+    for shorthand in described.protocols & _PROTOCOL_MAP.keys():
+        missing = set(_PROTOCOL_MAP[shorthand]) - frame_protocols
+        if missing:
+            problems.append(f"OVS says {shorthand}, the frame has no {sorted(missing)}")
+    for name, value in described.fields.items():
+        tshark_value = next((layers[f] for f in _FIELD_MAP.get(name, ()) if f in layers), None)
+        if name in _FIELD_MAP and tshark_value is None:
+            problems.append(f"{name}={value} not in the frame")
+        elif tshark_value is not None and not _same_value(value, tshark_value):
+            problems.append(f"{name}: OVS {value}, frame {tshark_value}")
+    if described.checksum is not None:
+        proto, expected = described.checksum
+        found = layers.get(_CHECKSUM_FIELDS[proto])
+        if found is None or int(found, 16) != expected:
+            problems.append(f"{proto} checksum: OVS {expected:#x}, frame {found}")
+    problems += _length_problems(layers)
+    return problems
+
+
+def _same_value(ovs: str, tshark: str) -> bool:
+    if ovs.isdigit() and tshark.isdigit():
+        return int(ovs) == int(tshark)
+    return ovs.lower() == tshark.lower()
+
+
+def _length_problems(layers: dict[str, str]) -> list[str]:
+    """The frame holds all of the packet: nothing cut, nothing added after the IP datagram."""
+    frame_len, cap_len = int(layers["frame.len"]), int(layers["frame.cap_len"])
+    problems = [] if frame_len == cap_len else [f"captured {cap_len} of {frame_len} bytes"]
+    if "ip.len" in layers:
+        expected = 14 + int(layers["ip.len"])
+    elif "ipv6.plen" in layers:
+        expected = 14 + 40 + int(layers["ipv6.plen"])
+    else:
+        return problems
+    if frame_len != expected:
+        problems.append(f"frame length {frame_len}, the IP header says {expected}")
+    return problems
+
+
+# ---------------------------------------------------------------------------------------------
+# Matching logged and captured upcalls one-to-one.
+
+@dataclass
+class Matching:
+    pairs: list[tuple[LoggedUpcall, CapturedUpcall]]
+    only_logged: list[LoggedUpcall]
+    only_captured: list[CapturedUpcall]
+
+
+def match_upcalls(
+    required: list[LoggedUpcall], others: list[LoggedUpcall], captured: list[CapturedUpcall]
+) -> Matching:
+    """Pairs logged and captured upcalls, each logged one (in log order) with the first
+    unpaired captured one whose key text and packet both agree; then the rest, on the key text
+    or the packet alone, so that a wrong key or a wrong packet still pairs and the tests below
+    say which. The type is not used: the same packet can make a miss and then an action
+    upcall, and order tells them apart.
+
+    `required` upcalls (logged while the tool listened) must all pair; `others` (logged
+    before or after) only account for captured upcalls at the edges of that window, and are
+    not reported when unpaired."""
+    free = list(captured)
+    pairs = []
+    unpaired = [(True, u) for u in required] + [(False, u) for u in others]
+    for agreement in (all, any):
+        left = []
+        for is_required, entry in unpaired:
+            def agrees(
+                c: CapturedUpcall,
+                entry: LoggedUpcall = entry,
+                agreement: Callable[[tuple[bool, bool]], bool] = agreement,
+            ) -> bool:
+                return agreement((c.key == entry.key, not packet_disagreements(entry, c)))
+
+            chosen = _first(free, agrees)
+            if chosen is None:
+                left.append((is_required, entry))
+            else:
+                free.remove(chosen)
+                pairs.append((entry, chosen))
+        unpaired = left
+    return Matching(pairs, [u for is_required, u in unpaired if is_required], free)
+
+
+def _first(
+    items: list[CapturedUpcall], test: Callable[[CapturedUpcall], bool]
+) -> CapturedUpcall | None:
+    return next((item for item in items if test(item)), None)
+
+
+# ---------------------------------------------------------------------------------------------
+# The guest run, shared by the tests.
+
+@dataclass
+class GuestRun:
+    results: Path
+    logged: list[LoggedUpcall]  # upcalls OVS logged while the tool was listening
+    logged_outside: list[LoggedUpcall]  # and before or after that
+    captured: list[CapturedUpcall]
+    tshark_complaints: str
+    tool_stderr: str
+    ports: dict[str, dict[int, str]]  # dpif -> datapath port number -> name
+    vswitchd_pid: int
+
+
+def _run_script(args: list[str], what: str) -> str:
+    run = subprocess.run(args, capture_output=True, text=True, check=False)
+    if run.returncode != 0:
+        tail = "\n".join((run.stdout + run.stderr).splitlines()[-40:])
+        pytest.fail(f"{what} failed (exit {run.returncode}):\n{tail}", pytrace=False)
+    return run.stdout
+
+
+def parse_dpctl_show(text: str) -> dict[str, dict[int, str]]:
+    ports: dict[str, dict[int, str]] = {}
+    dpif = None
+    for line in text.splitlines():
+        if re.fullmatch(r"\S+@\S+:", line):
+            dpif = line[:-1]
+            ports[dpif] = {}
+        elif (port := re.fullmatch(r"\s+port (\d+): (\S+)(?: \(.*\))?", line)) and dpif:
+            ports[dpif][int(port[1])] = port[2]
+    return ports
+
+
+@pytest.fixture(scope="module", autouse=True)
+def logs_shown_on_failure(request: pytest.FixtureRequest):
+    """After the module, if any of its tests failed, the tails of the guest's logs."""
+    failed_before = request.session.testsfailed
+    yield
+    if request.session.testsfailed == failed_before or not RUN_DIR.exists():
+        return
+    plugins = request.config.pluginmanager
+    terminal = plugins.get_plugin("terminalreporter")
+    with plugins.get_plugin("capturemanager").global_and_fixture_disabled():
+        terminal.write_sep("=", f"system test: guest run in {RUN_DIR}")
+        for title, name, lines in _TAILS:
+            terminal.write_sep("-", f"{title} (last {lines} lines)")
+            terminal.write_line(_tail(RUN_DIR / name, lines))
+
+
+def _tail(path: Path, lines: int) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as err:
+        return f"({err.strerror})"
+    return "\n".join(text.splitlines()[-lines:])
+
+
+@pytest.fixture(scope="module")
+def guest() -> GuestRun:
+    if os.geteuid() != 0:
+        pytest.skip("the system test needs root (debootstrap, chroot, apt-get)")
+    shutil.rmtree(RUN_DIR, ignore_errors=True)  # never show an earlier run's logs
+    guest_dir = _run_script(["bash", str(HERE / "build-guest.sh")], "building the guest").strip()
+    _run_script(["bash", str(HERE / "run-guest.sh"), guest_dir, str(RUN_DIR)], "the guest run")
+    results = RUN_DIR / "results"
+    status = (results / "status").read_text().strip()
+    if status != "0":
+        failure = (results / "failure").read_text().strip()
+        pytest.fail(f"the guest failed: {failure}", pytrace=False)
+
+    log = (results / "ovs-vswitchd.log").read_text()
+    if _LOG_RATE_LIMITED in log:
+        pytest.fail("OVS rate-limited its upcall log: the guest sent too much traffic",
+                    pytrace=False)
+    start = (results / "capture-start").read_text().strip()
+    stop = (results / "capture-stop").read_text().strip()
+    logged, logged_outside = [], []
+    for upcall in parse_ovs_log(log):
+        (logged if start < upcall.time < stop else logged_outside).append(upcall)
+    captured, complaints = read_capture(results / "capture.pcapng")
+    return GuestRun(
+        results=results,
+        logged=logged,
+        logged_outside=logged_outside,
+        captured=captured,
+        tshark_complaints=complaints,
+        tool_stderr=(results / "tool.stderr").read_text(errors="replace"),
+        ports=parse_dpctl_show((results / "dpctl-show.txt").read_text()),
+        vswitchd_pid=int((results / "ovs-vswitchd.pid").read_text()),
+    )
+
+
+@pytest.fixture(scope="module")
+def matching(guest: GuestRun) -> Matching:
+    return match_upcalls(guest.logged, guest.logged_outside, guest.captured)
+
+
+# ---------------------------------------------------------------------------------------------
+# The checks.
+
+def test_guest_traffic_made_every_kind_of_upcall(guest: GuestRun) -> None:
+    # Guards the checks below: they mean little if the guest's traffic did not reach OVS.
+    types = {u.type for u in guest.logged}
+    protocols = set().union(*(parse_packet_description(u.packet).protocols for u in guest.logged))
+    assert types == {"miss", "action"}
+    assert {"arp", "icmp", "icmp6", "tcp", "udp", "tcp6", "udp6"} <= protocols
+    assert any("nd(target=" in u.key for u in guest.logged), "no IPv6 neighbour discovery"
+
+
+def test_capture_is_valid_pcapng(guest: GuestRun) -> None:
+    assert guest.tshark_complaints == ""
+    assert guest.captured, "the capture has no packets"
+
+
+def test_tool_reports_every_upcall_and_none_lost(guest: GuestRun) -> None:
+    summary = re.search(r"(\d+) upcalls captured, (\d+) lost", guest.tool_stderr)
+    assert summary, f"no summary line in the tool's stderr:\n{guest.tool_stderr}"
+    assert int(summary[2]) == 0
+    assert int(summary[1]) == len(guest.captured)
+    assert (guest.results / "tool.exit").read_text().strip() == "0"
+
+
+def test_every_logged_upcall_is_captured_and_nothing_else(matching: Matching) -> None:
+    missing = [f"{u.time} {u.type} {u.key}\n    {u.packet}" for u in matching.only_logged]
+    extra = [f"frame {c.index}: {c.comment!r}" for c in matching.only_captured]
+    assert not missing and not extra, (
+        f"logged by OVS but not captured ({len(missing)}):\n{_listing(missing)}\n"
+        f"captured but not logged by OVS ({len(extra)}):\n{_listing(extra)}"
+    )
+
+
+def test_key_text_is_ovs_key_text(matching: Matching) -> None:
+    wrong = [
+        f"frame {c.index}:\n  OVS:  {u.key}\n  tool: {c.key}\n" + " " * (8 + _diff_at(u.key, c.key))
+        + "^"
+        for u, c in matching.pairs if c.key != u.key
+    ]
+    assert not wrong, _listing(wrong)
+
+
+def _diff_at(a: str, b: str) -> int:
+    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y),
+                min(len(a), len(b)))
+
+
+def test_packet_agrees_with_ovs_description(matching: Matching) -> None:
+    wrong = [
+        f"frame {c.index} ({u.packet}): " + "; ".join(problems)
+        for u, c in matching.pairs if (problems := packet_disagreements(u, c))
+    ]
+    assert not wrong, _listing(wrong)
+
+
+def test_upcall_type_dpif_and_thread(guest: GuestRun, matching: Matching) -> None:
+    wrong = []
+    for u, c in matching.pairs:
+        head = c.head
+        said = (head["type"], head["dpif"], head["thread"], int(head["pid"]))
+        truth = (u.type, u.dpif, u.thread, guest.vswitchd_pid)
+        if said != truth:
+            wrong.append(f"frame {c.index}: (type, dpif, thread, pid) {said}, OVS {truth}")
+    assert not wrong, _listing(wrong)
+
+
+def test_interfaces_are_real_port_names(guest: GuestRun, matching: Matching) -> None:
+    # The port comes from OVS's own key text; its name from OVS's dpctl/show.
+    wrong = []
+    for u, c in matching.pairs:
+        port = int(re.search(r"(?:^|,)in_port\((\d+)\)", u.key)[1])
+        name = guest.ports[u.dpif][port]
+        head = c.head
+        expected = (f"{name} ({u.dpif})", port, name)
+        found = (c.interface, int(head["port"]), head["name"])
+        if found != expected:
+            wrong.append(f"frame {c.index}: (interface, in_port, name) {found}, OVS {expected}")
+    assert not wrong, _listing(wrong)
+
+
+def _listing(problems: list[str], limit: int = 10) -> str:
+    """The first few problems, one a line, and how many more there are."""
+    more = [f"... and {len(problems) - limit} more"] if len(problems) > limit else []
+    return "\n".join(problems[:limit] + more)
