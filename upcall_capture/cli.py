@@ -98,7 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="replace FILE if it exists (by default an existing file is never overwritten)")
     output.add_argument(
         "--print", action="store_true", dest="print_lines",
-        help="with -w FILE, also print one line per upcall on standard output")
+        help="print one line per upcall on standard output even with -w or --stats")
     output.add_argument(
         "--no-port-names", action="store_true",
         help="do not ask ovs-vswitchd (ovs-appctl dpctl/show) for datapath port names")
@@ -177,6 +177,11 @@ def main(argv: list[str] | None = None) -> int:
         return err.exit_status
     except KeyboardInterrupt:
         return 130
+    except BrokenPipeError:
+        # Standard output's reader left (| head): stop quietly, as tcpdump does, and keep
+        # Python from complaining when it flushes stdout at exit.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def decode_keys(source: str) -> int:
@@ -213,7 +218,7 @@ def capture(args: argparse.Namespace, argv: list[str]) -> int:
     if args.write is not None:
         first = rotated_name(args.write, 0, args.file_count) if rotation else args.write
         sink = open_stdout() if args.write == "-" else open_file(first, overwrite=args.overwrite)
-    if args.write is None or args.print_lines:
+    if _prints_lines(args):
         outputs.append(ConsoleOutput(_printer(args), clock_offset_ns=offset,
                                      port_name=port_name))
     stats = UpcallStats() if args.stats else None
@@ -287,7 +292,7 @@ def read_back(args: argparse.Namespace, argv: list[str]) -> int:
                                                                  overwrite=args.overwrite)
         sink.write(_section_header(argv))
         rewriter = readback.Rewriter()
-    printer = _printer(args) if args.write is None or args.print_lines else None
+    printer = _printer(args) if _prints_lines(args) else None
     stats = UpcallStats() if args.stats else None
     count = 0
     last_ns = 0
@@ -320,6 +325,12 @@ def _batches(items, limit: int | None, size: int = 1000):
                 return
     if batch:
         yield batch
+
+
+def _prints_lines(args: argparse.Namespace) -> bool:
+    """One line per upcall: without -w (and without --stats, which replaces them), or
+    with --print."""
+    return args.print_lines or (args.write is None and not args.stats)
 
 
 def _printer(args: argparse.Namespace) -> ConsolePrinter:
