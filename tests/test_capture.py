@@ -9,7 +9,7 @@ import time
 
 import pytest
 import upcalls  # samples/replay/upcalls.py: the replayed records
-from conftest import REPLAY_DIR, Tool
+from conftest import REPLAY_DIR, ROOT, Tool
 
 from upcall_capture import pcapng
 from upcall_capture.flowkey import format_key
@@ -211,3 +211,32 @@ def test_rotation_by_time(replay, tmp_path):
     files = sorted(tmp_path.glob("t-*.pcapng"))
     assert len(files) >= 2
     assert sum(tshark_count(path) for path in files) == 5000
+
+
+def test_status_line_on_a_terminal(replay, tmp_path):
+    import os
+    import pty
+
+    source = replay(MIXED, "-n", "12000", "-r", "4000")
+    controller, terminal = pty.openpty()
+    tool = subprocess.Popen([*Tool.command(), "-p", str(source.pid), "-w",
+                             str(tmp_path / "s.pcapng")], stderr=terminal, cwd=ROOT)
+    os.close(terminal)
+    seen = b""
+    while b"listening" not in seen:
+        seen += os.read(controller, 4096)
+    source.start()
+    while True:
+        try:
+            chunk = os.read(controller, 4096)
+        except OSError:  # the tool exited and closed the terminal
+            break
+        if not chunk:
+            break
+        seen += chunk
+    assert tool.wait(timeout=60) == 0
+    statuses = re.findall(rb"\r\x1b\[K(\d+) captured, 0 lost, 0 filtered, ([\d,]+)/s, ", seen)
+    assert len(statuses) >= 2  # refreshed about once a second over three seconds
+    counts = [int(n) for n, _ in statuses]
+    assert counts == sorted(counts) and 0 < counts[-1] <= 12000
+    assert b"12000 upcalls captured, 0 lost" in seen

@@ -21,6 +21,7 @@ from upcall_capture.upcall_blocks import UpcallBlocks
 
 # How often to look whether the traced process is still there.
 LIVENESS_INTERVAL_NS = 250_000_000
+PROGRESS_INTERVAL_NS = 1_000_000_000
 
 
 class Output(Protocol):
@@ -153,9 +154,12 @@ class Capture:
     TARGET_EXITED = "the traced process exited"
     COUNT_REACHED = "count reached"
     DURATION_REACHED = "duration reached"
+
     def __init__(self, probe: RecvUpcallProbe, outputs: list[Output], *, target_pid: int,
-                 count: int | None = None, duration: float | None = None) -> None:
+                 count: int | None = None, duration: float | None = None,
+                 progress: Callable[[int, Counters, float], None] | None = None) -> None:
         self.probe = probe
+        self.progress = progress  # called about once a second: captured, counters, elapsed
         self.outputs = outputs
         self.target_pid = target_pid
         self.count = count
@@ -174,11 +178,16 @@ class Capture:
         start_ns = time.monotonic_ns()
         deadline = None if self.duration is None else start_ns + int(self.duration * 1e9)
         next_liveness = start_ns + LIVENESS_INTERVAL_NS
+        next_progress = start_ns + PROGRESS_INTERVAL_NS
         while self.stop_reason is None:
             drain_start = time.monotonic_ns()
             self._merger.add(self.probe.drain())
-            self._deliver(self._merger.release(drain_start), self.probe.counters())
+            counters = self.probe.counters()
+            self._deliver(self._merger.release(drain_start), counters)
             now = time.monotonic_ns()
+            if self.progress is not None and now >= next_progress:
+                next_progress = now + PROGRESS_INTERVAL_NS
+                self.progress(self.captured, counters, (now - start_ns) / 1e9)
             if now >= next_liveness:
                 next_liveness = now + LIVENESS_INTERVAL_NS
                 if not is_alive(self.target_pid):

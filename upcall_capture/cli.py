@@ -229,8 +229,10 @@ def capture(args: argparse.Namespace, argv: list[str]) -> int:
         process.pid, snaplen=args.snaplen, key_cap=args.key_size,
         buffer_pages=args.buffer_pages or loader.default_buffer_pages(os.cpu_count() or 1),
     )
+    status = StatusLine(sys.stderr, outputs) if sink is not None and sink.truncatable \
+        and sys.stderr.isatty() else None
     run = Capture(probe, outputs, target_pid=process.pid, count=args.count,
-                  duration=args.duration)
+                  duration=args.duration, progress=status)
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, lambda signum, frame: run.request_stop(
             signal.Signals(signum).name))
@@ -257,6 +259,8 @@ def capture(args: argparse.Namespace, argv: list[str]) -> int:
         summary = run.run()
     finally:
         probe.close()
+        if status is not None:
+            status.clear()
     ended = [output for output in outputs if output.ended]
     if summary.stop_reason == run.TARGET_EXITED or ended:
         print(f"{PROG}: {summary.stop_reason}", file=sys.stderr)
@@ -268,6 +272,28 @@ def capture(args: argparse.Namespace, argv: list[str]) -> int:
     if stats is not None:
         _print_stats(stats, args)
     return failed[0].error.exit_status if failed else 0
+
+
+class StatusLine:
+    """One line on a terminal's stderr, rewritten in place about once a second."""
+
+    def __init__(self, stream, outputs) -> None:
+        self.stream = stream
+        self.outputs = outputs
+        self._last = (0, 0.0)
+
+    def __call__(self, captured: int, counters: loader.Counters, elapsed: float) -> None:
+        rate = (captured - self._last[0]) / max(elapsed - self._last[1], 1e-9)
+        self._last = (captured, elapsed)
+        size = self.outputs[0].sink.good_bytes / 1e6
+        self.stream.write(
+            f"\r\033[K{captured} captured, {counters.lost} lost, {counters.filtered} filtered, "
+            f"{rate:,.0f}/s, {elapsed:,.0f} s, {size:,.1f} MB")
+        self.stream.flush()
+
+    def clear(self) -> None:
+        self.stream.write("\r\033[K")
+        self.stream.flush()
 
 
 def _rotation(args: argparse.Namespace) -> Rotation | None:
