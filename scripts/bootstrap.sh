@@ -13,7 +13,7 @@ say() { echo "bootstrap: $*" >&2; }
 
 install_packages() {
     local pkgs=(python3-bpfcc python3-venv python3-pip gcc make libc6-dev systemtap-sdt-dev
-                tshark libpcap-dev binutils procps man-db)
+                tshark libpcap-dev binutils procps man-db "$@")
     local missing=()
     for p in "${pkgs[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
@@ -67,7 +67,7 @@ build_replay() {
 }
 
 setup() {
-    install_packages
+    install_packages "$@"
     install_kernel_headers
     mount_tracefs
     install_python
@@ -81,7 +81,8 @@ case "${1:-}" in
         exec bash samples/demo.sh
         ;;
     test)
-        setup
+        # The port-name tests run a real ovs-vswitchd (userspace datapath) of their own.
+        setup openvswitch-switch
         shift
         exec "$VENV/bin/python" -m pytest "$@"
         ;;

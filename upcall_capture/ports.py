@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import stat
 import subprocess
 import time
 from collections.abc import Callable
@@ -16,6 +17,8 @@ from pathlib import Path
 
 _DATAPATH = re.compile(r"^(\S+@\S+):\s*$")
 _PORT = re.compile(r"^\s+port (\d+): (\S+)")
+_VIA_PROC_FD = re.compile(r"^/proc/self/fd/\d+/([^/]+)$")
+_DEFAULT_RUN_DIRECTORIES = ("/var/run/openvswitch", "/run/openvswitch")
 
 PortMap = dict[tuple[str, int], str]
 
@@ -34,19 +37,65 @@ def parse_dpctl_show(text: str) -> PortMap:
 
 def control_socket(pid: int) -> str | None:
     """The unixctl socket (`*.ctl`) that process `pid` listens on, if any."""
+    inodes = {t[len("socket:["):-1] for t in _open_files(pid) if t.startswith("socket:[")}
     try:
-        inodes = {
-            os.readlink(f"/proc/{pid}/fd/{fd}")[len("socket:["):-1]
-            for fd in os.listdir(f"/proc/{pid}/fd")
-        }
-        table = Path("/proc/net/unix").read_text().splitlines()[1:]
+        # The table of the process's own network namespace: /proc/net/unix lists only ours.
+        table = Path(f"/proc/{pid}/net/unix").read_text().splitlines()[1:]
     except OSError:
         return None
     for line in table:
-        fields = line.split()
-        if len(fields) >= 8 and fields[6] in inodes and fields[7].endswith(".ctl"):
-            return fields[7]
+        fields = line.split(maxsplit=7)
+        if len(fields) == 8 and fields[6] in inodes and fields[7].endswith(".ctl"):
+            return _bound_path(pid, fields[7])
     return None
+
+
+def _bound_path(pid: int, name: str) -> str | None:
+    """A path that reaches the socket bound as `name` by process `pid`.
+
+    OVS binds a path too long for sun_path as /proc/self/fd/DIRFD/BASENAME and then closes
+    DIRFD, so the kernel's name is only a base name: look for it where that process keeps
+    its run directory.
+    """
+    if not (m := _VIA_PROC_FD.match(name)):
+        return name
+    for directory in _run_directories(pid):
+        path = os.path.join(directory, m.group(1))
+        try:
+            if stat.S_ISSOCK(os.stat(path).st_mode):
+                return path
+        except OSError:
+            continue
+    return None
+
+
+def _run_directories(pid: int) -> list[str]:
+    """Where process `pid` may have put its control socket, most likely first."""
+    try:
+        environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except OSError:
+        environ = []
+    from_environment = [os.fsdecode(v[len(b"OVS_RUNDIR="):]) for v in environ
+                        if v.startswith(b"OVS_RUNDIR=")]
+    # Its pidfile and log file, kept open, live in the run and log directories.
+    of_open_files = [os.path.dirname(t) for t in _open_files(pid)
+                     if t.startswith("/") and not t.startswith(("/dev/", "/proc/"))]
+    return [*from_environment, *of_open_files, *_DEFAULT_RUN_DIRECTORIES]
+
+
+def _open_files(pid: int) -> list[str]:
+    """What process `pid`'s file descriptors point at, skipping any closed meanwhile."""
+    try:
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return []
+    targets = []
+    for fd in fds:
+        try:
+            targets.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            continue
+    return targets
 
 
 def dpctl_show(pid: int) -> str:
