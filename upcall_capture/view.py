@@ -114,11 +114,16 @@ def dissection(packet: bytes, linktype: int) -> str:
     from scapy.layers.inet6 import IPv6
     from scapy.layers.l2 import Ether
 
-    if linktype == pcapng.LINKTYPE_ETHERNET:
-        layer = Ether(packet)
-    else:
-        layer = IPv6(packet) if packet[:1] and packet[0] >> 4 == 6 else IP(packet)
-    return layer.show(dump=True).rstrip("\n")
+    if not packet:
+        return "(no packet bytes)"  # scapy would show a default packet instead
+    try:
+        if linktype == pcapng.LINKTYPE_ETHERNET:
+            layer = Ether(packet)
+        else:
+            layer = IPv6(packet) if packet[0] >> 4 == 6 else IP(packet)
+        return layer.show(dump=True).rstrip("\n")
+    except Exception as err:  # scapy raises struct.error and others on short packets
+        return f"(scapy cannot dissect these {len(packet)} bytes: {err})"
 
 
 class ConsolePrinter:
