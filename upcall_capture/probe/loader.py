@@ -19,8 +19,7 @@ SOURCE = Path(__file__).with_name("recv_upcall.c")
 FILTER_MARKER = "/* FILTERS: the loader puts meta_match() and packet_match() here. */"
 MATCH_ALL = """
 static __always_inline int meta_match(struct upcall_record *rec) { return 1; }
-static __always_inline int packet_match(struct upcall_record *rec, u8 *pkt, u32 len)
-{ return 1; }
+static __always_inline int packet_match(struct upcall_record *rec) { return 1; }
 """
 
 # Wake the reader once per this many records rather than per record: per-record wakeups

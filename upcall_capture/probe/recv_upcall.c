@@ -116,12 +116,17 @@ int trace_recv_upcall(struct pt_regs *ctx)
     rec->pkt_len = pkt_len;
     rec->flags = flags;
 
-    if (!packet_match(rec, rec->data + key_len, pkt_len)) {
+    if (!packet_match(rec)) {
         count(C_FILTERED);
         return 0;
     }
 
-    u32 size = offsetof(struct upcall_record, data) + key_len + pkt_len;
+    /* The lengths again, loaded from the record: key_len and pkt_len are then dead during
+     * packet_match(), and the verifier walks the filter once rather than once for each way
+     * the two copies went (clamped, whole or failed: nine states). */
+    u64 size = offsetof(struct upcall_record, data) +
+               CLAMP(*(volatile u32 *)&rec->key_len, KEY_CAP) +
+               CLAMP(*(volatile u32 *)&rec->pkt_len, SNAPLEN);
     if (events.perf_submit(ctx, rec, size) < 0)
         count(C_LOST);
     return 0;
