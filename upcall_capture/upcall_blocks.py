@@ -1,27 +1,64 @@
 """Raw probe records to pcapng blocks: interfaces, commented packets, statistics.
 
-Pure (bytes in, bytes out). This is the hot path of a capture, so the per-record work
-is one header unpack, one cache look-up and one packet block. Everything that only
-depends on what repeats in an upcall storm (the upcall's metadata and its key) is
-built once: the interface it goes to and its encoded comment and key options.
+Pure (bytes in, bytes out). This is the hot path of a capture:
+- per record: one header unpack, one cache look-up, and the packet block appended to
+  one bytearray for the batch (its head packed, the packet bytes sliced in, the cached
+  options after them), with no other object made per record;
+- what only depends on what repeats in an upcall storm (the upcall's metadata and key)
+  is built once and cached, bounded: the interface it goes to, and its encoded comment
+  and key options;
+- for a storm of new flows, where that cache misses every time, a new upcall costs the
+  key's text (flowkey.format_key) and little more: the comment's first line, the
+  interface and the port name are cached apart, per thread, CPU, dpif and port.
+Records whose lengths disagree with their bytes (which the probe never makes) take a
+slow path that still writes a well-formed block.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from upcall_capture import pcapng
-from upcall_capture.flowkey import decode_key
+from upcall_capture.flowkey import decode_key, format_key
 from upcall_capture.probe.record import FLAG_NAMES, HEADER_SIZE, Upcall, parse
 
 # ktime_ns, key_size, pid, tid, cpu, type, pkt_size, pkt_len, key_len: the numbers of
-# the record header that the hot path needs.
+# the record header that the hot path needs; the rest of the header (flags, comm, dpif)
+# starts at _FLAGS_AT and runs into the key.
 _NUMBERS = struct.Struct("<QQIIIIIII")
+_FLAGS_AT = _NUMBERS.size
 
-# Bounds the cache of encoded options: an entry is about a kilobyte.
-MAX_CACHED_OPTIONS = 65536
+# Bounds the cache of encoded options: an entry is about a kilobyte (key bytes, comment
+# and key option), so this is about 32 MB at most.
+MAX_CACHED_OPTIONS = 32768
+# Comment heads: one per thread, CPU, dpif and port.
+MAX_CACHED_HEADS = 4096
+
+
+def port_and_eth(key_text: str) -> tuple[int | None, bool]:
+    """The in_port and whether there is an eth() attribute, read back from a key's OVS
+    text: what the interface depends on, without the decoder's fields (which cost more
+    than the text). The text shows them exactly when the decoder's fields have them: not
+    for an attribute of the wrong length or one cut short; the last in_port wins."""
+    port = None
+    at = _find_attribute(key_text, "in_port(", last=True)
+    if at >= 0:
+        digits = key_text[at + 8:key_text.find(")", at)]
+        port = int(digits) if digits.isdigit() else None
+    return port, _find_attribute(key_text, "eth(", last=False) >= 0
+
+
+def _find_attribute(text: str, name: str, *, last: bool) -> int:
+    """Where `name` starts as an attribute's name rather than as the tail of another's,
+    or -1. (str.find and a look at one character: a regular expression costs more than
+    the rest of describing a new upcall.)"""
+    at = text.rfind(name) if last else text.find(name)
+    while at > 0 and (text[at - 1].isalnum() or text[at - 1] in "_."):
+        at = text.rfind(name, 0, at) if last else text.find(name, at + 1)
+    return at
+
 
 PortNamer = Callable[[str, int], "str | None"]
 
@@ -43,14 +80,16 @@ def interface_name(dpif: str, port: int | None, port_name: str | None) -> str:
     return f"port {port} ({dpif})"
 
 
+def comment_head(upcall: Upcall, port: int | None, port_name: str | None) -> str:
+    """The comment's first line: what the upcall was, and where."""
+    where = "" if port is None else f" in_port={port}" + (f"({port_name})" if port_name else "")
+    return (f"upcall {upcall.type_name} dpif={upcall.dpif}{where} pid={upcall.pid} "
+            f"tid={upcall.tid} thread={upcall.thread} cpu={upcall.cpu}")
+
+
 def comment(upcall: Upcall, key_text: str, port: int | None, port_name: str | None) -> str:
     """The packet comment: what the upcall was, then its key as OVS prints it."""
-    where = "" if port is None else f" in_port={port}" + (f"({port_name})" if port_name else "")
-    lines = [
-        f"upcall {upcall.type_name} dpif={upcall.dpif}{where} pid={upcall.pid} "
-        f"tid={upcall.tid} thread={upcall.thread} cpu={upcall.cpu}",
-        key_text,
-    ]
+    lines = [comment_head(upcall, port, port_name), key_text]
     cut = []
     if len(upcall.packet) < upcall.pkt_size:
         cut.append(f"packet {len(upcall.packet)} of {upcall.pkt_size} bytes")
@@ -64,6 +103,34 @@ def comment(upcall: Upcall, key_text: str, port: int | None, port_name: str | No
     return "\n".join(lines)
 
 
+# EPB head: type, total length, interface, timestamp high and low, captured and original
+# lengths; then the packet, padding, the cached options and the closing total length.
+_EPB_HEAD = struct.Struct("<IIIIIII")
+_EPB_TAIL = struct.Struct("<I")
+_EPB_FIXED = 32  # 28-byte head and the 4-byte trailing length
+# What _describe reads of a record: key_size, then (after pid, tid, cpu, type) pkt_size,
+# pkt_len, key_len, flags; and where the header's parts start.
+_DESCRIBE = struct.Struct("<8xQ16xIIII")
+_PID_AT, _PKT_SIZE_AT, _COMM_AT = 16, 32, 48
+_OPTION_HEAD = struct.Struct("<HH")
+_MAX_OPTION_LENGTH = 0xFFFF
+_KEY_PEN = struct.pack("<I", pcapng.KEY_OPTION_PEN)
+# epb_flags (inbound) comes between the comment and the key, as packet_options() puts it.
+_INBOUND_AND_KEY_HEAD = pcapng.packet_options(inbound=True)
+_ENDOFOPT = b"\0\0\0\0"
+_PADDING = (b"", b"\0\0\0", b"\0\0", b"\0")  # after n bytes of packet, by n % 4
+
+
+@dataclass(frozen=True, slots=True)
+class _Described:
+    """What a packet's metadata and key make of it: its interface and its options, the
+    latter followed by opt_endofopt, ready to go after the packet and its padding."""
+
+    if_id: int
+    interface: Interface
+    tail: bytes
+
+
 class UpcallBlocks:
     """Turns batches of raw records into pcapng blocks for one section."""
 
@@ -75,45 +142,98 @@ class UpcallBlocks:
         self.if_filter = if_filter
         self.interfaces: list[Interface] = []
         self._interface_ids: dict[tuple[str, int | None, int], int] = {}
-        self._options: dict[bytes, tuple[int, bytes]] = {}
+        # Two generations, as in flowkey.KeyCache: hits come from the recent one or are
+        # promoted from the older one; a full recent one becomes the older one.
+        self._described: dict[tuple, _Described] = {}
+        self._described_older: dict[tuple, _Described] = {}
+        self._heads: dict[tuple, tuple[int, bytes]] = {}
         self._last_interface: Interface | None = None
+        # Losses no packet has carried yet; at the end, the last packet's interface's.
+        self._pending_drops = 0
         # Losses seen before any packet had an interface to carry them.
         self.unattributed_drops = 0
 
-    def packets(self, records: list[bytes], dropped: int = 0) -> bytes:
-        """Blocks for records in time order; `dropped` are losses since the last batch,
-        charged to the first packet as its epb_dropcount."""
-        out: list[bytes] = []
-        cache = self._options
-        enhanced_packet = pcapng.enhanced_packet
+    def packets(self, records: Sequence[bytes | memoryview], dropped: int = 0) -> bytearray:
+        """Blocks for records in time order (a bytearray: copying a batch of megabytes
+        into bytes would only cost time and memory).
+
+        `dropped` are losses since the previous call. They happened before these records,
+        so the first packet carries them as its epb_dropcount, with any still pending;
+        without a record they wait for the next packet, or for statistics()."""
+        out = bytearray()
+        dropped += self._pending_drops
+        self._pending_drops = 0
+        cache = self._described
         offset = self.clock_offset_ns
+        unpack = _NUMBERS.unpack_from
+        pack_head = _EPB_HEAD.pack
+        pack_tail = _EPB_TAIL.pack
+        padding = _PADDING
+        described = None
         for record in records:
-            ktime, key_size, _, _, _, _, pkt_size, pkt_len, key_len = _NUMBERS.unpack_from(record)
+            ktime, key_size, pid, tid, cpu, type_, pkt_size, pkt_len, key_len = unpack(record)
             key_end = HEADER_SIZE + key_len
-            # What the comment and interface depend on: all but the time and lengths,
-            # plus the lengths when something was cut.
-            cache_key = record[8:32] + record[40:key_end]
-            if pkt_len < pkt_size:
-                cache_key += record[32:40]
-            cached = cache.get(cache_key)
-            if cached is None:
-                cached = self._describe(record, out)
-                if len(cache) >= MAX_CACHED_OPTIONS:
-                    cache.clear()
-                cache[cache_key] = cached
-            if_id, options = cached
-            interface = self.interfaces[if_id]
-            interface.received += 1
-            if dropped:
-                interface.dropped += dropped
-                options += pcapng.dropcount_option(dropped)
+            if key_end + pkt_len > len(record) or pkt_len > pkt_size:
+                described = self._malformed_packet(out, record, ktime + offset, dropped)
                 dropped = 0
-            out.append(enhanced_packet(if_id, ktime + offset,
-                                       record[key_end:key_end + pkt_len], pkt_size, options))
-            self._last_interface = interface
+                continue
+            # What the comment and interface depend on: the flags, thread, dpif and key
+            # bytes, the numbers other than time and lengths, and the packet's lengths
+            # only when it was cut (the comment says so).
+            cache_key = (bytes(record[_FLAGS_AT:key_end]), key_size, pid, tid, cpu, type_,
+                         pkt_size << 32 | pkt_len if pkt_len < pkt_size else -1)
+            described = cache.get(cache_key)
+            if described is None:
+                described = self._described_older.get(cache_key) or self._describe(record, out)
+                if len(cache) >= MAX_CACHED_OPTIONS // 2:
+                    self._described_older = cache
+                    cache = self._described = {}
+                cache[cache_key] = described
+            described.interface.received += 1
+            timestamp = ktime + offset
+            if dropped:
+                self._dropped_packet(out, described, timestamp, record[key_end:key_end + pkt_len],
+                                     pkt_size, dropped)
+                dropped = 0
+                continue
+            pad = padding[pkt_len & 3]
+            tail = described.tail
+            total = _EPB_FIXED + pkt_len + len(pad) + len(tail)
+            out += pack_head(pcapng.BLOCK_EPB, total, described.if_id, timestamp >> 32,
+                             timestamp & 0xFFFFFFFF, pkt_len, pkt_size)
+            out += record[key_end:key_end + pkt_len]
+            out += pad
+            out += tail
+            out += pack_tail(total)
+        if described is not None:
+            self._last_interface = described.interface
+        self._pending_drops = dropped
+        return out
+
+    @staticmethod
+    def _dropped_packet(out: bytearray, described: _Described, timestamp: int, packet,
+                        pkt_size: int, dropped: int) -> None:
+        described.interface.dropped += dropped
+        options = described.tail[:-len(_ENDOFOPT)] + pcapng.dropcount_option(dropped)
+        out += pcapng.enhanced_packet(described.if_id, timestamp, bytes(packet), pkt_size,
+                                      options)
+
+    def _malformed_packet(self, out: bytearray, record: bytes | memoryview, timestamp: int,
+                          dropped: int) -> _Described:
+        """A record whose lengths disagree with its bytes or each other. recv_upcall.c
+        makes none, but a record is not trusted with the file's integrity: the packet is
+        the bytes present, its original length at least that. Not cached: the comment
+        depends on the lengths."""
+        upcall = parse(record)
+        described = self._describe(record, out)
+        described.interface.received += 1
+        described.interface.dropped += dropped
+        options = described.tail[:-len(_ENDOFOPT)]
         if dropped:
-            self._charge_to_last(dropped)
-        return b"".join(out)
+            options += pcapng.dropcount_option(dropped)
+        out += pcapng.enhanced_packet(described.if_id, timestamp, upcall.packet,
+                                      max(upcall.pkt_size, len(upcall.packet)), options)
+        return described
 
     def _charge_to_last(self, dropped: int) -> None:
         """Losses after the last packet: no later packet carries them, so the ISB does."""
@@ -123,7 +243,44 @@ class UpcallBlocks:
         else:
             self.unattributed_drops += dropped
 
-    def _describe(self, record: bytes, out: list[bytes]) -> tuple[int, bytes]:
+    def _describe(self, record: bytes | memoryview, out: bytearray) -> _Described:
+        """Interface and options for an upcall not in the cache.
+
+        In a storm of new flows this runs for every upcall, so the usual case (nothing
+        cut, nothing unreadable) takes a shorter way: the key's text alone, and the
+        comment's first line, interface and port name from a cache of their own, as
+        they depend only on the thread, dpif and port.
+        """
+        key_size, pkt_size, pkt_len, key_len, flags = _DESCRIBE.unpack_from(record)
+        if flags or key_len != key_size or pkt_len != pkt_size:
+            return self._describe_in_full(record, out)
+        key = bytes(record[HEADER_SIZE:HEADER_SIZE + key_len])
+        key_text = format_key(key, key_size)
+        port, has_eth = port_and_eth(key_text)
+        linktype = pcapng.LINKTYPE_ETHERNET if has_eth or not key else pcapng.LINKTYPE_RAW
+        heads = self._heads
+        head_key = (bytes(record[_PID_AT:_PKT_SIZE_AT]), bytes(record[_COMM_AT:HEADER_SIZE]),
+                    port, linktype)
+        head = heads.get(head_key)
+        if head is None:
+            upcall = parse(record)
+            name = self.port_name(upcall.dpif, port) if port is not None else None
+            if_id = self._interface(upcall.dpif, port, linktype, name, out)
+            if len(heads) >= MAX_CACHED_HEADS:
+                heads.clear()
+            first_line = comment_head(upcall, port, name) + "\n"
+            head = heads[head_key] = (if_id, first_line.encode("utf-8", "backslashreplace"))
+        if_id, head_text = head
+        text = head_text + key_text.encode()
+        if len(text) > _MAX_OPTION_LENGTH:
+            return self._describe_in_full(record, out)  # which says what is wrong
+        tail = b"".join((
+            _OPTION_HEAD.pack(pcapng.OPT_COMMENT, len(text)), text, _PADDING[len(text) & 3],
+            _INBOUND_AND_KEY_HEAD, _OPTION_HEAD.pack(pcapng.OPT_CUSTOM_BINARY, len(key) + 4),
+            _KEY_PEN, key, _PADDING[len(key) & 3], _ENDOFOPT))
+        return _Described(if_id, self.interfaces[if_id], tail)
+
+    def _describe_in_full(self, record: bytes | memoryview, out: bytearray) -> _Described:
         upcall = parse(record)
         decoded = decode_key(upcall.key, upcall.key_size)
         port = decoded.fields.get("in_port")
@@ -132,23 +289,27 @@ class UpcallBlocks:
         name = self.port_name(upcall.dpif, port) if port is not None else None
         if_id = self._interface(upcall.dpif, port, linktype, name, out)
         text = comment(upcall, decoded.text, port, name)
-        return if_id, pcapng.packet_options(comment=text, key=upcall.key)
+        options = pcapng.packet_options(comment=text, key=upcall.key)
+        return _Described(if_id, self.interfaces[if_id], options + _ENDOFOPT)
 
     def _interface(self, dpif: str, port: int | None, linktype: int, name: str | None,
-                   out: list[bytes]) -> int:
+                   out: bytearray) -> int:
         ident = (dpif, port, linktype)
         if_id = self._interface_ids.get(ident)
         if if_id is None:
             if_id = self._interface_ids[ident] = len(self.interfaces)
             self.interfaces.append(Interface(dpif, port, linktype))
-            out.append(pcapng.interface_description(
+            out += pcapng.interface_description(
                 linktype, self.snaplen, name=interface_name(dpif, port, name),
                 filter=self.if_filter,
-            ))
+            )
         return if_id
 
     def statistics(self, ktime_ns: int, *, start_ktime_ns: int) -> bytes:
         """One ISB per interface, for the end of the section."""
+        if self._pending_drops:
+            self._charge_to_last(self._pending_drops)
+            self._pending_drops = 0
         return b"".join(
             pcapng.interface_statistics(
                 if_id, ktime_ns + self.clock_offset_ns,

@@ -61,21 +61,30 @@ class Upcall:
         return UPCALL_TYPES.get(self.type, str(self.type))
 
 
+# Control characters in a name would reach the operator's terminal (escape sequences) or
+# break the comment's lines: they are shown as \xNN, like bytes that are not UTF-8.
+_CONTROLS = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)}
+
+
 def cstring(raw: bytes) -> str:
-    """A NUL-terminated C string as text; bytes that are not UTF-8 are escaped."""
-    return raw.split(b"\0", 1)[0].decode("utf-8", "backslashreplace")
+    """A NUL-terminated C string as text; bytes that are not UTF-8, and control
+    characters, are escaped."""
+    return raw.split(b"\0", 1)[0].decode("utf-8", "backslashreplace").translate(_CONTROLS)
 
 
-def parse(record: bytes) -> Upcall:
-    """Decode one raw record into an Upcall (the slow, readable path)."""
+def parse(record: bytes | memoryview) -> Upcall:
+    """Decode one raw record into an Upcall (the slow, readable path).
+
+    A record may be a view into a larger buffer (and carry the ring's padding at its
+    end); key and packet come out as bytes of their own."""
     (ktime, key_size, pid, tid, cpu, type_, pkt_size, pkt_len, key_len, flags,
      comm, dpif) = HEADER.unpack_from(record)
     key_end = HEADER_SIZE + key_len
     return Upcall(
         ktime_ns=ktime, pid=pid, tid=tid, cpu=cpu, type=type_,
         dpif=cstring(dpif), thread=cstring(comm), flags=flags,
-        key=record[HEADER_SIZE:key_end], key_size=key_size,
-        packet=record[key_end:key_end + pkt_len], pkt_size=pkt_size,
+        key=bytes(record[HEADER_SIZE:key_end]), key_size=key_size,
+        packet=bytes(record[key_end:key_end + pkt_len]), pkt_size=pkt_size,
     )
 
 
@@ -83,33 +92,55 @@ def ktime(record: bytes) -> int:
     return KTIME.unpack_from(record)[0]
 
 
+# Sort key: a 1-tuple (ktime,) straight from C, no Python call per record.
+_ktime_key = KTIME.unpack_from
+
+
 class TimeMerger:
     """Puts records from the per-CPU rings back into probe-time order.
 
-    A handler thread moves between CPUs, so its records land on different rings. After
-    all rings have been drained, every record fired before the drain began is in hand
-    (give or take one still being written on another CPU, hence the slack). Records
-    up to that horizon are released in time order; later ones wait for the next drain.
+    A handler thread moves between CPUs, so its records land on different rings; each
+    ring on its own is in time order. After all rings have been drained, every record
+    fired before the drain began is in hand (give or take one still being written on
+    another CPU, hence the slack). Records up to that horizon are released in time order;
+    later ones wait for the next drain.
+
+    A thread stays on a CPU for a while, so runs from different rings mostly follow one
+    another rather than interleave: those are only concatenated, and a sort (which
+    reads every record's time) is left for runs that do interleave.
     """
 
     def __init__(self, slack_ns: int = 2_000_000) -> None:
         self.slack_ns = slack_ns
-        self._held: list[bytes] = []
+        self._runs: list[list] = []  # each in time order; the first may be held over
 
-    def add(self, records: list[bytes]) -> None:
-        self._held.extend(records)
+    def add(self, runs: list[list]) -> None:
+        """Records as the rings gave them: one list per ring, each in time order."""
+        self._runs += (run for run in runs if run)
 
-    def release(self, drain_start_ns: int) -> list[bytes]:
+    def release(self, drain_start_ns: int) -> list:
         """Records fired before drain_start_ns - slack, in time order."""
-        held = self._held
-        if not held:
-            return []
-        held.sort(key=ktime)
-        horizon = drain_start_ns - self.slack_ns
-        cut = bisect.bisect_left(held, horizon, key=ktime)
-        ready, self._held = held[:cut], held[cut:]
-        return ready
+        merged = self._merge()
+        cut = bisect.bisect_left(merged, (drain_start_ns - self.slack_ns,), key=_ktime_key)
+        if cut == len(merged):
+            return merged
+        self._runs = [merged[cut:]]
+        return merged[:cut]
 
-    def release_all(self) -> list[bytes]:
-        held, self._held = sorted(self._held, key=ktime), []
-        return held
+    def release_all(self) -> list:
+        return self._merge()
+
+    def _merge(self) -> list:
+        runs, self._runs = self._runs, []
+        if len(runs) <= 1:
+            return runs[0] if runs else []
+        runs.sort(key=lambda run: _ktime_key(run[0]))
+        merged = runs[0]
+        interleaved = False
+        for run in runs[1:]:
+            interleaved = interleaved or _ktime_key(run[0]) < _ktime_key(merged[-1])
+            merged += run
+        if interleaved:
+            # Timsort finds the runs and merges them.
+            merged.sort(key=_ktime_key)
+        return merged
