@@ -8,4 +8,5 @@ version=$("$PY" -c 'import upcall_capture; print(upcall_capture.__version__)')
 "$PY" -c "from argparse_manpage.cli import main; main()" --module upcall_capture.cli --function build_parser \
     --project-name upcall-capture --prog upcall-capture --version "$version" \
     --description "capture Open vSwitch upcalls into pcapng" \
-    --manual-section 1 --manual-title "User Commands" --output "${1:-man/upcall-capture.1}"
+    --manual-section 1 --manual-title "User Commands" --include man/include.txt \
+    --output "${1:-man/upcall-capture.1}"

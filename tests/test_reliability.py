@@ -171,3 +171,30 @@ def test_no_bcc(tmp_path):
         sleeper.wait()
     assert done.returncode == 2
     one_line_error(done.stderr, "bcc is not installed")
+
+
+@pytest.mark.capture
+def test_drop_privileges_after_attach(replay, tmp_path):
+    out = tmp_path / "out.pcapng"
+    source = replay(MIXED, "-n", "3000", "-r", "3000")
+    tool = Tool("-p", str(source.pid), "-w", str(out), "-Z", "nobody")
+    tool.wait_listening()
+    # The capturing child; its root parent only waits to remove the uprobes afterwards.
+    child = open(f"/proc/{tool.proc.pid}/task/{tool.proc.pid}/children").read().split()[0]
+    status_lines = open(f"/proc/{child}/status").read().splitlines()
+    uid = next(line for line in status_lines if line.startswith("Uid:")).split()[1:]
+    caps = next(line for line in status_lines if line.startswith("CapEff:")).split()[1]
+    assert uid == ["65534"] * 4
+    assert int(caps, 16) == (1 << 38) | (1 << 39)  # CAP_PERFMON and CAP_BPF, nothing else
+    source.start()
+    source.wait()
+    status, stderr = tool.wait()
+    assert status == 0, stderr
+    assert SUMMARY.search(stderr).groups() == ("3000", "0")
+    assert len(assert_valid(out)) == 3000
+
+
+def test_unknown_user():
+    done = run_tool("-Z", "no-such-user-here", "-p", "1")
+    assert done.returncode == 2
+    one_line_error(done.stderr, "-Z: no such user: no-such-user-here")

@@ -14,8 +14,8 @@ from typing import Protocol
 
 from upcall_capture.errors import CaptureError, UsageError
 from upcall_capture.probe.loader import Counters, RecvUpcallProbe
-from upcall_capture.probe.record import TimeMerger
-from upcall_capture.sink import Sink
+from upcall_capture.probe.record import TimeMerger, Upcall, parse
+from upcall_capture.sink import OutputThread, Sink
 from upcall_capture.target import is_alive
 from upcall_capture.upcall_blocks import UpcallBlocks
 
@@ -45,6 +45,40 @@ def clock_offset_ns(samples: int = 5) -> int:
         if best is None or after - before < best[0]:
             best = (after - before, wall - (before + after) // 2)
     return best[1]
+
+
+class UserspaceFiltered:
+    """A probe whose filter is finished here for what could not run in the kernel.
+
+    Records the test rejects count as filtered, beside the probe's own, so that
+    fired = captured + lost + filtered still holds.
+    """
+
+    def __init__(self, probe: RecvUpcallProbe, keep: Callable[[Upcall], bool]) -> None:
+        self.probe = probe
+        self.keep = keep
+        self.filtered = 0
+
+    def _select(self, records: list[bytes]) -> list[bytes]:
+        kept = [record for record in records if self.keep(parse(record))]
+        self.filtered += len(records) - len(kept)
+        return kept
+
+    def attach(self) -> None:
+        self.probe.attach()
+
+    def drain(self) -> list[list[bytes]]:
+        return [self._select(ring) for ring in self.probe.drain()]
+
+    def stop(self) -> list[list[bytes]]:
+        return [self._select(ring) for ring in self.probe.stop()]
+
+    def counters(self) -> Counters:
+        counters = self.probe.counters()
+        return Counters(counters.fired, counters.filtered + self.filtered, counters.lost)
+
+    def close(self) -> None:
+        self.probe.close()
 
 
 @dataclass(frozen=True)
@@ -179,6 +213,15 @@ class Capture:
         deadline = None if self.duration is None else start_ns + int(self.duration * 1e9)
         next_liveness = start_ns + LIVENESS_INTERVAL_NS
         next_progress = start_ns + PROGRESS_INTERVAL_NS
+        outputs = self.outputs
+
+        def handle(records: list[bytes], dropped: int) -> None:
+            for output in outputs:
+                output.packets(records, dropped)
+
+        # The outputs build and write blocks in a thread of their own: writing releases
+        # the GIL, so it overlaps with reading the next batch from the rings.
+        self._output_thread = OutputThread(handle)
         while self.stop_reason is None:
             drain_start = time.monotonic_ns()
             self._merger.add(self.probe.drain())
@@ -199,6 +242,7 @@ class Capture:
         self._merger.add(self.probe.stop())
         counters = self.probe.counters()
         self._deliver(self._merger.release_all(), counters)
+        self._output_thread.close()
         end_ns = time.monotonic_ns()
         for output in self.outputs:
             output.finish(end_ns, start_ns)
@@ -217,8 +261,7 @@ class Capture:
         self._lost_seen = counters.lost
         if not records and not dropped:
             return
-        for output in self.outputs:
-            output.packets(records, dropped)
+        self._output_thread.put(records, dropped)
         self.captured += len(records)
         for output in self.outputs:
             if output.ended:

@@ -9,17 +9,19 @@ import signal
 import sys
 from collections.abc import Iterable, Iterator
 
-from upcall_capture import __version__, pcapng, readback, target
+from upcall_capture import __version__, pcapng, privileges, readback, target
 from upcall_capture.capture import (
     Capture,
     PcapngOutput,
     Rotation,
+    UserspaceFiltered,
     clock_offset_ns,
     rotated_name,
 )
 from upcall_capture.errors import CaptureError, UsageError
+from upcall_capture.filters import FilterSpec, compile_filters
 from upcall_capture.flowkey import format_key
-from upcall_capture.ports import PortNames, dpctl_show, no_port_names
+from upcall_capture.ports import PortNames, dpctl_show, no_port_names, parse_dpctl_show
 from upcall_capture.probe import loader
 from upcall_capture.probe.record import (
     DEFAULT_KEY_CAP,
@@ -37,13 +39,28 @@ PROG = "upcall-capture"
 
 EXAMPLES = f"""\
 examples:
-  {PROG} -w upcalls.pcapng            capture from the running ovs-vswitchd into a file
+  # capture from the running ovs-vswitchd into a file, until Ctrl-C
+  {PROG} -w upcalls.pcapng
+  # one process, stop after 1000 upcalls
   {PROG} -p 1234 -w out.pcapng -c 1000
-                                      one process, stop after 1000 upcalls
-  {PROG}                              one line per upcall on the terminal
-  {PROG} -w - | wireshark -k -i -     watch live in Wireshark
+  # one line per upcall on the terminal
+  {PROG}
+  # watch live in Wireshark, or tshark
+  {PROG} -w - | wireshark -k -i -
+  {PROG} -w - | tshark -i -
+  # only the flow misses of one datapath
+  {PROG} -w x.pcapng --filter dpif=system@ovs-system,type=miss
+  # TCP port 80 upcalls from either of two ports
+  {PROG} -w x.pcapng --filter port=eth0 --filter port=eth1 tcp port 80
+  # a ring of ten files of 100 MB; a new file every hour
+  {PROG} -w x.pcapng -C 100 -W 10
+  {PROG} -w x.pcapng -G 3600
+  # read a capture back with the keys, action upcalls only
+  {PROG} -r x.pcapng -v --filter type=action
+  # what an upcall storm was made of
+  {PROG} -r x.pcapng --stats
+  # print a netlink flow key (from a log) as OVS does
   {PROG} --decode-key 0800030001000000
-                                      print a netlink flow key as OVS does
 """
 
 
@@ -87,6 +104,10 @@ def build_parser() -> argparse.ArgumentParser:
     target_group.add_argument(
         "-p", "--pid", type=_ranged(1, 2**22, "pid"),
         help="trace this ovs-vswitchd (default: the only one running)")
+    target_group.add_argument(
+        "-Z", dest="user", metavar="USER",
+        help="once the probe is attached and the file open, run as USER (keeping only the "
+             "CAP_BPF and CAP_PERFMON capabilities it needs to read the probe's counters)")
 
     output = parser.add_argument_group("output")
     output.add_argument(
@@ -150,8 +171,25 @@ def build_parser() -> argparse.ArgumentParser:
              f"from {MIN_KEY_CAP} to {MAX_KEY_CAP})")
     capture.add_argument(
         "--buffer-pages", type=_ranged(1, 1 << 20, "buffer pages"), metavar="PAGES",
-        help="perf buffer pages per CPU, a power of two (default: 2048, less on hosts with "
-             "many CPUs so that the total stays within 64 MiB of locked memory)")
+        help="perf buffer pages per CPU, a power of two (default: 8192, that is 32 MiB, less "
+             "on hosts with more than two CPUs so that the total stays within 64 MiB of "
+             "locked memory)")
+
+    selection = parser.add_argument_group(
+        "filters",
+        "What to capture, decided inside the probe before anything is copied where possible. "
+        "Terms of one --filter (comma-separated) must all match; a repeated --filter adds an "
+        "alternative (OR). The packet filter (trailing arguments, tcpdump's language, compiled "
+        "by libpcap for Ethernet or, for L3 upcalls, raw IP) must match too.")
+    selection.add_argument(
+        "--filter", action="append", metavar="EXPR",
+        help="name=value terms: dpif=, type=miss|action|N, in_port=N, port=NAME, pid=, tid=, "
+             "thread=, and key fields recirc_id, eth_type, proto, tp_src, tp_dst (numbers take "
+             "/MASK), ipv4.src, ipv4.dst, ipv6.src, ipv6.dst (with /PREFIX), ct_state (N[/M] "
+             "or flags like +trk+est-new)")
+    selection.add_argument(
+        "expression", nargs="*", metavar="EXPRESSION",
+        help="a packet filter as tcpdump takes it, e.g. tcp port 80")
 
     tools = parser.add_argument_group("tools")
     tools.add_argument(
@@ -206,9 +244,11 @@ def capture(args: argparse.Namespace, argv: list[str]) -> int:
     if args.buffer_pages is not None and args.buffer_pages & (args.buffer_pages - 1):
         raise UsageError(f"--buffer-pages must be a power of two, not {args.buffer_pages}")
     rotation = _rotation(args)
+    user = privileges.user_ids(args.user) if args.user else None
     loader.check_environment()
     process = target.process(args.pid) if args.pid else target.find_vswitchd()
     target.check_probe(process)
+    spec = _compile_filters(args, lambda: dpctl_show(process.pid))
 
     port_name = no_port_names if args.no_port_names else \
         PortNames(lambda: dpctl_show(process.pid)).name
@@ -228,7 +268,10 @@ def capture(args: argparse.Namespace, argv: list[str]) -> int:
     probe = loader.RecvUpcallProbe(
         process.pid, snaplen=args.snaplen, key_cap=args.key_size,
         buffer_pages=args.buffer_pages or loader.default_buffer_pages(os.cpu_count() or 1),
+        filter_c=spec.bpf_c if spec else loader.MATCH_ALL,
     )
+    if spec and spec.userspace:
+        probe = UserspaceFiltered(probe, spec.userspace)
     status = StatusLine(sys.stderr, outputs) if sink is not None and sink.truncatable \
         and sys.stderr.isatty() else None
     run = Capture(probe, outputs, target_pid=process.pid, count=args.count,
@@ -242,11 +285,12 @@ def capture(args: argparse.Namespace, argv: list[str]) -> int:
         if sink is not None:
             sink.discard()
         raise
-    try:
+    def work() -> int:
         if sink is not None:
             outputs.insert(0, PcapngOutput(
                 lambda: UpcallBlocks(snaplen=args.snaplen, clock_offset_ns=offset,
-                                     port_name=port_name),
+                                     port_name=port_name,
+                                     if_filter=spec.if_filter if spec else None),
                 sink, _section_header(argv), rotation=rotation,
                 open_next=lambda index: open_file(
                     rotated_name(args.write, index, args.file_count),
@@ -257,10 +301,19 @@ def capture(args: argparse.Namespace, argv: list[str]) -> int:
               f"{process.comm} (pid {process.pid}), snapshot length {args.snaplen} bytes, "
               f"key size {args.key_size} bytes", file=sys.stderr, flush=True)
         summary = run.run()
-    finally:
-        probe.close()
         if status is not None:
             status.clear()
+        return _report(summary, run, outputs, stats, args)
+
+    try:
+        return work() if user is None else privileges.run_as(*user, work)
+    finally:
+        probe.close()
+
+
+def _report(summary, run: Capture, outputs: list, stats: UpcallStats | None,
+            args: argparse.Namespace) -> int:
+    """The closing lines on stderr (and --stats); the exit status."""
     ended = [output for output in outputs if output.ended]
     if summary.stop_reason == run.TARGET_EXITED or ended:
         print(f"{PROG}: {summary.stop_reason}", file=sys.stderr)
@@ -296,6 +349,25 @@ class StatusLine:
         self.stream.flush()
 
 
+def _compile_filters(args: argparse.Namespace, dpctl_text) -> FilterSpec | None:
+    """The --filter and packet filter, or None; notes said once on stderr."""
+    expression = " ".join(args.expression)
+    if not args.filter and not expression.strip():
+        return None
+
+    def port_lookup(name: str) -> tuple[str, int] | None:
+        if dpctl_text is None:
+            raise UsageError("port=NAME needs a running ovs-vswitchd to name ports; "
+                             "use dpif=...,in_port=N")
+        ports = parse_dpctl_show(dpctl_text())
+        return next((dpif_port for dpif_port, port in ports.items() if port == name), None)
+
+    spec = compile_filters(args.filter or [], expression or None, port_lookup=port_lookup)
+    for note in spec.notes:
+        print(f"{PROG}: {note}", file=sys.stderr)
+    return spec
+
+
 def _rotation(args: argparse.Namespace) -> Rotation | None:
     if args.file_size is None and args.rotate_seconds is None:
         if args.file_count is not None:
@@ -311,7 +383,11 @@ def _rotation(args: argparse.Namespace) -> Rotation | None:
 
 
 def read_back(args: argparse.Namespace, argv: list[str]) -> int:
+    spec = _compile_filters(args, None)
     items = readback.read_upcalls(args.read)
+    if spec is not None:
+        items = (item for item in items if spec.matches(
+            item.upcall, None if item.upcall.key else item.linktype == pcapng.LINKTYPE_ETHERNET))
     sink = rewriter = None
     if args.write is not None:
         sink = open_stdout() if args.write == "-" else open_file(args.write,
