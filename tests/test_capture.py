@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gzip
 import re
 import signal
 import subprocess
@@ -240,3 +241,21 @@ def test_status_line_on_a_terminal(replay, tmp_path):
     counts = [int(n) for n, _ in statuses]
     assert counts == sorted(counts) and 0 < counts[-1] <= 12000
     assert b"12000 upcalls captured, 0 lost" in seen
+
+
+def test_gzip_output_opens_in_tshark(replay, tmp_path):
+    out = tmp_path / "out.pcapng.gz"
+    source = replay(MIXED, "-n", "3000", "-r", "10000")
+    tool = Tool("-p", str(source.pid), "-w", str(out))
+    tool.wait_listening()
+    source.start()
+    source.wait()
+    status, stderr = tool.wait()
+    assert status == 0, stderr
+    data = gzip.decompress(out.read_bytes())  # a complete gzip stream, trailer included
+    assert pcapng.complete_length(data) == len(data)
+    assert len(out.read_bytes()) < len(data) / 2
+    assert tshark_count(out) == 3000
+    packets = [b for b in pcapng.iter_blocks(data) if isinstance(b, pcapng.Packet)]
+    records = upcalls.read_records(MIXED)
+    assert [p.key for p in packets] == [records[i % len(records)].key for i in range(3000)]

@@ -112,8 +112,9 @@ def build_parser() -> argparse.ArgumentParser:
     output = parser.add_argument_group("output")
     output.add_argument(
         "-w", dest="write", metavar="FILE",
-        help="write pcapng to FILE ('-' for standard output); without it, print one line "
-             "per upcall")
+        help="write pcapng to FILE ('-' for standard output; a name ending in .gz is "
+             "gzip-compressed, which Wireshark opens as is); without it, print one line per "
+             "upcall")
     output.add_argument(
         "--overwrite", action="store_true",
         help="replace FILE if it exists (by default an existing file is never overwritten)")

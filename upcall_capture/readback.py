@@ -7,8 +7,8 @@ files give packets only: their upcall fields are unknown (type -1, no key).
 
 from __future__ import annotations
 
-import gzip
 import re
+import zlib
 from collections.abc import Iterable, Iterator
 
 from upcall_capture import pcapng
@@ -36,8 +36,9 @@ def read_upcalls(path: str) -> Iterator[CapturedUpcall]:
         with open(path, "rb") as file:
             data = file.read()
         if data[:2] == _GZIP_MAGIC:
-            data = gzip.decompress(data)
-    except (OSError, EOFError) as err:
+            # Leniently: a capture cut short (a full disk) has no gzip trailer.
+            data = zlib.decompressobj(31).decompress(data)
+    except (OSError, zlib.error) as err:
         raise UsageError(f"{path}: {getattr(err, 'strerror', None) or err}") from None
     if data[:4] == _PCAPNG_MAGIC:
         yield from _from_pcapng(path, data)
