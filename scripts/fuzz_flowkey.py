@@ -40,32 +40,7 @@ NESTING_TYPES = (k.ENCAP, k.TUNNEL, k.NSH, k.TUN_VXLAN)
 
 
 def seed_keys() -> list[bytes]:
-    keys = [
-        k.kernel_key(
-            conntrack=(0x21, 1, 2, 3),
-            ethertype=0x0800,
-            l3=k.ipv4("10.0.0.1", "10.0.0.2", 6),
-            l4=k.ports(k.TCP, 1, 2) + k.be16(k.TCP_FLAGS, 2),
-        ),
-        k.kernel_key(
-            vlans=[(1, 2), (3, 4)],
-            ethertype=0x86DD,
-            l3=k.ipv6("2001:db8::1", "2001:db8::2", 58) + k.attr(k.IPV6_EXTHDRS, b"\x00\x01"),
-            l4=k.icmp(k.ICMPV6, 136, 0) + k.nd("fe80::1", "00:00:00:00:00:01", "00:00:00:00:00:02"),
-        ),
-        k.kernel_key(
-            tunnel_attrs=k.tun_id(1)
-            + k.attr(k.TUN_IPV4_SRC, k.ip4("1.1.1.1"))
-            + k.attr(k.TUN_GENEVE, k.geneve_opt(1, 2, bytes(8)))
-            + k.vxlan_gbp(1, 2)
-            + k.erspan_v1(5)
-            + k.gtpu(1, 2),
-            ethertype=0x8847,
-            l3=k.mpls((1, 2, 3, 0), (4, 5, 6, 1)),
-        ),
-        k.kernel_key(ethertype=0x894F, l3=k.nsh(1, 2, 1, 3, 4, 5, [6, 7, 8, 9])),
-        k.u32(k.IN_PORT, 1) + k.packet_type(1, 0x800) + k.ct_tuple6("::1", "::2", 1, 2, 17),
-    ]
+    keys = list(k.SEED_KEYS)
     if VECTORS.is_file():
         for line in VECTORS.read_text().splitlines():
             hex_key = line.split("\t")[0]

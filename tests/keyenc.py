@@ -225,3 +225,51 @@ def kernel_key(
         inner = [eth_type(tpid), vlan(*tags[depth]), encap(*inner)]
     head = [eth(*ethernet)] if ethernet is not None else []
     return b"".join(meta + head + inner)
+
+
+# Real-looking keys of every kind, for the property tests and the long fuzz run to
+# mutate: kernel order, conntrack, QinQ with ND, every tunnel option, MPLS, NSH, ARP
+# without Ethernet, packet_type and ct tuples.
+SEED_KEYS = [
+    kernel_key(
+        conntrack=(0x22, 1, 2, 3),
+        ethertype=0x0800,
+        l3=ipv4("10.0.0.1", "10.0.0.2", 6),
+        l4=ports(TCP, 1, 2) + be16(TCP_FLAGS, 0x18),
+    ),
+    kernel_key(
+        vlans=[(5, 1), (6, 2)],
+        ethertype=0x86DD,
+        l3=ipv6("2001:db8::1", "2001:db8::2", 58) + attr(IPV6_EXTHDRS, b"\x00\x01"),
+        l4=icmp(ICMPV6, 135, 0) + nd("2001:db8::3", "00:00:00:00:00:01", "00:00:00:00:00:02"),
+    ),
+    kernel_key(
+        tunnel_attrs=tun_id(1)
+        + attr(TUN_IPV6_SRC, ip6("2001::1"))
+        + attr(TUN_GENEVE, geneve_opt(1, 2, b"\x00\x00\x00\x01"))
+        + vxlan_gbp(1, 2)
+        + erspan_v2(1, 2)
+        + gtpu(1, 2)
+        + attr(TUN_DF),
+        ethertype=0x8847,
+        l3=mpls((1, 2, 3, 0), (4, 5, 6, 1)),
+    ),
+    kernel_key(ethertype=0x894F, l3=nsh(1, 2, 1, 3, 4, 5, [6, 7, 8, 9])),
+    kernel_key(
+        ethernet=None,
+        ethertype=0x0806,
+        l3=arp("1.1.1.1", "2.2.2.2", 1, "00:00:00:00:00:01", "00:00:00:00:00:02"),
+    ),
+    u32(IN_PORT, 1) + packet_type(1, 0x800) + ct_tuple4("1.1.1.1", "2.2.2.2", 1, 2, 6),
+    kernel_key(
+        tunnel_attrs=tun_id(1)
+        + attr(TUN_IPV4_SRC, ip4("1.1.1.1"))
+        + attr(TUN_GENEVE, geneve_opt(1, 2, bytes(8)))
+        + erspan_v1(5),
+        ethertype=0x0800,
+        l3=ipv4("10.0.0.1", "10.0.0.2", 17),
+        l4=ports(UDP, 1, 2),
+    ),
+    u32(IN_PORT, 1) + packet_type(1, 0x800) + ct_tuple6("::1", "::2", 1, 2, 17),
+]
+

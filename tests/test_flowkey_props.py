@@ -16,44 +16,12 @@ from upcall_capture.flowkey.shapes import ShapeCache
 
 PROPERTY = settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-SEED_KEYS = [
-    k.kernel_key(
-        conntrack=(0x22, 1, 2, 3),
-        ethertype=0x0800,
-        l3=k.ipv4("10.0.0.1", "10.0.0.2", 6),
-        l4=k.ports(k.TCP, 1, 2) + k.be16(k.TCP_FLAGS, 0x18),
-    ),
-    k.kernel_key(
-        vlans=[(5, 1), (6, 2)],
-        ethertype=0x86DD,
-        l3=k.ipv6("2001:db8::1", "2001:db8::2", 58) + k.attr(k.IPV6_EXTHDRS, b"\x00\x01"),
-        l4=k.icmp(k.ICMPV6, 135, 0) + k.nd("2001:db8::3", "00:00:00:00:00:01", "00:00:00:00:00:02"),
-    ),
-    k.kernel_key(
-        tunnel_attrs=k.tun_id(1)
-        + k.attr(k.TUN_IPV6_SRC, k.ip6("2001::1"))
-        + k.attr(k.TUN_GENEVE, k.geneve_opt(1, 2, b"\x00\x00\x00\x01"))
-        + k.vxlan_gbp(1, 2)
-        + k.erspan_v2(1, 2)
-        + k.gtpu(1, 2)
-        + k.attr(k.TUN_DF),
-        ethertype=0x8847,
-        l3=k.mpls((1, 2, 3, 0), (4, 5, 6, 1)),
-    ),
-    k.kernel_key(ethertype=0x894F, l3=k.nsh(1, 2, 1, 3, 4, 5, [6, 7, 8, 9])),
-    k.kernel_key(
-        ethernet=None,
-        ethertype=0x0806,
-        l3=k.arp("1.1.1.1", "2.2.2.2", 1, "00:00:00:00:00:01", "00:00:00:00:00:02"),
-    ),
-    k.u32(k.IN_PORT, 1) + k.packet_type(1, 0x800) + k.ct_tuple4("1.1.1.1", "2.2.2.2", 1, 2, 6),
-]
 
 
 @st.composite
 def mutated_keys(draw: st.DrawFn) -> bytes:
     """A real key with bytes changed, cut, inserted or spliced from another key."""
-    key = bytearray(draw(st.sampled_from(SEED_KEYS)))
+    key = bytearray(draw(st.sampled_from(k.SEED_KEYS)))
     for _ in range(draw(st.integers(1, 4))):
         op = draw(st.sampled_from(["set", "cut", "insert", "splice"]))
         at = draw(st.integers(0, len(key)))
@@ -64,7 +32,7 @@ def mutated_keys(draw: st.DrawFn) -> bytes:
         elif op == "insert":
             key[at:at] = draw(st.binary(max_size=8))
         else:
-            donor = draw(st.sampled_from(SEED_KEYS))
+            donor = draw(st.sampled_from(k.SEED_KEYS))
             start = draw(st.integers(0, len(donor)))
             key[at:at] = donor[start : start + draw(st.integers(0, 64))]
     return bytes(key)
