@@ -3,6 +3,9 @@
 It stops on -c, on a signal, when the traced process exits, or when a pipe reader
 leaves; then it stops the probe, drains what is left, and closes every output so
 that the file is complete. The probe's own counters are the truth about losses.
+With --follow the traced process's exit does not stop it: it waits for a successor,
+attaches a new probe, and goes on with the same outputs, the first upcall after the
+gap carrying a note; counters are summed over the probes.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from upcall_capture.errors import CaptureError, UsageError
+from upcall_capture.follow import Follower
 from upcall_capture.probe.loader import Counters, RecvUpcallProbe
 from upcall_capture.probe.record import TimeMerger, Upcall, parse
 from upcall_capture.sink import OutputThread, Sink
@@ -30,6 +34,7 @@ class Output(Protocol):
 
     def packets(self, records: list[bytes], dropped: int = 0) -> None: ...
     def finish(self, end_ktime_ns: int, start_ktime_ns: int) -> None: ...
+    def gap(self, note: str) -> None: ...  # --follow resumed after the traced process exited
 
 
 def clock_offset_ns(samples: int = 5) -> int:
@@ -119,6 +124,7 @@ class PcapngOutput:
         self.error: CaptureError | None = None
         self.written = 0  # upcalls in complete blocks in the output
         self.files = 0
+        self._gap_note: str | None = None  # for the next packet, whichever file it goes to
         self._start(sink)
 
     def _start(self, sink: Sink) -> None:
@@ -146,6 +152,9 @@ class PcapngOutput:
                 self._write_statistics(now_ns)
                 self.sink.close()
                 self._start(self.open_next(self.files))
+            if self._gap_note is not None and records:
+                self.blocks.note_next(self._gap_note)
+                self._gap_note = None
             self.sink.write(self.blocks.packets(records, dropped))
         except (CaptureError, UsageError) as err:
             # The sink cut the file back to its last complete block: this batch is not in it.
@@ -156,6 +165,10 @@ class PcapngOutput:
             self.ended = "the output's reader went away"
         else:
             self.written += len(records)
+
+    def gap(self, note: str) -> None:
+        """The capture resumed after a gap: the next packet carries `note`."""
+        self._gap_note = note
 
     def finish(self, end_ktime_ns: int, start_ktime_ns: int) -> None:
         if not self.ended:
@@ -176,12 +189,20 @@ class Summary:
     filtered: int
     fired: int
     stop_reason: str
+    restarts: int | None = None  # of the traced process, followed (--follow)
 
     def line(self) -> str:
         text = f"{self.captured} upcalls captured, {self.lost} lost"
         if self.filtered:
             text += f", {self.filtered} filtered out"
-        return text + f" ({self.fired} fired)"
+        text += f" ({self.fired} fired)"
+        if self.restarts is not None:
+            text += f"; {self.restarts} restart{'' if self.restarts == 1 else 's'} followed"
+        return text
+
+
+def _sum(a: Counters, b: Counters) -> Counters:
+    return Counters(a.fired + b.fired, a.filtered + b.filtered, a.lost + b.lost)
 
 
 class Capture:
@@ -191,8 +212,9 @@ class Capture:
 
     def __init__(self, probe: RecvUpcallProbe, outputs: list[Output], *, target_pid: int,
                  count: int | None = None, duration: float | None = None,
-                 progress: Callable[[int, Counters, float], None] | None = None) -> None:
-        self.probe = probe
+                 progress: Callable[[int, Counters, float], None] | None = None,
+                 follower: Follower | None = None) -> None:
+        self.probe = probe  # the current one: --follow replaces it
         self.progress = progress  # called about once a second: captured, counters, elapsed
         self.outputs = outputs
         self.target_pid = target_pid
@@ -200,8 +222,10 @@ class Capture:
         self.duration = duration
         self.stop_reason: str | None = None
         self.captured = 0
+        self.follower = follower
         self._merger = TimeMerger()
         self._lost_seen = 0
+        self._earlier = Counters(0, 0, 0)  # the final counts of the probes before this one
 
     def request_stop(self, reason: str) -> None:
         """Safe to call from a signal handler: the loop notices after its current poll."""
@@ -211,18 +235,34 @@ class Capture:
     def run(self) -> Summary:
         start_ns = time.monotonic_ns()
         deadline = None if self.duration is None else start_ns + int(self.duration * 1e9)
-        next_liveness = start_ns + LIVENESS_INTERVAL_NS
-        next_progress = start_ns + PROGRESS_INTERVAL_NS
-        outputs = self.outputs
+        while self._run_probe(start_ns, deadline) and self._follow(deadline):
+            pass
+        end_ns = time.monotonic_ns()
+        for output in self.outputs:
+            output.finish(end_ns, start_ns)
+        totals = self._earlier
+        return Summary(
+            captured=self.captured, lost=totals.lost, filtered=totals.filtered,
+            fired=totals.fired, stop_reason=self.stop_reason,
+            restarts=None if self.follower is None else self.follower.restarts,
+        )
 
-        def handle(records: list[bytes], dropped: int) -> None:
-            for output in outputs:
-                output.packets(records, dropped)
+    def _handle(self, records: list[bytes], dropped: int) -> None:
+        for output in self.outputs:
+            output.packets(records, dropped)
 
+    def _run_probe(self, start_ns: int, deadline: int | None) -> bool:
+        """Capture with the current probe until asked to stop or, when following, until
+        the target exits (then True); everything it caught is handed to the outputs."""
         # The outputs build and write blocks in a thread of their own: writing releases
         # the GIL, so it overlaps with reading the next batch from the rings.
-        self._output_thread = OutputThread(handle)
-        while self.stop_reason is None:
+        self._output_thread = OutputThread(self._handle)
+        self._lost_seen = 0
+        exited = False
+        now = time.monotonic_ns()
+        next_liveness = now + LIVENESS_INTERVAL_NS
+        next_progress = now + PROGRESS_INTERVAL_NS
+        while self.stop_reason is None and not exited:
             drain_start = time.monotonic_ns()
             self._merger.add(self.probe.drain())
             counters = self.probe.counters()
@@ -230,11 +270,14 @@ class Capture:
             now = time.monotonic_ns()
             if self.progress is not None and now >= next_progress:
                 next_progress = now + PROGRESS_INTERVAL_NS
-                self.progress(self.captured, counters, (now - start_ns) / 1e9)
+                self.progress(self.captured, _sum(self._earlier, counters),
+                              (now - start_ns) / 1e9)
             if now >= next_liveness:
                 next_liveness = now + LIVENESS_INTERVAL_NS
                 if not is_alive(self.target_pid):
-                    self.request_stop(self.TARGET_EXITED)
+                    exited = True
+                    if self.follower is None:
+                        self.request_stop(self.TARGET_EXITED)
             if deadline is not None and now >= deadline:
                 self.request_stop(self.DURATION_REACHED)
         # Stop the probe first: after that the rings hold all that it submitted, and
@@ -242,14 +285,27 @@ class Capture:
         self._merger.add(self.probe.stop())
         counters = self.probe.counters()
         self._deliver(self._merger.release_all(), counters)
+        # Every batch is written before a gap note can be given to the outputs.
         self._output_thread.close()
-        end_ns = time.monotonic_ns()
+        self._earlier = _sum(self._earlier, counters)
+        return self.stop_reason is None
+
+    def _follow(self, deadline: int | None) -> bool:
+        """Wait for the exited target's successor and move to it; False if asked to stop
+        (a signal, --duration) first."""
+        def keep_waiting() -> bool:
+            if deadline is not None and time.monotonic_ns() >= deadline:
+                self.request_stop(self.DURATION_REACHED)
+            return self.stop_reason is None
+
+        self.probe.close()  # its process is gone: free its rings and uprobes now
+        followed = self.follower.wait(keep_waiting)
+        if followed is None:
+            return False
+        self.probe, self.target_pid = followed.probe, followed.process.pid
         for output in self.outputs:
-            output.finish(end_ns, start_ns)
-        return Summary(
-            captured=self.captured, lost=counters.lost, filtered=counters.filtered,
-            fired=counters.fired, stop_reason=self.stop_reason,
-        )
+            output.gap(followed.note)
+        return True
 
     def _deliver(self, records: list[bytes], counters: Counters) -> None:
         if self.count is not None:

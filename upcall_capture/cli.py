@@ -21,6 +21,7 @@ from upcall_capture.capture import (
 from upcall_capture.errors import CaptureError, UsageError
 from upcall_capture.filters import FilterSpec, compile_filters
 from upcall_capture.flowkey import format_key
+from upcall_capture.follow import Follower
 from upcall_capture.ports import PortNames, dpctl_show, no_port_names, parse_dpctl_show
 from upcall_capture.probe import loader
 from upcall_capture.probe.record import (
@@ -104,6 +105,15 @@ def build_parser() -> argparse.ArgumentParser:
     target_group.add_argument(
         "-p", "--pid", type=_ranged(1, 2**22, "pid"),
         help="trace this ovs-vswitchd (default: the only one running)")
+    target_group.add_argument(
+        "--follow", action="store_true",
+        help="when the traced ovs-vswitchd exits, wait for a new one and go on in the same "
+             "output, the first upcall after the gap carrying a comment that says so. The "
+             "new one is, without -p, the only process named ovs-vswitchd; with -p, the "
+             "process running the same executable (/proc/PID/exe) as the traced one. "
+             "Either way it must have started after the traced one; while there are none "
+             "or several, the capture waits (Ctrl-C ends it); one without the probe is "
+             "passed over. Needs root throughout: not with -Z")
     target_group.add_argument(
         "-Z", dest="user", metavar="USER",
         help="once the probe is attached and the file open, run as USER (keeping only the "
@@ -246,13 +256,17 @@ def capture(args: argparse.Namespace, argv: list[str]) -> int:
         raise UsageError(f"--buffer-pages must be a power of two, not {args.buffer_pages}")
     rotation = _rotation(args)
     user = privileges.user_ids(args.user) if args.user else None
+    if args.follow and user is not None:
+        raise UsageError("--follow cannot be used with -Z: attaching to a new "
+                         f"{target.VSWITCHD} needs root")
     loader.check_environment()
     process = target.process(args.pid) if args.pid else target.find_vswitchd()
     target.check_probe(process)
     spec = _compile_filters(args, lambda: dpctl_show(process.pid))
 
+    # Asked of the process traced at the time: with --follow, the successor.
     port_name = no_port_names if args.no_port_names else \
-        PortNames(lambda: dpctl_show(process.pid)).name
+        PortNames(lambda: dpctl_show(run.target_pid)).name
     offset = clock_offset_ns()
     outputs = []
     sink = None
@@ -266,17 +280,23 @@ def capture(args: argparse.Namespace, argv: list[str]) -> int:
     if stats is not None:
         outputs.append(StatsOutput(stats, lambda record: from_record(record, offset, port_name)))
 
-    probe = loader.RecvUpcallProbe(
-        process.pid, snaplen=args.snaplen, key_cap=args.key_size,
-        buffer_pages=args.buffer_pages or loader.default_buffer_pages(os.cpu_count() or 1),
-        filter_c=spec.bpf_c if spec else loader.MATCH_ALL,
-    )
-    if spec and spec.userspace:
-        probe = UserspaceFiltered(probe, spec.userspace)
+    def make_probe(pid: int) -> loader.RecvUpcallProbe | UserspaceFiltered:
+        probe = loader.RecvUpcallProbe(
+            pid, snaplen=args.snaplen, key_cap=args.key_size,
+            buffer_pages=args.buffer_pages or loader.default_buffer_pages(os.cpu_count() or 1),
+            filter_c=spec.bpf_c if spec else loader.MATCH_ALL,
+        )
+        return UserspaceFiltered(probe, spec.userspace) if spec and spec.userspace else probe
+
+    probe = make_probe(process.pid)
     status = StatusLine(sys.stderr, outputs) if sink is not None and sink.truncatable \
         and sys.stderr.isatty() else None
+    follower = Follower(
+        process, same_exe=args.pid is not None, make_probe=make_probe,
+        say=lambda text: print(f"{PROG}: {text}", file=sys.stderr, flush=True),
+    ) if args.follow else None
     run = Capture(probe, outputs, target_pid=process.pid, count=args.count,
-                  duration=args.duration, progress=status)
+                  duration=args.duration, progress=status, follower=follower)
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, lambda signum, frame: run.request_stop(
             signal.Signals(signum).name))
@@ -309,7 +329,7 @@ def capture(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         return work() if user is None else privileges.run_as(*user, work)
     finally:
-        probe.close()
+        run.probe.close()  # with --follow, the last one attached
 
 
 def _report(summary, run: Capture, outputs: list, stats: UpcallStats | None,

@@ -93,3 +93,6 @@ class StatsOutput:
 
     def finish(self, end_ktime_ns: int, start_ktime_ns: int) -> None:
         pass
+
+    def gap(self, note: str) -> None:
+        pass  # counts have no place for a note

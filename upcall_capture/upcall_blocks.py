@@ -11,7 +11,8 @@ Pure (bytes in, bytes out). This is the hot path of a capture:
   key's text (flowkey.format_key) and little more: the comment's first line, the
   interface and the port name are cached apart, per thread, CPU, dpif and port.
 Records whose lengths disagree with their bytes (which the probe never makes) take a
-slow path that still writes a well-formed block.
+slow path that still writes a well-formed block; so does the one packet that carries a
+note (note_next), while every other packet pays nothing for the feature.
 """
 
 from __future__ import annotations
@@ -152,6 +153,13 @@ class UpcallBlocks:
         self._pending_drops = 0
         # Losses seen before any packet had an interface to carry them.
         self.unattributed_drops = 0
+        # A comment option for the next packet alone (note_next), or None.
+        self._note: bytes | None = None
+
+    def note_next(self, text: str) -> None:
+        """Give the next packet `text` as a comment of its own, after its usual one (which
+        stays first, as readers of these files expect): say what happened before it."""
+        self._note = pcapng.packet_options(comment=text, inbound=False)
 
     def packets(self, records: Sequence[bytes | memoryview], dropped: int = 0) -> bytearray:
         """Blocks for records in time order (a bytearray: copying a batch of megabytes
@@ -170,11 +178,16 @@ class UpcallBlocks:
         pack_tail = _EPB_TAIL.pack
         padding = _PADDING
         described = None
+        if self._note is not None and records:
+            described = self._slow_packet(out, records[0], dropped, self._note)
+            self._note = None
+            dropped = 0
+            records = records[1:]
         for record in records:
             ktime, key_size, pid, tid, cpu, type_, pkt_size, pkt_len, key_len = unpack(record)
             key_end = HEADER_SIZE + key_len
             if key_end + pkt_len > len(record) or pkt_len > pkt_size:
-                described = self._malformed_packet(out, record, ktime + offset, dropped)
+                described = self._slow_packet(out, record, dropped)
                 dropped = 0
                 continue
             # What the comment and interface depend on: the flags, thread, dpif and key
@@ -218,21 +231,23 @@ class UpcallBlocks:
         out += pcapng.enhanced_packet(described.if_id, timestamp, bytes(packet), pkt_size,
                                       options)
 
-    def _malformed_packet(self, out: bytearray, record: bytes | memoryview, timestamp: int,
-                          dropped: int) -> _Described:
-        """A record whose lengths disagree with its bytes or each other. recv_upcall.c
-        makes none, but a record is not trusted with the file's integrity: the packet is
-        the bytes present, its original length at least that. Not cached: the comment
-        depends on the lengths."""
+    def _slow_packet(self, out: bytearray, record: bytes | memoryview, dropped: int,
+                     extra_options: bytes = b"") -> _Described:
+        """A packet built on its own: one that carries a note, or a record whose lengths
+        disagree with its bytes or each other. recv_upcall.c makes none of the latter, but
+        a record is not trusted with the file's integrity: the packet is the bytes
+        present, its original length at least that. Not cached: the comment depends on
+        the lengths."""
         upcall = parse(record)
         described = self._describe(record, out)
         described.interface.received += 1
         described.interface.dropped += dropped
-        options = described.tail[:-len(_ENDOFOPT)]
+        options = described.tail[:-len(_ENDOFOPT)] + extra_options
         if dropped:
             options += pcapng.dropcount_option(dropped)
-        out += pcapng.enhanced_packet(described.if_id, timestamp, upcall.packet,
-                                      max(upcall.pkt_size, len(upcall.packet)), options)
+        out += pcapng.enhanced_packet(described.if_id, upcall.ktime_ns + self.clock_offset_ns,
+                                      upcall.packet, max(upcall.pkt_size, len(upcall.packet)),
+                                      options)
         return described
 
     def _charge_to_last(self, dropped: int) -> None:

@@ -170,13 +170,18 @@ class ConsoleOutput:
         self.ended: str | None = None
 
     def packets(self, records: list[bytes], dropped: int = 0) -> None:
+        self._show((from_record(r, self.clock_offset_ns, self.port_name) for r in records),
+                   f"{dropped} upcalls lost" if dropped else None)
+
+    def gap(self, note: str) -> None:
+        """The capture resumed after a gap (--follow): say so at once, as a line."""
+        self._show((), note)
+
+    def _show(self, items: Iterable[CapturedUpcall], note: str | None) -> None:
         if self.ended:
             return
         try:
-            self.printer.show(
-                (from_record(r, self.clock_offset_ns, self.port_name) for r in records),
-                note=f"{dropped} upcalls lost" if dropped else None,
-            )
+            self.printer.show(items, note=note)
         except BrokenPipeError:
             self.ended = "the output's reader went away"  # as in: upcall-capture | head
 
