@@ -133,7 +133,8 @@ def test_pipe_to_tshark(replay, tmp_path):
     tool = Tool("-p", str(source.pid), "-w", "-", stdout=subprocess.PIPE)
     # tshark's own output goes to a file: a pipe nobody reads would stall it, and so us.
     with open(tmp_path / "tshark.out", "w") as shown:
-        reader = subprocess.Popen(["tshark", "-r", "-", "-T", "fields", "-e", "frame.comment"],
+        # -i -: tshark reads the pipe as a live capture, as `wireshark -k -i -` does.
+        reader = subprocess.Popen(["tshark", "-i", "-", "-T", "fields", "-e", "frame.comment"],
                                   stdin=tool.proc.stdout, stdout=shown,
                                   stderr=subprocess.DEVNULL)
     tool.proc.stdout.close()

@@ -58,8 +58,10 @@ def test_capture_exactly_the_matching_upcalls(replay, tmp_path, args, wanted):
                                             len(RECORDS))
     if "tcp" in args:  # over L2 and L3 upcalls alike
         assert any(r.is_l3 for r in matching) and any(not r.is_l3 for r in matching)
-    interfaces = [b for b in pcapng.iter_blocks(out.read_bytes())
-                  if isinstance(b, pcapng.InterfaceDescription)]
+    blocks = list(pcapng.iter_blocks(out.read_bytes()))
+    stats = [b for b in blocks if isinstance(b, pcapng.InterfaceStatistics)]
+    assert sum(s.filter_accept for s in stats) == len(matching)
+    interfaces = [b for b in blocks if isinstance(b, pcapng.InterfaceDescription)]
     assert interfaces and all(i.filter for i in interfaces)
     assert all(" ".join(args).split("=")[-1] in i.filter for i in interfaces)
 

@@ -207,3 +207,25 @@ def test_unknown_user():
     done = run_tool("-Z", "no-such-user-here", "-p", "1")
     assert done.returncode == 2
     one_line_error(done.stderr, "-Z: no such user: no-such-user-here")
+
+
+def test_missing_kernel_headers_and_uprobes_are_one_line_errors(monkeypatch):
+    from upcall_capture.errors import UsageError
+    from upcall_capture.probe import loader
+
+    if os.geteuid() != 0:
+        pytest.skip("the root check comes first")
+    real_uname = os.uname()
+    fake = os.uname_result((*real_uname[:2], "0.0.0-no-such-kernel", *real_uname[3:]))
+    monkeypatch.setattr(os, "uname", lambda: fake)
+    real_exists = loader.Path.exists
+    monkeypatch.setattr(loader.Path, "exists",
+                        lambda self: False if "kheaders" in str(self) else real_exists(self))
+    with pytest.raises(UsageError, match="no kernel headers for 0.0.0-no-such-kernel: "
+                                         "bcc compiles against them"):
+        loader.check_environment()
+    monkeypatch.setattr(os, "uname", lambda: real_uname)
+    monkeypatch.setattr(loader.Path, "exists",
+                        lambda self: False if "uprobe_events" in str(self) else real_exists(self))
+    with pytest.raises(UsageError, match="uprobes are unavailable: mount tracefs"):
+        loader.check_environment()

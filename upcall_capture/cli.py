@@ -306,6 +306,7 @@ def capture(args: argparse.Namespace, argv: list[str]) -> int:
         if sink is not None:
             sink.discard()
         raise
+
     def work() -> int:
         if sink is not None:
             outputs.insert(0, PcapngOutput(

@@ -329,6 +329,8 @@ class UpcallBlocks:
             pcapng.interface_statistics(
                 if_id, ktime_ns + self.clock_offset_ns,
                 received=interface.received, dropped=interface.dropped,
+                # With a filter, every packet an interface received passed it.
+                filter_accept=interface.received if self.if_filter else None,
                 start_ns=start_ktime_ns + self.clock_offset_ns,
                 end_ns=ktime_ns + self.clock_offset_ns,
             )
