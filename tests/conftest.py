@@ -96,13 +96,25 @@ class Tool:
 
 @pytest.fixture
 def replay(replay_bin):
+    """Starts replay sources (paused), killed at the end of the test; `binary` may be a
+    copy of the replay program under another name."""
     started = []
 
-    def start(records: Path, *args: str) -> Replay:
-        source = Replay(replay_bin, records, *args)
+    def start(records: Path, *args: str, binary: Path = replay_bin) -> Replay:
+        source = Replay(binary, records, *args)
         started.append(source)
         return source
 
     yield start
     for source in started:
         source.kill()
+
+
+def start_capture(replay, records: Path, out: Path, *replay_args: str,
+                  tool_args: tuple[str, ...] = ()) -> tuple[Replay, Tool]:
+    """A replay source and the tool writing `out` from it, listening, then firing."""
+    source = replay(records, *replay_args)
+    tool = Tool("-p", str(source.pid), "-w", str(out), *tool_args)
+    tool.wait_listening()
+    source.start()
+    return source, tool

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import upcalls  # samples/replay/upcalls.py: the replayed records
-from conftest import REPLAY_DIR, ROOT, Tool
+from conftest import REPLAY_DIR, ROOT, Tool, start_capture
 
 from upcall_capture import pcapng
 from upcall_capture.flowkey import format_key
@@ -39,11 +39,8 @@ def tshark_count(path) -> int:
 
 def capture(replay, tmp_path, records, *replay_args, tool_args=()):
     out = tmp_path / "out.pcapng"
-    source = replay(records, *replay_args)
-    tool = Tool("-p", str(source.pid), "-w", str(out), *tool_args)
-    tool.wait_listening()
     t_start = time.time_ns()
-    source.start()
+    source, tool = start_capture(replay, records, out, *replay_args, tool_args=tool_args)
     return source, tool, out, t_start
 
 
@@ -246,10 +243,7 @@ def test_status_line_on_a_terminal(replay, tmp_path):
 
 def test_gzip_output_opens_in_tshark(replay, tmp_path):
     out = tmp_path / "out.pcapng.gz"
-    source = replay(MIXED, "-n", "3000", "-r", "10000")
-    tool = Tool("-p", str(source.pid), "-w", str(out))
-    tool.wait_listening()
-    source.start()
+    source, tool = start_capture(replay, MIXED, out, "-n", "3000", "-r", "10000")
     source.wait()
     status, stderr = tool.wait()
     assert status == 0, stderr

@@ -27,22 +27,13 @@ GAP_NOTE = re.compile(r"after a gap: ovs-vswitchd pid (\d+) exited at \d\d:\d\d:
 
 
 @pytest.fixture
-def vswitchd(replay_bin, tmp_path):
+def vswitchd(replay, replay_bin, tmp_path):
     """Starts replay sources from a copy of the replay binary named ovs-vswitchd."""
     directory = tmp_path / "sbin"
     directory.mkdir()
     binary = directory / VSWITCHD
     shutil.copy2(replay_bin, binary)
-    started: list[Replay] = []
-
-    def start(*args: str) -> Replay:
-        source = Replay(binary, BASIC, *args)
-        started.append(source)
-        return source
-
-    yield start
-    for source in started:
-        source.kill()
+    return lambda *args: replay(BASIC, *args, binary=binary)
 
 
 def wait_for_line(tool: Tool, needle: str, timeout: float = 60) -> str:

@@ -11,7 +11,7 @@ import time
 import zlib
 
 import pytest
-from conftest import REPLAY_DIR, ROOT, Tool
+from conftest import REPLAY_DIR, ROOT, Tool, start_capture
 
 from upcall_capture import pcapng
 
@@ -38,10 +38,7 @@ def one_line_error(stderr: str, needle: str) -> None:
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP, signal.SIGINT])
 def test_signal_under_load_leaves_every_counted_upcall(replay, tmp_path, signum):
     out = tmp_path / "out.pcapng"
-    source = replay(MIXED, "-n", "500000", "-r", "50000")
-    tool = Tool("-p", str(source.pid), "-w", str(out))
-    tool.wait_listening()
-    source.start()
+    source, tool = start_capture(replay, MIXED, out, "-n", "500000", "-r", "50000")
     time.sleep(1.5)
     tool.proc.send_signal(signum)
     status, stderr = tool.wait()
@@ -58,10 +55,7 @@ def test_signal_under_load_leaves_every_counted_upcall(replay, tmp_path, signum)
 @pytest.mark.capture
 def test_second_sigint_while_closing_keeps_the_file_valid(replay, tmp_path):
     out = tmp_path / "out.pcapng"
-    source = replay(MIXED, "-n", "500000", "-r", "50000")
-    tool = Tool("-p", str(source.pid), "-w", str(out))
-    tool.wait_listening()
-    source.start()
+    source, tool = start_capture(replay, MIXED, out, "-n", "500000", "-r", "50000")
     time.sleep(1.0)
     tool.proc.send_signal(signal.SIGINT)
     time.sleep(0.005)
@@ -98,10 +92,7 @@ def small_disk(tmp_path):
 def test_full_disk(replay, small_disk, name):
     out = small_disk / name
     # Unique keys: compressed, repeated ones would take long to fill even a small disk.
-    source = replay(MIXED, "-n", "100000", "-r", "20000", "-u", "-k")
-    tool = Tool("-p", str(source.pid), "-w", str(out))
-    tool.wait_listening()
-    source.start()
+    source, tool = start_capture(replay, MIXED, out, "-n", "100000", "-r", "20000", "-u", "-k")
     status, stderr = tool.wait()
     assert status == 1, stderr
     one_line_error(stderr, "No space left on device")
