@@ -254,3 +254,52 @@ def test_gzip_output_opens_in_tshark(replay, tmp_path):
     packets = [b for b in pcapng.iter_blocks(data) if isinstance(b, pcapng.Packet)]
     records = upcalls.read_records(MIXED)
     assert [p.key for p in packets] == [records[i % len(records)].key for i in range(3000)]
+
+
+# An emitter of our own making, as simple as can be: its dpif name is a string constant,
+# in a page the process never touches itself, which the probe cannot fault in.
+CONSTANT_DPIF_C = r"""
+#include <sys/sdt.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <time.h>
+#include <unistd.h>
+struct nlattr;
+int main(int argc, char **argv) {
+    int n = atoi(argv[1]);
+    static unsigned char packet[60] = {0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 1, 2, 3, 4, 5, 6,
+                                       0x08, 0x06};
+    static unsigned char key[8] = {8, 0, 3, 0, 7, 0, 0, 0};  /* in_port(7) */
+    struct timespec pause = {0, 200000};
+    sleep(2);
+    for (int i = 0; i < n; i++) {
+        unsigned type = i & 1;
+        uint32_t size = sizeof(packet);
+        size_t key_len = sizeof(key);
+        DTRACE_PROBE6(dpif_recv, recv_upcall, "system@ovs-system", type, (void *) packet,
+                      size, (const struct nlattr *) key, key_len);
+        nanosleep(&pause, NULL);
+    }
+    return 0;
+}
+"""
+
+
+def test_dpif_name_in_a_page_the_probe_cannot_read(tmp_path):
+    source = tmp_path / "emit.c"
+    source.write_text(CONSTANT_DPIF_C)
+    subprocess.run(["gcc", "-O2", "-o", str(tmp_path / "emit"), str(source)], check=True)
+    emitter = subprocess.Popen([str(tmp_path / "emit"), "2000"])
+    out = tmp_path / "out.pcapng"
+    tool = Tool("-p", str(emitter.pid), "-w", str(out))
+    tool.wait_listening()
+    status, stderr = tool.wait()
+    emitter.wait()
+    assert status == 0, stderr
+    _, interfaces, packets, _ = read_capture(out)
+    assert len(packets) == 2000
+    assert [i.name for i in interfaces] == ["port 7 (system@ovs-system)"]
+    for packet in packets:
+        head, key_text = packet.comments[0].split("\n")
+        assert head.startswith("upcall ") and " dpif=system@ovs-system in_port=7 " in head
+        assert key_text == "in_port(7)"

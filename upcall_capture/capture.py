@@ -18,9 +18,19 @@ from typing import Protocol
 from upcall_capture.errors import CaptureError, UsageError
 from upcall_capture.follow import Follower
 from upcall_capture.probe.loader import Counters, RecvUpcallProbe
-from upcall_capture.probe.record import TimeMerger, Upcall, parse
+from upcall_capture.probe.record import (
+    F_DPIF_UNREADABLE,
+    FLAGS_OFFSET,
+    PID_OFFSET,
+    U32,
+    TimeMerger,
+    Upcall,
+    parse,
+    unread_dpif_address,
+    with_dpif,
+)
 from upcall_capture.sink import OutputThread, Sink
-from upcall_capture.target import is_alive
+from upcall_capture.target import is_alive, read_cstring
 from upcall_capture.upcall_blocks import UpcallBlocks
 
 # How often to look whether the traced process is still there.
@@ -50,6 +60,39 @@ def clock_offset_ns(samples: int = 5) -> int:
         if best is None or after - before < best[0]:
             best = (after - before, wall - (before + after) // 2)
     return best[1]
+
+
+class DpifNames:
+    """Names the probe could not read, read through /proc/PID/mem instead.
+
+    A probe cannot fault a page in: a dpif name in a page the traced process has not
+    touched lately (a string constant, say) is unreadable to it, and it passes the
+    address on. The name lives as long as the datapath, so it is read once.
+    """
+
+    def __init__(self) -> None:
+        self._names: dict[tuple[int, int], bytes | None] = {}
+
+    def resolve(self, rings: list[list]) -> list[list]:
+        """The rings' records, names filled in. Done as soon as records are read: the
+        process may not live long (reading the name also makes it resident for the probe)."""
+        return [self._resolve_run(run) for run in rings]
+
+    def _resolve_run(self, records: list) -> list:
+        if not any(record[FLAGS_OFFSET] & F_DPIF_UNREADABLE for record in records):
+            return records
+        return [self._resolved(record) if record[FLAGS_OFFSET] & F_DPIF_UNREADABLE
+                else record for record in records]
+
+    def _resolved(self, record):
+        address = unread_dpif_address(record)
+        pid = U32.unpack_from(record, PID_OFFSET)[0]
+        if (pid, address) not in self._names:
+            if len(self._names) >= 1024:  # bounded: a handful of datapaths in practice
+                self._names.clear()
+            self._names[(pid, address)] = read_cstring(pid, address)
+        name = self._names[(pid, address)]
+        return record if name is None else with_dpif(record, name)
 
 
 class UserspaceFiltered:
@@ -224,6 +267,7 @@ class Capture:
         self.captured = 0
         self.follower = follower
         self._merger = TimeMerger()
+        self._dpif_names = DpifNames()
         self._lost_seen = 0
         self._earlier = Counters(0, 0, 0)  # the final counts of the probes before this one
 
@@ -264,7 +308,7 @@ class Capture:
         next_progress = now + PROGRESS_INTERVAL_NS
         while self.stop_reason is None and not exited:
             drain_start = time.monotonic_ns()
-            self._merger.add(self.probe.drain())
+            self._merger.add(self._dpif_names.resolve(self.probe.drain()))
             counters = self.probe.counters()
             self._deliver(self._merger.release(drain_start), counters)
             now = time.monotonic_ns()
@@ -282,7 +326,7 @@ class Capture:
                 self.request_stop(self.DURATION_REACHED)
         # Stop the probe first: after that the rings hold all that it submitted, and
         # its counters agree exactly with what was received.
-        self._merger.add(self.probe.stop())
+        self._merger.add(self._dpif_names.resolve(self.probe.stop()))
         counters = self.probe.counters()
         self._deliver(self._merger.release_all(), counters)
         # Every batch is written before a gap note can be given to the outputs.

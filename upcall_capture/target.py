@@ -166,6 +166,18 @@ def check_probe(target: Process) -> None:
     )
 
 
+def read_cstring(pid: int, address: int, limit: int = 64) -> bytes | None:
+    """A NUL-terminated string from the process's memory (faulting pages in as needed),
+    or None when it cannot be read."""
+    try:
+        with open(f"/proc/{pid}/mem", "rb", buffering=0) as memory:
+            memory.seek(address)
+            raw = memory.read(limit)
+    except (OSError, OverflowError, ValueError):
+        return None
+    return raw.split(b"\0", 1)[0]
+
+
 def is_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

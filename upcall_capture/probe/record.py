@@ -66,6 +66,28 @@ class Upcall:
 _CONTROLS = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)}
 
 
+PID_OFFSET = 16  # offsetof(struct upcall_record, pid)
+FLAGS_OFFSET = 44  # offsetof(struct upcall_record, flags)
+_DPIF_AT = 64  # offsetof(struct upcall_record, dpif)
+U32 = struct.Struct("<I")
+_POINTER = struct.Struct("<Q")
+
+
+def unread_dpif_address(record: bytes | memoryview) -> int | None:
+    """The address of a dpif name the probe could not read (it left it in the field)."""
+    if U32.unpack_from(record, FLAGS_OFFSET)[0] & F_DPIF_UNREADABLE:
+        return _POINTER.unpack_from(record, _DPIF_AT)[0]
+    return None
+
+
+def with_dpif(record: bytes | memoryview, name: bytes) -> bytes:
+    """The record with the dpif name read by other means, and its flag cleared."""
+    flags = U32.unpack_from(record, FLAGS_OFFSET)[0] & ~F_DPIF_UNREADABLE
+    field = name[:63].ljust(64, b"\0")
+    return b"".join((record[:FLAGS_OFFSET], U32.pack(flags), record[FLAGS_OFFSET + 4:_DPIF_AT],
+                     field, record[_DPIF_AT + 64:]))
+
+
 def cstring(raw: bytes) -> str:
     """A NUL-terminated C string as text; bytes that are not UTF-8, and control
     characters, are escaped."""

@@ -94,8 +94,12 @@ int trace_recv_upcall(struct pt_regs *ctx)
     rec->pkt_size = pkt_size;
     rec->key_size = key_size;
     bpf_get_current_comm(rec->comm, sizeof(rec->comm));
-    if (bpf_probe_read_user_str(rec->dpif, sizeof(rec->dpif), (void *)dpif) < 0)
+    if (bpf_probe_read_user_str(rec->dpif, sizeof(rec->dpif), (void *)dpif) < 0) {
+        /* Not resident (a probe cannot fault pages in): hand userspace the address, which
+         * reads the name through /proc/PID/mem. The name outlives the upcall. */
         flags |= F_DPIF_UNREADABLE;
+        *(u64 *)rec->dpif = dpif;
+    }
 
     if (!meta_match(rec)) {
         count(C_FILTERED);
