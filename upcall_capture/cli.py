@@ -306,6 +306,7 @@ def capture(args: argparse.Namespace, argv: list[str]) -> int:
         if sink is not None:
             sink.discard()
         raise
+    target.prefault_readonly_data(process.pid)
 
     def work() -> int:
         if sink is not None:

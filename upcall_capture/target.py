@@ -178,6 +178,36 @@ def read_cstring(pid: int, address: int, limit: int = 64) -> bytes | None:
     return raw.split(b"\0", 1)[0]
 
 
+# Enough for any ovs-vswitchd's read-only data, and bounded for anything else.
+PREFAULT_LIMIT = 64 << 20
+
+
+def prefault_readonly_data(pid: int, limit: int = PREFAULT_LIMIT) -> None:
+    """Make the executable's read-only data resident in the traced process.
+
+    A probe reads user memory without faulting pages in: constants the process has not
+    touched lately (a dpif name, a canned packet in a test emitter) would read as
+    unreadable. Reading them once through /proc/PID/mem faults them in for it.
+    """
+    try:
+        exe = os.readlink(f"/proc/{pid}/exe")
+        maps = Path(f"/proc/{pid}/maps").read_text().splitlines()
+        with open(f"/proc/{pid}/mem", "rb", buffering=0) as memory:
+            for line in maps:
+                fields = line.split(maxsplit=5)
+                if len(fields) < 6 or fields[5] != exe or not fields[1].startswith("r"):
+                    continue
+                start, end = (int(bound, 16) for bound in fields[0].split("-"))
+                size = min(end - start, limit)
+                limit -= size
+                memory.seek(start)
+                memory.read(size)
+                if limit <= 0:
+                    return
+    except (OSError, ValueError, OverflowError):
+        return  # best effort: the probe marks what it still cannot read
+
+
 def is_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
