@@ -78,16 +78,21 @@ class Tool:
         )
         self.stderr_lines: list[str] = []
 
-    def wait_listening(self, timeout: float = 60) -> None:
+    def wait_for(self, needle: str, timeout: float = 60) -> str:
+        """The first line on the tool's stderr that contains needle."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             line = self.proc.stderr.readline()
             if not line:
-                raise AssertionError(f"tool exited before listening: {self.stderr_lines}")
+                raise AssertionError(f"tool exited before saying {needle!r}: "
+                                     f"{self.stderr_lines}")
             self.stderr_lines.append(line)
-            if "listening on dpif_recv:recv_upcall" in line:
-                return
-        raise AssertionError("tool never said it was listening")
+            if needle in line:
+                return line
+        raise AssertionError(f"tool never said {needle!r}")
+
+    def wait_listening(self, timeout: float = 60) -> None:
+        self.wait_for("listening on dpif_recv:recv_upcall", timeout)
 
     def wait(self, timeout: float = 60) -> tuple[int, str]:
         _, err = self.proc.communicate(timeout=timeout)

@@ -10,7 +10,6 @@ import re
 import shutil
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
@@ -34,18 +33,6 @@ def vswitchd(replay, replay_bin, tmp_path):
     binary = directory / VSWITCHD
     shutil.copy2(replay_bin, binary)
     return lambda *args: replay(BASIC, *args, binary=binary)
-
-
-def wait_for_line(tool: Tool, needle: str, timeout: float = 60) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        line = tool.proc.stderr.readline()
-        if not line:
-            raise AssertionError(f"tool exited before saying {needle!r}: {tool.stderr_lines}")
-        tool.stderr_lines.append(line)
-        if needle in line:
-            return line
-    raise AssertionError(f"tool never said {needle!r}")
 
 
 def fire(source: Replay, count: int) -> None:
@@ -73,11 +60,11 @@ def test_follows_a_restart_into_the_same_section(vswitchd, tmp_path):
     tool = Tool("-p", str(first.pid), "--follow", "-w", str(out))
     tool.wait_listening()
     fire(first, first_count)
-    wait_for_line(tool, "waiting for a new")
+    tool.wait_for("waiting for a new")
     second = vswitchd("-n", str(second_count), "-r", "3000")
-    wait_for_line(tool, f"listening on dpif_recv:recv_upcall in {VSWITCHD} (pid {second.pid})")
+    tool.wait_for(f"listening on dpif_recv:recv_upcall in {VSWITCHD} (pid {second.pid})")
     fire(second, second_count)
-    wait_for_line(tool, f"(pid {second.pid}) exited; waiting")
+    tool.wait_for(f"(pid {second.pid}) exited; waiting")
     tool.proc.send_signal(signal.SIGTERM)
     status, stderr = tool.wait()
     assert status == 0, stderr
@@ -108,7 +95,7 @@ def test_sigterm_while_waiting_closes_a_valid_file(vswitchd, tmp_path):
     tool = Tool("-p", str(first.pid), "--follow", "-w", str(out))
     tool.wait_listening()
     fire(first, 150)
-    wait_for_line(tool, "waiting for a new")
+    tool.wait_for("waiting for a new")
     tool.proc.send_signal(signal.SIGTERM)
     status, stderr = tool.wait()
     assert status == 0, stderr
@@ -137,21 +124,21 @@ def test_by_name_passes_over_one_without_the_probe(vswitchd, tmp_path):
     tool = Tool("--follow", stdout=subprocess.PIPE)
     tool.wait_listening()
     fire(first, 40)
-    wait_for_line(tool, f"waiting for a new {VSWITCHD}")
+    tool.wait_for(f"waiting for a new {VSWITCHD}")
     # A process named ovs-vswitchd that is not one: no probe in it.
     impostor_dir = tmp_path / "impostor"
     impostor_dir.mkdir()
     shutil.copy2(shutil.which("sleep"), impostor_dir / VSWITCHD)
     impostor = subprocess.Popen([str(impostor_dir / VSWITCHD), "60"])
     try:
-        wait_for_line(tool, f"(pid {impostor.pid}) has no dpif_recv:recv_upcall USDT probe")
+        tool.wait_for(f"(pid {impostor.pid}) has no dpif_recv:recv_upcall USDT probe")
         impostor.kill()
         impostor.wait()
         second = vswitchd("-n", "30", "-r", "2000")
-        wait_for_line(tool, f"listening on dpif_recv:recv_upcall in {VSWITCHD} "
+        tool.wait_for(f"listening on dpif_recv:recv_upcall in {VSWITCHD} "
                             f"(pid {second.pid})")
         fire(second, 30)
-        wait_for_line(tool, f"(pid {second.pid}) exited; waiting")
+        tool.wait_for(f"(pid {second.pid}) exited; waiting")
     finally:
         impostor.kill()
         impostor.wait()
