@@ -26,7 +26,7 @@ tail -n 1 "$log"
 echo
 echo "== $OUT, as tshark reads it (interface, packet, comment) =="
 tshark -r "$OUT" -T fields -E separator=' | ' -e frame.number -e frame.interface_name \
-    -e _ws.col.Info -e frame.comment 2>/dev/null | head -n 12
+    -e _ws.col.Info -e frame.comment -c 12 2>/dev/null
 echo
 echo "Open it in Wireshark: wireshark $OUT"
 echo "Read it back with the keys: .venv/bin/upcall-capture -r $OUT -v"
