@@ -19,8 +19,8 @@
  *               each thread fires whatever is due in one burst, then sleeps until its next
  *               one is due, so the rate does not drift and N fires take N/RATE seconds.
  *   -u          unique keys: before each fire, write htonl(0x0a000000 + k) (k = 0, 1, ...
- *               the fire's number) into the record's 4-byte unique field, in the key and
- *               in the packet, so every key differs (the packet's checksums go stale)
+ *               the fire's number) into the received copy's 4-byte unique field, in the
+ *               key and in the packet, so every key differs (the packet's checksums go stale)
  *   -T THREADS  handler threads, named handler1, handler2..., sharing count and rate
  *               (default 1); they are not pinned, so they move between CPUs as OVS's do
  *   -S          wait for SIGUSR1 before firing (a tool attaches first, then starts us)
@@ -37,8 +37,11 @@
  *   i32 key_uniq_off, i32 pkt_uniq_off, dpif bytes (no NUL), packet bytes, key bytes.
  *   The uniq offsets locate the -u field in key and packet, or are -1 when there is none.
  *
- * Every record is loaded (and, with -u, copied per thread) before firing starts: nothing
- * allocates in the firing loop.
+ * Every record is loaded before firing starts: nothing allocates in the firing loop. Each
+ * fire first "receives" its record: it copies packet and key into the handler thread's own
+ * buffer, reused for every upcall, as the kernel's recvmsg() does into ovs-vswitchd's
+ * handler buffers. So the probe reads what it reads in OVS: a just-received upcall, hot in
+ * the cache, at a stable address; and the replay's own cost per upcall includes that copy.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -79,7 +82,7 @@ struct record {
 struct handler {
     pthread_t thread;
     unsigned int index;          /* 0-based; named handler<index + 1> */
-    struct record *records;      /* shared, or this thread's own copy with -u */
+    uint8_t *recv_buf;           /* RECV_BUF_SIZE bytes: where each upcall is received */
     uint64_t fired;
 };
 
@@ -88,6 +91,9 @@ struct handler {
 #define UNIQ_BASE 0x0a000000u    /* -u values read as 10.0.0.0 + k */
 #define MAX_BURST 4096           /* fires between checks of the stop flag */
 #define MAX_SLEEP_NS 100000000u  /* handlers look at the stop flag at least this often */
+/* A packet (at most 64 KiB) and then its key, 8-byte aligned as in a netlink message. */
+#define KEY_ALIGN(n) (((n) + 7) & ~(size_t) 7)
+#define RECV_BUF_SIZE (KEY_ALIGN(UINT16_MAX + 1) + UINT16_MAX + 1)
 
 static struct record *records;
 static size_t n_records;
@@ -153,6 +159,27 @@ get_u32(const uint8_t *p)
     return v;               /* the file is little-endian, like every host this runs on */
 }
 
+/* One string per datapath name, as OVS has one dpif->full_name per datapath. */
+static const char *
+intern_dpif(const char *name, size_t len)
+{
+    static char **names;
+    static size_t n_names;
+    char *copy;
+
+    for (size_t i = 0; i < n_names; i++) {
+        if (strlen(names[i]) == len && !memcmp(names[i], name, len)) {
+            return names[i];
+        }
+    }
+    names = realloc(names, (n_names + 1) * sizeof *names);
+    copy = strndup(name, len);
+    if (!names || !copy) {
+        die(1, "out of memory");
+    }
+    return names[n_names++] = copy;
+}
+
 static void
 load_file(const char *path)
 {
@@ -194,6 +221,9 @@ load_file(const char *path)
         if ((size_t) size - offset < (size_t) dpif_len + pkt_len + key_len) {
             die(1, "%s: record %zu: truncated body", path, n_records);
         }
+        if (pkt_len > UINT16_MAX + 1 || key_len > UINT16_MAX + 1) {
+            die(1, "%s: record %zu: packet or key over 64 KiB", path, n_records);
+        }
         if ((key_uniq != -1 && (key_uniq < 0 || key_len < 4 || (uint32_t) key_uniq > key_len - 4))
             || (pkt_uniq != -1
                 && (pkt_uniq < 0 || pkt_len < 4 || (uint32_t) pkt_uniq > pkt_len - 4))) {
@@ -201,17 +231,15 @@ load_file(const char *path)
         }
 
         records = realloc(records, (n_records + 1) * sizeof *records);
-        body = malloc((size_t) dpif_len + 1 + pkt_len + key_len);
+        body = malloc((size_t) pkt_len + key_len);
         if (!records || !body) {
             die(1, "out of memory");
         }
-        memcpy(body, data + offset, dpif_len);
-        body[dpif_len] = '\0';
-        memcpy(body + dpif_len + 1, data + offset + dpif_len, (size_t) pkt_len + key_len);
+        memcpy(body, data + offset + dpif_len, (size_t) pkt_len + key_len);
         r = &records[n_records];
-        r->dpif = body;
+        r->dpif = intern_dpif((const char *) data + offset, dpif_len);
         r->type = (enum dpif_upcall_type) get_u32(h + 4);
-        r->packet = (uint8_t *) body + dpif_len + 1;
+        r->packet = (uint8_t *) body;
         r->packet_size = pkt_len;
         r->key = (struct nlattr *) (r->packet + pkt_len);
         r->key_len = key_len;
@@ -222,34 +250,6 @@ load_file(const char *path)
     free(data);
 }
 
-/* A deep copy of the records, so that -u threads write only into their own. */
-static struct record *
-copy_records(void)
-{
-    struct record *copy = malloc(n_records * sizeof *copy);
-
-    if (!copy) {
-        die(1, "out of memory");
-    }
-    for (size_t i = 0; i < n_records; i++) {
-        const struct record *r = &records[i];
-        size_t dpif_size = strlen(r->dpif) + 1;
-        char *body = malloc(dpif_size + r->packet_size + r->key_len);
-
-        if (!body) {
-            die(1, "out of memory");
-        }
-        copy[i] = *r;
-        memcpy(body, r->dpif, dpif_size);
-        memcpy(body + dpif_size, r->packet, r->packet_size);
-        memcpy(body + dpif_size + r->packet_size, r->key, r->key_len);
-        copy[i].dpif = body;
-        copy[i].packet = (uint8_t *) body + dpif_size;
-        copy[i].key = (struct nlattr *) (copy[i].packet + r->packet_size);
-    }
-    return copy;
-}
-
 static inline void
 fire(const struct record *r)
 {
@@ -257,6 +257,17 @@ fire(const struct record *r)
     __asm__ __volatile__("" ::: "memory");
     DTRACE_PROBE6(dpif_recv, recv_upcall, r->dpif, r->type, r->packet, r->packet_size,
                   r->key, r->key_len);
+}
+
+/* The copy the kernel's recvmsg() would have made into the handler's buffer. */
+static inline struct record
+receive(const struct record *r, uint8_t *buf)
+{
+    struct record copy = *r;
+
+    copy.packet = memcpy(buf, r->packet, r->packet_size);
+    copy.key = memcpy(buf + KEY_ALIGN(r->packet_size), r->key, r->key_len);
+    return copy;
 }
 
 static inline void
@@ -329,12 +340,12 @@ handler_main(void *arg)
             limit = due < total_count ? due : total_count;
         }
         for (; k < limit && burst < MAX_BURST; k += step, burst++) {
-            struct record *r = &h->records[index];
+            struct record upcall = receive(&records[index], h->recv_buf);
 
             if (unique_keys) {
-                set_unique(r, k);
+                set_unique(&upcall, k);
             }
-            fire(r);
+            fire(&upcall);
             index += step;
             while (index >= n_records) {
                 index -= n_records;
@@ -457,7 +468,6 @@ main(int argc, char *argv[])
     bool count_given = false, wait_signal = false, keep = false, hostile = false;
     double wait_time = 0;
     struct handler *handlers;
-    struct record *shared;
     sigset_t handler_mask, main_mask;
     uint64_t fired = 0, elapsed_ns;
     unsigned int n_started = 0;
@@ -519,10 +529,12 @@ main(int argc, char *argv[])
     if (!handlers) {
         die(1, "out of memory");
     }
-    shared = records;
     for (unsigned int i = 0; i < n_threads; i++) {
         handlers[i].index = i;
-        handlers[i].records = unique_keys ? copy_records() : shared;
+        handlers[i].recv_buf = malloc(RECV_BUF_SIZE);
+        if (!handlers[i].recv_buf) {
+            die(1, "out of memory");
+        }
     }
 
     sigaction(SIGINT, &stop_action, NULL);
