@@ -53,14 +53,15 @@ ROOT = Path(__file__).resolve().parents[1]
 REPLAY_DIR = ROOT / "samples" / "replay"
 REPLAY_BIN = REPLAY_DIR / "upcall-replay"
 sys.path.insert(0, str(REPLAY_DIR))
+sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 import upcalls  # noqa: E402  samples/replay/upcalls.py
+from ringbuf_kernel import PAGE, KernelSide  # noqa: E402  tests/ringbuf_kernel.py
 
 from upcall_capture import pcapng  # noqa: E402
 from upcall_capture.flowkey import format_key  # noqa: E402
 from upcall_capture.probe import loader  # noqa: E402
-from upcall_capture.probe.perf_ring import RingReader, split_samples  # noqa: E402
 from upcall_capture.probe.record import (  # noqa: E402
     DEFAULT_KEY_CAP,
     DEFAULT_SNAPLEN,
@@ -68,6 +69,7 @@ from upcall_capture.probe.record import (  # noqa: E402
     TimeMerger,
     parse,
 )
+from upcall_capture.probe.ring_buffer import RingReader  # noqa: E402
 from upcall_capture.sink import open_file  # noqa: E402
 from upcall_capture.target import PROBE_NAME, PROBE_PROVIDER  # noqa: E402
 from upcall_capture.upcall_blocks import UpcallBlocks, port_and_eth  # noqa: E402
@@ -151,7 +153,7 @@ class OurProbe:
     def __init__(self, pid: int) -> None:
         self.probe = loader.RecvUpcallProbe(
             pid, snaplen=DEFAULT_SNAPLEN, key_cap=DEFAULT_KEY_CAP,
-            buffer_pages=loader.default_buffer_pages(os.cpu_count() or 1))
+            buffer_pages=loader.DEFAULT_BUFFER_PAGES)
         self.probe.attach()
         self._stop = threading.Event()
         self._reader = threading.Thread(target=self._read, daemon=True)
@@ -454,18 +456,11 @@ def probe_records(sent: list[upcalls.Upcall], count: int, *, unique: bool) -> li
 
 
 def _ring_with(records: list[bytes]) -> RingReader:
-    """A ring laid out as the kernel's, holding these records as PERF_RECORD_SAMPLEs."""
-    frames = []
-    for raw in records:
-        raw += bytes(-(len(raw) + 4) % 8)  # the kernel pads a raw sample to 8 bytes
-        frames.append(struct.pack("<IHHI", 9, 0, 12 + len(raw), len(raw)) + raw)
-    data = b"".join(frames)
-    page = mmap.PAGESIZE
-    pages = 1 << max(len(data) // page, 1).bit_length()
-    memory = mmap.mmap(-1, (pages + 1) * page)
-    memory[page:page + len(data)] = data
-    struct.pack_into("<QQQQ", memory, 1024, len(data), 0, page, pages * page)
-    return RingReader(memory, pages)
+    """A ring laid out as the kernel's, holding these records as bpf_ringbuf_output() does."""
+    kernel = KernelSide(size=1 << (sum(len(r) + 8 for r in records) + 8 * PAGE).bit_length())
+    for record in records:
+        kernel.output(record)
+    return kernel.reader()
 
 
 @dataclass
@@ -498,14 +493,13 @@ def stage_costs(sent: list[upcalls.Upcall], workdir: Path, *, unique: bool,
     records = probe_records(sent, count, unique=unique)
 
     def read() -> list:
-        # Two rings, as two CPUs; drained a batch at a time as the capture loop does.
+        # Drained a batch at a time, as the capture loop does.
         merger = TimeMerger()
         released = []
         for start in range(0, count, batch):
-            part = records[start:start + batch]
-            rings = [_ring_with([r for r in part if r[24] == cpu]) for cpu in (0, 1)]
+            ring = _ring_with(records[start:start + batch])
             begin = time.process_time()
-            merger.add([split_samples(ring.read())[0] for ring in rings])
+            merger.add(ring.read())
             released += merger.release(2**63)
             timings.append(time.process_time() - begin)
         return released

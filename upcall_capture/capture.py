@@ -73,12 +73,9 @@ class DpifNames:
     def __init__(self) -> None:
         self._names: dict[tuple[int, int], bytes | None] = {}
 
-    def resolve(self, rings: list[list]) -> list[list]:
-        """The rings' records, names filled in. Done as soon as records are read: the
-        process may not live long (reading the name also makes it resident for the probe)."""
-        return [self._resolve_run(run) for run in rings]
-
-    def _resolve_run(self, records: list) -> list:
+    def resolve(self, records: list) -> list:
+        """The records, names filled in. Done as soon as records are read: the process
+        may not live long (reading the name also makes it resident for the probe)."""
         if not any(record[FLAGS_OFFSET] & F_DPIF_UNREADABLE for record in records):
             return records
         return [self._resolved(record) if record[FLAGS_OFFSET] & F_DPIF_UNREADABLE
@@ -115,11 +112,11 @@ class UserspaceFiltered:
     def attach(self) -> None:
         self.probe.attach()
 
-    def drain(self) -> list[list[bytes]]:
-        return [self._select(ring) for ring in self.probe.drain()]
+    def drain(self) -> list[bytes]:
+        return self._select(self.probe.drain())
 
-    def stop(self) -> list[list[bytes]]:
-        return [self._select(ring) for ring in self.probe.stop()]
+    def stop(self) -> list[bytes]:
+        return self._select(self.probe.stop())
 
     def counters(self) -> Counters:
         counters = self.probe.counters()
@@ -299,7 +296,7 @@ class Capture:
         """Capture with the current probe until asked to stop or, when following, until
         the target exits (then True); everything it caught is handed to the outputs."""
         # The outputs build and write blocks in a thread of their own: writing releases
-        # the GIL, so it overlaps with reading the next batch from the rings.
+        # the GIL, so it overlaps with reading the next batch from the ring.
         self._output_thread = OutputThread(self._handle)
         self._lost_seen = 0
         exited = False
@@ -324,7 +321,7 @@ class Capture:
                         self.request_stop(self.TARGET_EXITED)
             if deadline is not None and now >= deadline:
                 self.request_stop(self.DURATION_REACHED)
-        # Stop the probe first: after that the rings hold all that it submitted, and
+        # Stop the probe first: after that the ring holds all that it submitted, and
         # its counters agree exactly with what was received.
         self._merger.add(self._dpif_names.resolve(self.probe.stop()))
         counters = self.probe.counters()

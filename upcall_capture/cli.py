@@ -182,9 +182,9 @@ def build_parser() -> argparse.ArgumentParser:
              f"from {MIN_KEY_CAP} to {MAX_KEY_CAP})")
     capture.add_argument(
         "--buffer-pages", type=_ranged(1, 1 << 20, "buffer pages"), metavar="PAGES",
-        help="perf buffer pages per CPU, a power of two (default: 8192, that is 32 MiB, less "
-             "on hosts with more than two CPUs so that the total stays within 64 MiB of "
-             "locked memory)")
+        default=loader.DEFAULT_BUFFER_PAGES,
+        help="pages in the ring buffer that all CPUs share, a power of two (default "
+             f"{loader.DEFAULT_BUFFER_PAGES}, that is 64 MiB of locked memory)")
 
     selection = parser.add_argument_group(
         "filters",
@@ -252,7 +252,7 @@ def _key_texts(lines: Iterable[str]) -> Iterator[str]:
 
 
 def capture(args: argparse.Namespace, argv: list[str]) -> int:
-    if args.buffer_pages is not None and args.buffer_pages & (args.buffer_pages - 1):
+    if args.buffer_pages & (args.buffer_pages - 1):
         raise UsageError(f"--buffer-pages must be a power of two, not {args.buffer_pages}")
     rotation = _rotation(args)
     user = privileges.user_ids(args.user) if args.user else None
@@ -283,7 +283,7 @@ def capture(args: argparse.Namespace, argv: list[str]) -> int:
     def make_probe(pid: int) -> loader.RecvUpcallProbe | UserspaceFiltered:
         probe = loader.RecvUpcallProbe(
             pid, snaplen=args.snaplen, key_cap=args.key_size,
-            buffer_pages=args.buffer_pages or loader.default_buffer_pages(os.cpu_count() or 1),
+            buffer_pages=args.buffer_pages,
             filter_c=spec.bpf_c if spec else loader.MATCH_ALL,
         )
         return UserspaceFiltered(probe, spec.userspace) if spec and spec.userspace else probe

@@ -151,15 +151,23 @@ def mapped_objects(pid: int) -> list[str]:
     return paths
 
 
-def check_probe(target: Process) -> None:
-    """Raise a UsageError unless the process has dpif_recv:recv_upcall."""
-    for path in mapped_objects(target.pid):
+def recv_upcall_sites(pid: int) -> list[Probe]:
+    """Every place in the process's objects that fires dpif_recv:recv_upcall, each with
+    its own argument locations (bcc attaches to all of them)."""
+    sites = []
+    for path in mapped_objects(pid):
         try:
             image = Path(path).read_bytes()
         except OSError:
             continue
-        if has_recv_upcall(stapsdt_probes(image)):
-            return
+        sites += (p for p in stapsdt_probes(image) if has_recv_upcall([p]))
+    return sites
+
+
+def check_probe(target: Process) -> None:
+    """Raise a UsageError unless the process has dpif_recv:recv_upcall."""
+    if recv_upcall_sites(target.pid):
+        return
     raise UsageError(
         f"{target.exe} (pid {target.pid}) has no {PROBE_PROVIDER}:{PROBE_NAME} USDT probe: "
         f"it is not an ovs-vswitchd built with --enable-usdt-probes"

@@ -8,42 +8,33 @@ from __future__ import annotations
 
 import ctypes
 import os
+import platform
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from upcall_capture.errors import UsageError
-from upcall_capture.probe.perf_ring import PerfBuffer
-from upcall_capture.target import PROBE_NAME, PROBE_PROVIDER
+from upcall_capture.probe.ring_buffer import RingBuffer
+from upcall_capture.probe.usdt_args import args_reader
+from upcall_capture.target import PROBE_NAME, PROBE_PROVIDER, recv_upcall_sites
 
 SOURCE = Path(__file__).with_name("recv_upcall.c")
+ARGS_MARKER = "/* ARGS: the loader puts read_upcall_args() here, or defines BCC_READARG. */"
 FILTER_MARKER = "/* FILTERS: the loader puts meta_match() and packet_match() here. */"
 MATCH_ALL = """
 static __always_inline int meta_match(struct upcall_record *rec) { return 1; }
 static __always_inline int packet_match(struct upcall_record *rec) { return 1; }
 """
 
-# The rings wake the reader once a megabyte (or a quarter of a small ring) is waiting,
-# not per record (perf_ring.PerfRing): per-record wakeups cap the traced program at about
-# 80k upcalls/s on two cores, and big batches make the reader's fixed cost per wakeup
-# negligible. Low rates are still delivered promptly because every poll, woken or timed
-# out, reads all rings.
+# The probe never wakes the reader (ring_buffer.py): it reads the ring this often when it
+# has caught up, which bounds the latency at low rates. A wakeup per record capped the
+# traced program at about 80k upcalls/s on two cores.
 POLL_TIMEOUT_MS = 50
 
-# The perf buffer is locked kernel memory on a production host: at most 64 MiB in all.
-# Up to 32 MiB a CPU: a handler thread stays on one CPU for a while, so one ring can take
-# a whole storm, and at 200,000 upcalls/s of full-size packets 32 MiB is 150 ms of them,
-# enough to ride out the reader being descheduled on a busy host (8 MiB was 37 ms).
-MAX_DEFAULT_BUFFER_BYTES = 64 << 20
-DEFAULT_PAGES_PER_CPU = 8192
-
-
-def default_buffer_pages(ncpus: int, page_size: int = 4096) -> int:
-    """Pages per CPU: a power of two, at most 64 MiB over all CPUs."""
-    pages = DEFAULT_PAGES_PER_CPU
-    while pages > 1 and pages * page_size * ncpus > MAX_DEFAULT_BUFFER_BYTES:
-        pages //= 2
-    return pages
+# The ring is locked kernel memory on a production host: 64 MiB by default, shared by
+# all CPUs. At 200,000 upcalls/s of full-size packets that is 300 ms of them, enough to ride
+# out the reader being descheduled on a busy host.
+DEFAULT_BUFFER_PAGES = 16384
 
 
 @dataclass(frozen=True)
@@ -90,7 +81,7 @@ def tune_malloc() -> None:
     batches) hundreds of times a second. By default glibc gives many of them pages of
     their own, or trims the heap under them, and every new page is a page fault: that was
     an eighth of the tool's CPU time in an upcall storm. Every such buffer is bounded
-    (perf_ring.READ_LIMIT, the output queue), so a heap that keeps up to 32 MB of free
+    (ring_buffer.READ_LIMIT, the output queue), so a heap that keeps up to 32 MB of free
     pages stays small. Fixing the mmap threshold also stops glibc from raising it.
     """
     try:
@@ -150,7 +141,7 @@ class RecvUpcallProbe:
         self.buffer_pages = buffer_pages
         self.filter_c = filter_c
         self._bpf = None
-        self._buffer: PerfBuffer | None = None
+        self._buffer: RingBuffer | None = None
 
     def attach(self) -> None:
         bcc = _import_bcc()
@@ -160,26 +151,30 @@ class RecvUpcallProbe:
             usdt.enable_probe(probe=f"{PROBE_PROVIDER}:{PROBE_NAME}", fn_name="trace_recv_upcall")
         except Exception as err:  # bcc raises a bare Exception
             raise UsageError(f"cannot enable the USDT probe in pid {self.pid}: {err}") from None
-        text = SOURCE.read_text().replace(FILTER_MARKER, self.filter_c)
-        cflags = [f"-DKEY_CAP={self.key_cap}", f"-DSNAPLEN={self.snaplen}", "-w"]
+        reader = args_reader([site.args for site in recv_upcall_sites(self.pid)],
+                             platform.machine())
+        text = (SOURCE.read_text().replace(ARGS_MARKER, reader or "")
+                .replace(FILTER_MARKER, self.filter_c))
+        cflags = [f"-DKEY_CAP={self.key_cap}", f"-DSNAPLEN={self.snaplen}",
+                  f"-DRING_PAGES={self.buffer_pages}", "-w"]
+        if reader is None:
+            cflags.append("-DBCC_READARG")
         try:
             self._bpf = bcc.BPF(text=text.encode(), usdt_contexts=[usdt], cflags=cflags)
         except Exception as err:
             raise UsageError(f"cannot load the BPF program: {err}") from None
         self._bpf["control"][ctypes.c_int(0)] = ctypes.c_uint32(0)
-        try:
-            self._buffer = PerfBuffer(bcc.utils.get_online_cpus(), self.buffer_pages)
-        except OSError as err:
-            raise UsageError(f"cannot open the perf buffer: {err.strerror}") from None
         events = self._bpf["events"]
-        for ring in self._buffer.rings:
-            events[events.Key(ring.cpu)] = events.Leaf(ring.fd)
+        try:
+            self._buffer = RingBuffer(events.map_fd, events.max_entries)
+        except OSError as err:
+            raise UsageError(f"cannot map the ring buffer: {err.strerror}") from None
         release_compiler_pages()
 
-    def drain(self, timeout_ms: int = POLL_TIMEOUT_MS) -> list[list[memoryview]]:
-        """Wait up to timeout_ms for a wakeup (unless the last drain left a backlog), then
-        read every ring, up to perf_ring.READ_LIMIT bytes each: the records of each ring
-        in the order it holds them, which is time order."""
+    def drain(self, timeout_ms: int = POLL_TIMEOUT_MS) -> list[memoryview]:
+        """Wait timeout_ms (unless the last drain left a backlog), then read up to
+        ring_buffer.READ_LIMIT bytes of records, in the order the ring holds them: time
+        order for each CPU's records, nearly so across CPUs (TimeMerger sorts them)."""
         if not self._buffer.backlog:
             self._buffer.wait(timeout_ms)
         return self._buffer.read()
@@ -189,17 +184,17 @@ class RecvUpcallProbe:
         fired, filtered, lost = (int(table.sum(ctypes.c_int(i)).value) for i in range(3))
         return Counters(fired, filtered, lost)
 
-    def stop(self) -> list[list[memoryview]]:
-        """Stop counting and submitting, and return the records still in the rings.
+    def stop(self) -> list[memoryview]:
+        """Stop counting and submitting, and return the records still in the ring.
 
         After this, counters() agree exactly with what drain() and stop() returned.
         """
         self._bpf["control"][ctypes.c_int(0)] = ctypes.c_uint32(1)
         time.sleep(0.01)  # a probe already past the stop check finishes its submit
-        runs = self._buffer.read()
+        records = self._buffer.read()
         while self._buffer.backlog:
-            runs += self._buffer.read()
-        return runs
+            records += self._buffer.read()
+        return records
 
     def close(self) -> None:
         if self._bpf is not None:

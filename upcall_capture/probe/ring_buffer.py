@@ -1,0 +1,119 @@
+"""A BPF_RINGBUF_OUTPUT map's ring, read straight from its mmap'd memory.
+
+One ring takes the records of every CPU (Linux 5.8 and later). It replaced per-CPU perf
+rings because the traced program pays less for it: bpf_ringbuf_output() costs about 250 ns
+less per upcall than perf_submit() here, and with BPF_RB_NO_WAKEUP it never wakes us, so
+the reader polls on a timer instead (POLL_TIMEOUT_MS in loader.py bounds the latency).
+
+bcc's reader calls back into Python through ctypes once per record, which costs more than
+everything else we do with a record. Here a read walks the record headers in the ring,
+copies the span of finished records with one slice, and hands that space back at once.
+
+Layout (kernel/bpf/ringbuf.c, include/uapi/linux/bpf.h): mapping the map's fd at offset 0
+gives the consumer page, whose first u64 (consumer_pos) is ours to write; at offset PAGE
+comes the producer page (producer_pos, read only) and then the data pages, mapped twice in
+a row so that a record that wraps around the end is contiguous. Positions are free-running
+byte counters. Each record starts with an 8-byte header {u32 len; u32 page offset}; the
+top bits of len say the record is still being written (BUSY) or was discarded, and a
+record takes len + 8 bytes rounded up to 8.
+
+Ordering: the kernel clears BUSY with a release after writing the record, and we read each
+header before copying the data behind it; x86 does not reorder loads with loads, nor
+stores with earlier loads, so Python needs no barrier there. Python has no barrier to offer
+weakly ordered machines (arm64): there this relies on the thousands of instructions
+between those accesses.
+"""
+
+from __future__ import annotations
+
+import mmap
+import select
+import struct
+
+BUSY = 1 << 31
+DISCARD = 1 << 30
+_LENGTH_MASK = DISCARD - 1
+_HEADER = struct.Struct("<I4x")
+_POSITION = struct.Struct("<Q")
+# Bytes copied out of the ring at a time: bounds the memory a read takes (the ring can be
+# 64 MiB) while amortising the per-read cost. Larger than any record we submit.
+READ_LIMIT = 1 << 20
+
+
+class RingReader:
+    """The consumer's side of a BPF ring buffer laid out as the kernel lays it out. Kept
+    apart from the map's fd so that it can be exercised on any memory."""
+
+    def __init__(self, consumer: mmap.mmap | bytearray, producer: mmap.mmap | bytearray,
+                 size: int, page_size: int = mmap.PAGESIZE) -> None:
+        if size < page_size or size & (size - 1):
+            raise ValueError(f"ring size must be a power of two of pages, not {size}")
+        self._consumer = consumer
+        self._producer = producer
+        self._data_offset = page_size
+        self._mask = size - 1
+        self._position = _POSITION.unpack_from(consumer, 0)[0]
+        self.backlog = False  # the last read left finished records behind
+
+    def read(self, limit: int = READ_LIMIT) -> list[memoryview]:
+        """The records finished since the last read, in ring order: views into one copy of
+        up to `limit` bytes. Their space goes back to the kernel."""
+        position = self._position
+        available = _POSITION.unpack_from(self._producer, 0)[0] - position
+        start = self._data_offset + (position & self._mask)
+        header = _HEADER.unpack_from
+        spans = []
+        used = 0
+        self.backlog = False
+        while available - used >= _HEADER.size:
+            length = header(self._producer, start + used)[0]
+            if length & BUSY:
+                break
+            size = (length & _LENGTH_MASK) + _HEADER.size
+            taken = (size + 7) & ~7
+            if used + taken > limit:
+                self.backlog = True
+                break
+            if not length & DISCARD:
+                spans.append((used + _HEADER.size, used + size))
+            used += taken
+        if not used:
+            return []
+        view = memoryview(self._producer[start:start + used])
+        self._position = position + used
+        _POSITION.pack_into(self._consumer, 0, self._position)
+        return [view[begin:end] for begin, end in spans]
+
+
+class RingBuffer(RingReader):
+    """The ring of a BPF_RINGBUF_OUTPUT map, mapped from the map's fd (which stays bcc's)."""
+
+    def __init__(self, map_fd: int, size: int) -> None:
+        page = mmap.PAGESIZE
+        self._maps = [mmap.mmap(map_fd, page, mmap.MAP_SHARED,
+                                mmap.PROT_READ | mmap.PROT_WRITE, offset=0)]
+        try:
+            self._maps.append(mmap.mmap(map_fd, page + 2 * size, mmap.MAP_SHARED,
+                                        mmap.PROT_READ, offset=page))
+            super().__init__(*self._maps, size, page)
+            self._epoll = select.epoll()
+            self._epoll.register(map_fd, select.EPOLLIN)
+        except (OSError, ValueError):
+            self._close_maps()
+            raise
+
+    def wait(self, timeout_ms: int) -> None:
+        """Until the kernel wakes us (the probe asks it not to) or the timeout passes."""
+        try:
+            self._epoll.poll(timeout_ms / 1000)
+        except InterruptedError:  # a signal: the caller looks at its stop flag
+            pass
+
+    def _close_maps(self) -> None:
+        for memory in self._maps:
+            memory.close()
+        self._maps = []
+
+    def close(self) -> None:
+        self._close_maps()
+        self._epoll.close()
