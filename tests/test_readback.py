@@ -35,11 +35,15 @@ def probe_record(upcall, index: int) -> bytes:
     return header + upcall.key + upcall.packet
 
 
-def write_capture(path, records=RECORDS):
+def write_capture(path, records=RECORDS, lost_before: dict[int, int] | None = None):
+    """lost_before: {index: n}, n records lost just before that one (its epb_dropcount)."""
     blocks = UpcallBlocks(snaplen=9216, clock_offset_ns=T0, port_name=lambda d, p: None)
     raw = [probe_record(u, i) for i, u in enumerate(records)]
-    data = pcapng.section_header(userappl="t", os="t", hardware="t") + blocks.packets(raw) \
-        + blocks.statistics(2000 + len(raw) * 1_000_000, start_ktime_ns=0)
+    cuts = sorted(lost_before or {})
+    data = pcapng.section_header(userappl="t", os="t", hardware="t")
+    for start, end in zip([0, *cuts], [*cuts, len(raw)], strict=True):
+        data += blocks.packets(raw[start:end], dropped=(lost_before or {}).get(start, 0))
+    data += blocks.statistics(2000 + len(raw) * 1_000_000, start_ktime_ns=0)
     path.write_bytes(data)
     return path
 
@@ -101,6 +105,23 @@ def test_rewrite_keeps_comments_keys_and_interfaces(tmp_path):
         assert item.packet_block.key == block.key
         assert item.packet_block.timestamp_ns == block.timestamp_ns
         assert item.interface == names[block.interface_id]
+
+
+def test_rewrite_sums_the_packets_dropcounts_into_each_interfaces_statistics(tmp_path):
+    lost_before = {40: 7, 200: 3}
+    capture = write_capture(tmp_path / "c.pcapng", lost_before=lost_before)
+    out = tmp_path / "all.pcapng"
+    done = run_cli("-r", str(capture), "-w", str(out))
+    assert done.returncode == 0, done.stderr
+    blocks = list(pcapng.iter_blocks(out.read_bytes()))
+    packets = [b for b in blocks if isinstance(b, pcapng.Packet)]
+    assert [p.dropcount for p in packets if p.dropcount] == [7, 3]
+    dropped = Counter()
+    for packet in packets:
+        dropped[packet.interface_id] += packet.dropcount or 0
+    statistics = {b.interface_id: b for b in blocks if isinstance(b, pcapng.InterfaceStatistics)}
+    assert {i: s.dropped for i, s in statistics.items() if s.dropped} == dict(dropped - Counter())
+    assert sum(s.dropped for s in statistics.values()) == 10
 
 
 def test_gzip_and_classic_pcap(tmp_path):

@@ -121,6 +121,7 @@ class Rewriter:
         self.snaplen = snaplen
         self._interfaces: dict[tuple[str, int], int] = {}
         self.received: list[int] = []
+        self.dropped: list[int] = []  # the packets' epb_dropcounts, summed per interface
 
     def blocks(self, items: Iterable[CapturedUpcall]) -> bytes:
         out = []
@@ -130,12 +131,14 @@ class Rewriter:
             if if_id is None:
                 if_id = self._interfaces[ident] = len(self.received)
                 self.received.append(0)
+                self.dropped.append(0)
                 out.append(pcapng.interface_description(item.linktype, self.snaplen,
                                                         name=item.interface))
             self.received[if_id] += 1
             block = item.packet_block
             options = b""
             if block is not None:
+                self.dropped[if_id] += block.dropcount or 0
                 options = pcapng.packet_options(
                     comment="\n\n".join(block.comments) or None, key=block.key,
                     inbound=block.inbound, dropcount=block.dropcount)
@@ -146,6 +149,7 @@ class Rewriter:
 
     def statistics(self, timestamp_ns: int) -> bytes:
         return b"".join(
-            pcapng.interface_statistics(if_id, timestamp_ns, received=count, dropped=0)
-            for if_id, count in enumerate(self.received)
+            pcapng.interface_statistics(if_id, timestamp_ns, received=count, dropped=dropped)
+            for if_id, (count, dropped) in enumerate(zip(self.received, self.dropped,
+                                                         strict=True))
         )
