@@ -2,7 +2,7 @@
 
 Lays records out as bpf_ringbuf_reserve()/submit() do: an 8-byte header whose length has
 the BUSY bit until the record is submitted, records 8-byte aligned, positions free-running,
-and the data area mapped twice in a row (here: every byte written at both places). So
+a record's bytes wrapping around the end of the data area (which the reader maps once). So
 ring_buffer.RingReader can be exercised without root; the capture tests cover the real one.
 """
 
@@ -20,7 +20,7 @@ class KernelSide:
     def __init__(self, size: int = PAGE) -> None:
         self.size = size
         self.consumer = bytearray(PAGE)
-        self.producer = bytearray(PAGE + 2 * size)
+        self.producer = bytearray(PAGE + size)
         self.head = 0
 
     def reader(self) -> RingReader:
@@ -32,9 +32,8 @@ class KernelSide:
     def _write(self, position: int, data: bytes) -> None:
         start = position % self.size
         first = min(len(data), self.size - start)  # the rest wraps to the beginning
-        for base in (PAGE, PAGE + self.size):
-            self.producer[base + start:base + start + first] = data[:first]
-            self.producer[base:base + len(data) - first] = data[first:]
+        self.producer[PAGE + start:PAGE + start + first] = data[:first]
+        self.producer[PAGE:PAGE + len(data) - first] = data[first:]
 
     def reserve(self, data: bytes) -> int:
         """Writes a record still marked BUSY; returns its position for commit()."""

@@ -11,11 +11,13 @@ copies the span of finished records with one slice, and hands that space back at
 
 Layout (kernel/bpf/ringbuf.c, include/uapi/linux/bpf.h): mapping the map's fd at offset 0
 gives the consumer page, whose first u64 (consumer_pos) is ours to write; at offset PAGE
-comes the producer page (producer_pos, read only) and then the data pages, mapped twice in
-a row so that a record that wraps around the end is contiguous. Positions are free-running
-byte counters. Each record starts with an 8-byte header {u32 len; u32 page offset}; the
-top bits of len say the record is still being written (BUSY) or was discarded, and a
-record takes len + 8 bytes rounded up to 8.
+comes the producer page (producer_pos, read only) and then the data pages. The kernel
+offers the data pages twice in a row, so that a record that wraps is contiguous; we map
+them once, because every mapped page counts in our RSS (the kernel maps them all at
+mmap() time), and join the two pieces of a read that wraps. Positions are free-running byte
+counters. Each record starts with an 8-byte header {u32 len; u32 page offset}; the top
+bits of len say the record is still being written (BUSY) or was discarded, and a record
+takes len + 8 bytes rounded up to 8, so a header never wraps.
 
 Ordering: the kernel clears BUSY with a release after writing the record, and we read each
 header before copying the data behind it; x86 does not reorder loads with loads, nor
@@ -60,13 +62,13 @@ class RingReader:
         up to `limit` bytes. Their space goes back to the kernel."""
         position = self._position
         available = _POSITION.unpack_from(self._producer, 0)[0] - position
-        start = self._data_offset + (position & self._mask)
+        base, mask = self._data_offset, self._mask
         header = _HEADER.unpack_from
         spans = []
         used = 0
         self.backlog = False
         while available - used >= _HEADER.size:
-            length = header(self._producer, start + used)[0]
+            length = header(self._producer, base + ((position + used) & mask))[0]
             if length & BUSY:
                 break
             size = (length & _LENGTH_MASK) + _HEADER.size
@@ -79,7 +81,12 @@ class RingReader:
             used += taken
         if not used:
             return []
-        view = memoryview(self._producer[start:start + used])
+        start = base + (position & mask)
+        first = min(used, mask + 1 - (position & mask))  # the rest wraps to the beginning
+        chunk = self._producer[start:start + first]
+        if first < used:
+            chunk += self._producer[base:base + used - first]
+        view = memoryview(chunk)
         self._position = position + used
         _POSITION.pack_into(self._consumer, 0, self._position)
         return [view[begin:end] for begin, end in spans]
@@ -93,7 +100,7 @@ class RingBuffer(RingReader):
         self._maps = [mmap.mmap(map_fd, page, mmap.MAP_SHARED,
                                 mmap.PROT_READ | mmap.PROT_WRITE, offset=0)]
         try:
-            self._maps.append(mmap.mmap(map_fd, page + 2 * size, mmap.MAP_SHARED,
+            self._maps.append(mmap.mmap(map_fd, page + size, mmap.MAP_SHARED,
                                         mmap.PROT_READ, offset=page))
             super().__init__(*self._maps, size, page)
             self._epoll = select.epoll()
