@@ -6,7 +6,7 @@ that tells userspace is written into the same ring later, with the next record t
 fits on that CPU. If the traced thread moves to another CPU, or stops firing (the
 burst ended, the process exited, the capture is stopping), that record never comes and
 those losses are never reported. recv_upcall.c instead counts, per CPU, every probe hit
-and every failed perf_submit, so that after the probe is stopped and the rings drained,
+and every failed ring submit, so that after the probe is stopped and the ring drained,
 fired = captured + lost + filtered holds exactly.
 """
 
@@ -85,7 +85,7 @@ def probe_record(upcall: upcalls.Upcall, ktime_ns: int) -> bytes:
 
 def test_losses_in_batches_without_packets_go_on_the_next_packet():
     # The capture loop hands over losses with whatever records a drain released, and
-    # that may be none (the first drain, or records held back to merge the rings in time
+    # that may be none (the first drain, or records held back to put the ring in time
     # order). They happened before the next packet: that packet's epb_dropcount says so.
     first, second = upcalls.read_records(MIXED)[:2]
     blocks = UpcallBlocks(snaplen=9216, clock_offset_ns=0, port_name=lambda dpif, port: None)

@@ -63,7 +63,7 @@ struct cpu_state {
 BPF_PERCPU_ARRAY(scratch, struct cpu_state, 1);
 BPF_PERCPU_ARRAY(counters, u64, C_MAX);
 /* control[0] != 0 stops the probe before it counts anything, so that the loader can
- * drain the rings and read final counters that agree with what it received. */
+ * drain the ring and read final counters that agree with what it received. */
 BPF_ARRAY(control, u32, 1);
 /* One ring for all CPUs, which never wakes the reader: it polls (probe/ring_buffer.py). */
 BPF_RINGBUF_OUTPUT(events, RING_PAGES);
