@@ -17,9 +17,9 @@ PAGE = mmap.PAGESIZE
 
 
 class KernelSide:
-    def __init__(self, size: int = PAGE) -> None:
+    def __init__(self, size: int = PAGE, consumer: bytearray | mmap.mmap | None = None) -> None:
         self.size = size
-        self.consumer = bytearray(PAGE)
+        self.consumer = bytearray(PAGE) if consumer is None else consumer
         self.producer = bytearray(PAGE + size)
         self.head = 0
 
@@ -27,7 +27,7 @@ class KernelSide:
         return RingReader(self.consumer, self.producer, self.size, PAGE)
 
     def consumed(self) -> int:
-        return struct.unpack_from("<Q", self.consumer, 0)[0]
+        return struct.unpack_from("@Q", self.consumer, 0)[0]
 
     def _write(self, position: int, data: bytes) -> None:
         start = position % self.size
@@ -40,15 +40,15 @@ class KernelSide:
         taken = (len(data) + 8 + 7) & ~7
         assert self.head + taken - self.consumed() <= self.size, "ring overrun"
         position = self.head
-        self._write(position, struct.pack("<II", len(data) | BUSY, 0) + data)
+        self._write(position, struct.pack("@II", len(data) | BUSY, 0) + data)
         self.head += taken
-        struct.pack_into("<Q", self.producer, 0, self.head)
+        struct.pack_into("@Q", self.producer, 0, self.head)
         return position
 
     def commit(self, position: int, discard: bool = False) -> None:
         at = PAGE + position % self.size
-        length = struct.unpack_from("<I", self.producer, at)[0] & ~BUSY
-        self._write(position, struct.pack("<I", length | (DISCARD if discard else 0)))
+        length = struct.unpack_from("@I", self.producer, at)[0] & ~BUSY
+        self._write(position, struct.pack("@I", length | (DISCARD if discard else 0)))
 
     def output(self, data: bytes) -> None:
         self.commit(self.reserve(data))

@@ -3,8 +3,11 @@
 
 from __future__ import annotations
 
+import mmap
 import os
 import random
+import shutil
+import subprocess
 
 import pytest
 from ringbuf_kernel import KernelSide
@@ -85,3 +88,51 @@ def test_an_empty_ring_reads_nothing():
 def test_a_ring_size_that_is_not_a_power_of_two_is_refused():
     with pytest.raises(ValueError):
         KernelSide(size=3 * ring_buffer.mmap.PAGESIZE).reader()
+
+
+# Spins on the consumer position, as the kernel's reserve does, and counts the times it
+# went backwards: a store that is not one 8-byte write shows it a value it never had.
+WATCHER_C = r"""
+#include <fcntl.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <sys/mman.h>
+int main(int argc, char **argv)
+{
+    int fd = open(argv[1], O_RDONLY);
+    volatile uint64_t *position = mmap(0, 4096, PROT_READ, MAP_SHARED, fd, 0);
+    if (fd < 0 || position == MAP_FAILED)
+        return 1;
+    uint64_t last = 0, backwards = 0;
+    puts("ready");
+    fflush(stdout);
+    for (uint64_t now; (now = *position) != UINT64_MAX; last = now)
+        backwards += now < last;
+    printf("%llu\n", (unsigned long long)backwards);
+    return 0;
+}
+"""
+
+
+def test_the_kernel_never_sees_a_torn_position(tmp_path):
+    """A Position is stored whole: a watcher spinning on it, as the kernel's reserve reads
+    the consumer position, never sees it go back. With struct.pack_into() it saw that a
+    few thousand times in a million stores."""
+    if not shutil.which("gcc"):
+        pytest.skip("gcc is not installed")
+    source, watcher = tmp_path / "watcher.c", tmp_path / "watcher"
+    source.write_text(WATCHER_C)
+    subprocess.run(["gcc", "-O2", "-o", str(watcher), str(source)], check=True)
+    page = tmp_path / "consumer_page"
+    page.write_bytes(bytes(mmap.PAGESIZE))
+    with open(page, "r+b") as file, mmap.mmap(file.fileno(), 0) as memory:
+        position = ring_buffer.Position(memory)
+        spinning = subprocess.Popen([str(watcher), str(page)], stdout=subprocess.PIPE, text=True)
+        assert spinning.stdout.readline() == "ready\n"
+        for value in range(1 << 40, (1 << 40) + 1_000_000):
+            position.store(value)
+        assert position.load() == (1 << 40) + 999_999
+        position.store((1 << 64) - 1)  # the watcher stops
+        backwards = int(spinning.communicate(timeout=30)[0])
+        position.release()
+    assert backwards == 0

@@ -35,11 +35,30 @@ import struct
 BUSY = 1 << 31
 DISCARD = 1 << 30
 _LENGTH_MASK = DISCARD - 1
-_HEADER = struct.Struct("<I4x")
-_POSITION = struct.Struct("<Q")
+_HEADER = struct.Struct("@I4x")
 # Bytes copied out of the ring at a time: bounds the memory a read takes (the ring can be
 # 64 MiB) while amortising the per-read cost. Larger than any record we submit.
 READ_LIMIT = 1 << 20
+
+
+class Position:
+    """A u64 position in the ring's shared pages, loaded and stored whole, as the kernel
+    does: through a view that makes each access one aligned 8-byte load or store.
+    struct.pack_into() would not do: it zeroes its target before it writes, and a probe
+    that read that zero as the consumer position took the ring for full and lost records."""
+
+    def __init__(self, memory: mmap.mmap | bytearray) -> None:
+        self._word = memoryview(memory)[:8].cast("Q")
+
+    def load(self) -> int:
+        return self._word[0]
+
+    def store(self, value: int) -> None:
+        self._word[0] = value
+
+    def release(self) -> None:
+        """Let go of the memory: an mmap cannot close while a view into it exists."""
+        self._word.release()
 
 
 class RingReader:
@@ -50,18 +69,23 @@ class RingReader:
                  size: int, page_size: int = mmap.PAGESIZE) -> None:
         if size < page_size or size & (size - 1):
             raise ValueError(f"ring size must be a power of two of pages, not {size}")
-        self._consumer = consumer
+        self._consumer_position = Position(consumer)
+        self._producer_position = Position(producer)
         self._producer = producer
         self._data_offset = page_size
         self._mask = size - 1
-        self._position = _POSITION.unpack_from(consumer, 0)[0]
+        self._position = self._consumer_position.load()
         self.backlog = False  # the last read left finished records behind
+
+    def release(self) -> None:
+        self._consumer_position.release()
+        self._producer_position.release()
 
     def read(self, limit: int = READ_LIMIT) -> list[memoryview]:
         """The records finished since the last read, in ring order: views into one copy of
         up to `limit` bytes. Their space goes back to the kernel."""
         position = self._position
-        available = _POSITION.unpack_from(self._producer, 0)[0] - position
+        available = self._producer_position.load() - position
         base, mask = self._data_offset, self._mask
         header = _HEADER.unpack_from
         spans = []
@@ -88,7 +112,7 @@ class RingReader:
             chunk += self._producer[base:base + used - first]
         view = memoryview(chunk)
         self._position = position + used
-        _POSITION.pack_into(self._consumer, 0, self._position)
+        self._consumer_position.store(self._position)
         return [view[begin:end] for begin, end in spans]
 
 
@@ -122,5 +146,6 @@ class RingBuffer(RingReader):
         self._maps = []
 
     def close(self) -> None:
+        self.release()
         self._close_maps()
         self._epoll.close()
