@@ -38,10 +38,11 @@
  *   The uniq offsets locate the -u field in key and packet, or are -1 when there is none.
  *
  * Every record is loaded before firing starts: nothing allocates in the firing loop. Each
- * fire first "receives" its record: it copies packet and key into the handler thread's own
+ * fire first "receives" its record: it copies key and packet into the handler thread's own
  * buffer, reused for every upcall, as the kernel's recvmsg() does into ovs-vswitchd's
- * handler buffers. So the probe reads what it reads in OVS: a just-received upcall, hot in
- * the cache, at a stable address; and the replay's own cost per upcall includes that copy.
+ * handler buffers, where they lie as in the kernel's upcall message. So the probe reads
+ * what it reads in OVS: a just-received upcall, hot in the cache, at a stable address,
+ * laid out as OVS has it; and the replay's own cost per upcall includes that copy.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
@@ -91,9 +92,13 @@ struct handler {
 #define UNIQ_BASE 0x0a000000u    /* -u values read as 10.0.0.0 + k */
 #define MAX_BURST 4096           /* fires between checks of the stop flag */
 #define MAX_SLEEP_NS 100000000u  /* handlers look at the stop flag at least this often */
-/* A packet (at most 64 KiB) and then its key, 8-byte aligned as in a netlink message. */
-#define KEY_ALIGN(n) (((n) + 7) & ~(size_t) 7)
-#define RECV_BUF_SIZE (KEY_ALIGN(UINT16_MAX + 1) + UINT16_MAX + 1)
+/* The kernel's upcall message (net/openvswitch/datapath.c, queue_userspace_packet()):
+ * netlink, generic netlink and ovs_header headers, the key attribute, for a miss a hash
+ * attribute (a u64), and last the packet attribute; key and packet at most 64 KiB. */
+#define UPCALL_HEADERS (NLMSG_HDRLEN + 4 + 4)
+#define HASH_ATTR_SIZE NLA_ALIGN(NLA_HDRLEN + 8)
+#define RECV_BUF_SIZE (UPCALL_HEADERS + NLA_HDRLEN + NLA_ALIGN(UINT16_MAX + 1) \
+                       + HASH_ATTR_SIZE + NLA_HDRLEN + UINT16_MAX + 1)
 
 static struct record *records;
 static size_t n_records;
@@ -259,14 +264,18 @@ fire(const struct record *r)
                   r->key, r->key_len);
 }
 
-/* The copy the kernel's recvmsg() would have made into the handler's buffer. */
+/* The copy the kernel's recvmsg() would have made into the handler's buffer: key and
+ * packet where the upcall message has them. The probe reads nothing else, so the headers
+ * between are left as they are. */
 static inline struct record
 receive(const struct record *r, uint8_t *buf)
 {
     struct record copy = *r;
+    uint8_t *key = buf + UPCALL_HEADERS + NLA_HDRLEN;
+    uint8_t *packet = key + NLA_ALIGN(r->key_len) + HASH_ATTR_SIZE + NLA_HDRLEN;
 
-    copy.packet = memcpy(buf, r->packet, r->packet_size);
-    copy.key = memcpy(buf + KEY_ALIGN(r->packet_size), r->key, r->key_len);
+    copy.key = memcpy(key, r->key, r->key_len);
+    copy.packet = memcpy(packet, r->packet, r->packet_size);
     return copy;
 }
 
