@@ -450,7 +450,7 @@ def probe_records(sent: list[upcalls.Upcall], count: int, *, unique: bool) -> li
         # One handler thread that moves to the other CPU every 500 upcalls.
         cpu = index // 500 % 2
         out.append(HEADER.pack(10**12 + index * 5000, len(key), 4242, 4243, cpu, upcall.type,
-                               len(packet), len(packet), len(key), 0, b"handler1",
+                               len(packet), len(packet), len(key), len(key), 0, b"handler1",
                                upcall.dpif.encode()) + key + packet)
     return out
 

@@ -79,7 +79,7 @@ def test_overloaded_buffer_loses_upcalls_and_counts_every_one(replay, tmp_path):
 def probe_record(upcall: upcalls.Upcall, ktime_ns: int) -> bytes:
     """The bytes recv_upcall.c submits for this upcall."""
     return HEADER.pack(ktime_ns, len(upcall.key), 1, 1, 0, upcall.type, len(upcall.packet),
-                       len(upcall.packet), len(upcall.key), 0, b"handler1",
+                       len(upcall.packet), len(upcall.key), len(upcall.key), 0, b"handler1",
                        upcall.dpif.encode()) + upcall.key + upcall.packet
 
 

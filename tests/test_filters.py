@@ -29,7 +29,7 @@ from upcall_capture.errors import UsageError
 from upcall_capture.filters import FilterError, FilterSpec, compile_filters, keywalk, pcap
 from upcall_capture.filters.cbpf import Program
 from upcall_capture.probe import loader
-from upcall_capture.probe.record import HEADER, Upcall
+from upcall_capture.probe.record import HEADER, PKT_GAP_MAX, Upcall
 
 RECORDS = upcalls.read_records(REPLAY_DIR / "mixed.upc")
 PID, TID = 4242, 4243
@@ -350,6 +350,7 @@ typedef unsigned long long u64;
 #define __always_inline inline __attribute__((always_inline))
 #define KEY_CAP {key_cap}
 #define SNAPLEN {snaplen}
+#define PKT_GAP_MAX {gap_max}
 #define DPIF_NAME_LEN 64
 {record_struct}
 {filters}
@@ -375,22 +376,24 @@ class NativeFilter:
             pytest.skip("gcc is not installed")
         source = tmp_path / "filter.c"
         library = tmp_path / "filter.so"
-        source.write_text(STUB.format(key_cap=key_cap, snaplen=snaplen,
+        source.write_text(STUB.format(key_cap=key_cap, snaplen=snaplen, gap_max=PKT_GAP_MAX,
                                       record_struct=record_struct(), filters=spec.bpf_c))
         done = subprocess.run([gcc, "-O2", "-Wall", "-Werror", "-shared", "-fPIC", "-o",
                                str(library), str(source)], capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
         self.lib = ctypes.CDLL(str(library))
-        self.buffer = ctypes.create_string_buffer(HEADER.size + key_cap + snaplen)
+        self.buffer = ctypes.create_string_buffer(HEADER.size + key_cap + PKT_GAP_MAX + snaplen)
         self.key_cap, self.snaplen = key_cap, snaplen
 
-    def matches(self, upcall: Upcall) -> bool:
-        """What the probe would do: meta_match() first, then packet_match() on the copy."""
+    def matches(self, upcall: Upcall, gap: bytes = b"") -> bool:
+        """What the probe would do: meta_match() first, then packet_match() on the copy;
+        with gap between key and packet, as when it read both at once."""
         key, packet = upcall.key[:self.key_cap], upcall.packet[:self.snaplen]
         HEADER.pack_into(self.buffer, 0, 0, len(upcall.key), upcall.pid, upcall.tid, 0,
-                         upcall.type, upcall.pkt_size, len(packet), len(key), 0,
-                         upcall.thread.encode(), upcall.dpif.encode())
-        self.buffer[HEADER.size:HEADER.size + len(key) + len(packet)] = key + packet
+                         upcall.type, upcall.pkt_size, len(packet), len(key),
+                         len(key) + len(gap), 0, upcall.thread.encode(), upcall.dpif.encode())
+        data = key + gap + packet
+        self.buffer[HEADER.size:HEADER.size + len(data)] = data
         return bool(self.lib.run_meta(self.buffer) and self.lib.run_packet(self.buffer))
 
 
@@ -414,8 +417,11 @@ def test_generated_c_decides_as_python_does(meta, expression, tmp_path):
     native = NativeFilter(spec, tmp_path)
     in_kernel = spec.matches if spec.userspace is None else (
         lambda u: compile_filters(meta).matches(u))  # a looping packet filter passes the probe
-    assert [native.matches(u) for u in UPCALLS] == [in_kernel(u) for u in UPCALLS]
-    assert any(native.matches(u) for u in UPCALLS)
+    # Some with the bytes that lie between key and packet in OVS's netlink message.
+    gaps = [b"\xee" * (index % 3 * 12) for index in range(len(UPCALLS))]
+    decided = [native.matches(u, gap) for u, gap in zip(UPCALLS, gaps, strict=True)]
+    assert decided == [in_kernel(u) for u in UPCALLS]
+    assert any(decided)
 
 
 def test_generated_c_on_cut_packets(tmp_path):

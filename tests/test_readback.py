@@ -30,7 +30,7 @@ def probe_record(upcall, index: int) -> bytes:
     """The bytes recv_upcall.c would submit for this upcall."""
     header = HEADER.pack(1000 + index * 1_000_000, len(upcall.key), 42, 43 + index % 3,
                          index % 2, upcall.type, len(upcall.packet), len(upcall.packet),
-                         len(upcall.key), 0, f"handler{index % 3 + 1}".encode(),
+                         len(upcall.key), len(upcall.key), 0, f"handler{index % 3 + 1}".encode(),
                          upcall.dpif.encode())
     return header + upcall.key + upcall.packet
 

@@ -1,9 +1,10 @@
 """Fuzzing the whole record path: probe records, sane or not, never make a bad file.
 
 Records are laid out as recv_upcall.c lays them out (probe.record.HEADER, then key_len
-key bytes, then pkt_len packet bytes, then the ring's padding), with random and mutated
-keys, packets, flags, names and numbers, and go through the pcapng writer
-(UpcallBlocks), reading back (-r) and the console lines.
+key bytes, then pkt_len packet bytes from pkt_offset, which leaves room for the bytes
+that lay between key and packet), with random and mutated keys, packets, flags, names
+and numbers, and go through the pcapng writer (UpcallBlocks), reading back (-r) and the
+console lines.
 
 Two kinds of record. Those the BPF program can make (pkt_len = min(pkt_size, snaplen)
 or 0 when unreadable, key_len the key bytes that follow) must come back from -r as they
@@ -38,6 +39,7 @@ from upcall_capture.probe.record import (
     HEADER_SIZE,
     MAX_KEY_CAP,
     MAX_SNAPLEN,
+    PKT_GAP_MAX,
     UPCALL_TYPES,
     cstring,
 )
@@ -71,13 +73,15 @@ class Fields:
     pkt_size: int
     pkt_len: int
     key_len: int
+    pkt_offset: int
     flags: int
     comm: bytes
     dpif: bytes
 
     def record(self, body: bytes) -> bytes:
         return HEADER.pack(self.ktime_ns, self.key_size, self.pid, self.tid, self.cpu,
-                           self.type, self.pkt_size, self.pkt_len, self.key_len, self.flags,
+                           self.type, self.pkt_size, self.pkt_len, self.key_len,
+                           self.pkt_offset, self.flags,
                            self.comm, self.dpif) + body
 
 
@@ -139,10 +143,15 @@ def probe_records(draw: st.DrawFn, snaplen: int | None) -> bytes:
         key_size = max(key_size, key_len)
         pkt_size, packet = probe_packet(packet, snaplen, flags)
         pkt_len = len(packet)
-        # Records come out of the ring padded to 8 bytes.
-        tail: bytes | int = draw(st.binary(max_size=7))
+        # Read at once, key and packet come with what lay between them in OVS's message.
+        both_read = not flags & (F_KEY_UNREADABLE | F_PKT_UNREADABLE)
+        gap = draw(st.binary(max_size=PKT_GAP_MAX)) if both_read else b""
+        pkt_offset = key_len + len(gap)
+        tail: bytes | int = b""
     else:
         key_len, key_size = draw(lengths(len(key), 32)), draw(U64)
+        gap = draw(st.binary(max_size=16))
+        pkt_offset = draw(lengths(len(key) + len(gap), 32))
         pkt_len, pkt_size = draw(lengths(len(packet), 32)), draw(U32)
         # Ending early, or with bytes past what the lengths cover.
         tail = draw(st.one_of(st.binary(max_size=8), st.integers(1, 64)))
@@ -151,10 +160,10 @@ def probe_records(draw: st.DrawFn, snaplen: int | None) -> bytes:
         ktime_ns=draw(st.integers(0, 2**62)), key_size=key_size,
         pid=draw(U32), tid=draw(U32), cpu=draw(st.integers(0, 4096)),
         type=draw(st.one_of(st.sampled_from(sorted(UPCALL_TYPES)), U32)),
-        pkt_size=pkt_size, pkt_len=pkt_len, key_len=key_len, flags=flags,
-        comm=draw(THREADS), dpif=draw(NAME_BYTES),
+        pkt_size=pkt_size, pkt_len=pkt_len, key_len=key_len, pkt_offset=pkt_offset,
+        flags=flags, comm=draw(THREADS), dpif=draw(NAME_BYTES),
     )
-    body = key + packet
+    body = key + gap + packet
     body = body[:-tail] if isinstance(tail, int) else body + tail
     return fields.record(body)
 
@@ -178,10 +187,10 @@ def batches(draw: st.DrawFn, sane: bool) -> list[bytes]:
             packet = draw(PACKETS)
             # Few sizes, so that variants share one while their captured lengths differ.
             pkt_size, pkt_len = draw(st.one_of(st.sampled_from([0, 60, 1514]), U32)), len(packet)
-        key = base[HEADER_SIZE:HEADER_SIZE + fields.key_len]
+        key_and_gap = base[HEADER_SIZE:HEADER_SIZE + fields.pkt_offset]
         fields = replace(fields, ktime_ns=draw(st.integers(0, 2**62)), pkt_size=pkt_size,
                          pkt_len=pkt_len)
-        records.append(fields.record(key + packet))
+        records.append(fields.record(key_and_gap + packet))
     return records
 
 
@@ -214,8 +223,9 @@ def parsed(data: bytes) -> tuple[list[pcapng.Packet], list[pcapng.InterfaceDescr
 def present(record: bytes) -> tuple[bytes, bytes]:
     """The key and packet bytes a record really holds, within its length fields."""
     fields = Fields(*HEADER.unpack_from(record))
-    key_end = HEADER_SIZE + fields.key_len
-    return record[HEADER_SIZE:key_end], record[key_end:key_end + fields.pkt_len]
+    packet_at = HEADER_SIZE + fields.pkt_offset
+    return (record[HEADER_SIZE:HEADER_SIZE + fields.key_len],
+            record[packet_at:packet_at + fields.pkt_len])
 
 
 def check_file(records: list[bytes], dropped: int, as_views: bool) -> None:

@@ -23,12 +23,14 @@ SHB = pcapng.section_header(userappl="t", os="t", hardware="t")
 
 
 def record(upcall, index: int, *, cpu: int = 0, tid: int = 43, snaplen: int = SNAPLEN,
-           padding: int = 0) -> bytes:
-    """What recv_upcall.c submits, with the ring's alignment padding after it."""
+           gap: int = 0) -> bytes:
+    """What recv_upcall.c submits; with gap bytes between key and packet, as when it read
+    both at once from one netlink message."""
     packet = upcall.packet[:snaplen]
-    return HEADER.pack(1000 + index, len(upcall.key), 42, tid, cpu, upcall.type,
-                       len(upcall.packet), len(packet), len(upcall.key), 0, b"handler1",
-                       upcall.dpif.encode()) + upcall.key + packet + b"\xee" * padding
+    key = upcall.key
+    return HEADER.pack(1000 + index, len(key), 42, tid, cpu, upcall.type, len(upcall.packet),
+                       len(packet), len(key), len(key) + gap, 0, b"handler1",
+                       upcall.dpif.encode()) + key + b"\xee" * gap + packet
 
 
 def blocks_of(data: bytes):
@@ -44,8 +46,9 @@ def new_blocks(**kwargs) -> UpcallBlocks:
 
 def test_packets_are_the_plain_writers_blocks_byte_for_byte():
     blocks = new_blocks()
-    # Views into one buffer with padding after each record, as the rings hand them out.
-    raw = [record(u, i, padding=i % 8) for i, u in enumerate(SENT)]
+    # Views into one buffer, as the ring hands them out; some with bytes between key and
+    # packet, the attribute headers that lie between them in OVS's netlink message.
+    raw = [record(u, i, gap=i % 3 * 12) for i, u in enumerate(SENT)]
     buffer = b"".join(raw)
     views, pos = [], 0
     for item in raw:

@@ -25,10 +25,10 @@ from upcall_capture import pcapng
 from upcall_capture.flowkey import decode_key, format_key
 from upcall_capture.probe.record import FLAG_NAMES, HEADER_SIZE, Upcall, parse
 
-# ktime_ns, key_size, pid, tid, cpu, type, pkt_size, pkt_len, key_len: the numbers of
-# the record header that the hot path needs; the rest of the header (flags, comm, dpif)
-# starts at _FLAGS_AT and runs into the key.
-_NUMBERS = struct.Struct("<QQIIIIIII")
+# ktime_ns, key_size, pid, tid, cpu, type, pkt_size, pkt_len, key_len, pkt_offset: the
+# numbers of the record header that the hot path needs; the rest of the header (flags,
+# comm, dpif) starts at _FLAGS_AT and runs into the key.
+_NUMBERS = struct.Struct("<QQIIIIIIII")
 _FLAGS_AT = _NUMBERS.size
 
 # Bounds the cache of encoded options: an entry is about a kilobyte (key bytes, comment
@@ -110,9 +110,9 @@ _EPB_HEAD = struct.Struct("<IIIIIII")
 _EPB_TAIL = struct.Struct("<I")
 _EPB_FIXED = 32  # 28-byte head and the 4-byte trailing length
 # What _describe reads of a record: key_size, then (after pid, tid, cpu, type) pkt_size,
-# pkt_len, key_len, flags; and where the header's parts start.
-_DESCRIBE = struct.Struct("<8xQ16xIIII")
-_PID_AT, _PKT_SIZE_AT, _COMM_AT = 16, 32, 48
+# pkt_len, key_len and (after pkt_offset) flags; and where the header's parts start.
+_DESCRIBE = struct.Struct("<8xQ16xIII4xI")
+_PID_AT, _PKT_SIZE_AT, _COMM_AT = 16, 32, 52
 _OPTION_HEAD = struct.Struct("<HH")
 _MAX_OPTION_LENGTH = 0xFFFF
 _KEY_PEN = struct.pack("<I", pcapng.KEY_OPTION_PEN)
@@ -184,9 +184,12 @@ class UpcallBlocks:
             dropped = 0
             records = records[1:]
         for record in records:
-            ktime, key_size, pid, tid, cpu, type_, pkt_size, pkt_len, key_len = unpack(record)
+            (ktime, key_size, pid, tid, cpu, type_, pkt_size, pkt_len, key_len,
+             pkt_offset) = unpack(record)
             key_end = HEADER_SIZE + key_len
-            if key_end + pkt_len > len(record) or pkt_len > pkt_size:
+            packet_at = HEADER_SIZE + pkt_offset
+            packet_end = packet_at + pkt_len
+            if packet_end > len(record) or pkt_offset < key_len or pkt_len > pkt_size:
                 described = self._slow_packet(out, record, dropped)
                 dropped = 0
                 continue
@@ -205,7 +208,7 @@ class UpcallBlocks:
             described.interface.received += 1
             timestamp = ktime + offset
             if dropped:
-                self._dropped_packet(out, described, timestamp, record[key_end:key_end + pkt_len],
+                self._dropped_packet(out, described, timestamp, record[packet_at:packet_end],
                                      pkt_size, dropped)
                 dropped = 0
                 continue
@@ -214,7 +217,7 @@ class UpcallBlocks:
             total = _EPB_FIXED + pkt_len + len(pad) + len(tail)
             out += pack_head(pcapng.BLOCK_EPB, total, described.if_id, timestamp >> 32,
                              timestamp & 0xFFFFFFFF, pkt_len, pkt_size)
-            out += record[key_end:key_end + pkt_len]
+            out += record[packet_at:packet_end]
             out += pad
             out += tail
             out += pack_tail(total)

@@ -201,10 +201,10 @@ def _bpf_c(alternatives: tuple[tuple[Term, ...], ...], texts: Sequence[str],
 # fk_walk() loads key_len): the verifier then carries one state through the filter, not one
 # for each way the copies went. The bounds never fail; they are the verifier's.
 _PACKET_BYTES = [
-    "    u64 key_len = *(volatile u32 *)&rec->key_len, len = *(volatile u32 *)&rec->pkt_len;",
-    "    if (key_len > KEY_CAP || len > SNAPLEN)",
+    "    u64 pkt_at = *(volatile u32 *)&rec->pkt_offset, len = *(volatile u32 *)&rec->pkt_len;",
+    "    if (pkt_at > KEY_CAP + PKT_GAP_MAX || len > SNAPLEN)",
     "        return 1;",
-    "    u8 *pkt = rec->data + key_len;",
+    "    u8 *pkt = rec->data + pkt_at;",
 ]
 
 

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from upcall_capture.errors import UsageError
+from upcall_capture.probe.record import PKT_GAP_MAX
 from upcall_capture.probe.ring_buffer import RingBuffer
 from upcall_capture.probe.usdt_args import args_reader
 from upcall_capture.target import PROBE_NAME, PROBE_PROVIDER, recv_upcall_sites
@@ -156,6 +157,7 @@ class RecvUpcallProbe:
         text = (SOURCE.read_text().replace(ARGS_MARKER, reader or "")
                 .replace(FILTER_MARKER, self.filter_c))
         cflags = [f"-DKEY_CAP={self.key_cap}", f"-DSNAPLEN={self.snaplen}",
+                  f"-DPKT_GAP_MAX={PKT_GAP_MAX}",
                   f"-DRING_PAGES={self.buffer_pages}", "-w"]
         if reader is None:
             cflags.append("-DBCC_READARG")

@@ -11,8 +11,9 @@ import bisect
 import struct
 from dataclasses import dataclass
 
-# ktime_ns, key_size, pid, tid, cpu, type, pkt_size, pkt_len, key_len, flags, comm, dpif
-HEADER = struct.Struct("<QQIIIIIIII16s64s")
+# ktime_ns, key_size, pid, tid, cpu, type, pkt_size, pkt_len, key_len, pkt_offset, flags,
+# comm, dpif; then key_len bytes of key, and pkt_len of packet from pkt_offset on.
+HEADER = struct.Struct("<QQIIIIIIIII16s64s")
 HEADER_SIZE = HEADER.size  # offsetof(struct upcall_record, data)
 KTIME = struct.Struct("<Q")
 
@@ -37,6 +38,9 @@ MAX_SNAPLEN = 16384
 DEFAULT_KEY_CAP = 1024  # OVS's own ODPUTIL_FLOW_KEY_BYTES is 640
 MIN_KEY_CAP = 640
 MAX_KEY_CAP = 2048
+# At most this many bytes that lie between key and packet in the traced process are
+# copied with them, to read both at once (recv_upcall.c).
+PKT_GAP_MAX = 256
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,16 +101,16 @@ def cstring(raw: bytes) -> str:
 def parse(record: bytes | memoryview) -> Upcall:
     """Decode one raw record into an Upcall (the slow, readable path).
 
-    A record may be a view into a larger buffer (and carry the ring's padding at its
-    end); key and packet come out as bytes of their own."""
-    (ktime, key_size, pid, tid, cpu, type_, pkt_size, pkt_len, key_len, flags,
+    A record may be a view into a larger buffer; key and packet come out as bytes of
+    their own."""
+    (ktime, key_size, pid, tid, cpu, type_, pkt_size, pkt_len, key_len, pkt_offset, flags,
      comm, dpif) = HEADER.unpack_from(record)
-    key_end = HEADER_SIZE + key_len
+    packet_at = HEADER_SIZE + pkt_offset
     return Upcall(
         ktime_ns=ktime, pid=pid, tid=tid, cpu=cpu, type=type_,
         dpif=cstring(dpif), thread=cstring(comm), flags=flags,
-        key=bytes(record[HEADER_SIZE:key_end]), key_size=key_size,
-        packet=bytes(record[key_end:key_end + pkt_len]), pkt_size=pkt_size,
+        key=bytes(record[HEADER_SIZE:HEADER_SIZE + key_len]), key_size=key_size,
+        packet=bytes(record[packet_at:packet_at + pkt_len]), pkt_size=pkt_size,
     )
 
 

@@ -8,8 +8,9 @@
  *
  * Each hit builds one record in a per-CPU scratch buffer (the BPF stack is only 512
  * bytes) and submits just the bytes it uses: a fixed header, then the key, then the
- * packet. The loader defines KEY_CAP, SNAPLEN, RING_PAGES, the argument reader and the
- * filter functions, and decodes the header with the same layout (probe/record.py).
+ * packet (perhaps with the bytes that lay between them). The loader defines KEY_CAP,
+ * SNAPLEN, PKT_GAP_MAX, RING_PAGES, the argument reader and the filter functions, and
+ * decodes the header with the same layout (probe/record.py).
  */
 #include <uapi/linux/ptrace.h>
 
@@ -30,11 +31,12 @@ struct upcall_record {
     u32 type;               /* arg1 */
     u32 pkt_size;           /* arg3, the packet's real length */
     u32 pkt_len;            /* packet bytes captured */
-    u32 key_len;            /* key bytes captured */
+    u32 key_len;            /* key bytes captured, from data[0] */
+    u32 pkt_offset;         /* where in data the packet bytes start: key_len or more */
     u32 flags;
     char comm[16];          /* the handler thread's name */
     char dpif[DPIF_NAME_LEN];
-    u8 data[KEY_CAP + SNAPLEN];   /* key_len bytes of key, then pkt_len of packet */
+    u8 data[KEY_CAP + PKT_GAP_MAX + SNAPLEN];
 };
 
 /* Counters, per CPU so that the probe never contends on them. Userspace sums them:
@@ -155,17 +157,29 @@ int trace_recv_upcall(struct pt_regs *ctx)
         return 0;
     }
 
-    u64 key_len = CLAMP(key_size, KEY_CAP);
-    if (bpf_probe_read_user(rec->data, key_len, (void *)key) < 0) {
-        flags |= F_KEY_UNREADABLE;
-        key_len = 0;
-    }
-    u64 pkt_len = CLAMP(pkt_size, SNAPLEN);
-    if (bpf_probe_read_user(rec->data + key_len, pkt_len, (void *)packet) < 0) {
-        flags |= F_PKT_UNREADABLE;
-        pkt_len = 0;
+    /* In OVS, key and packet are attributes of the one netlink message the kernel sent:
+     * the key first, the packet last, a few attribute headers (hash, MRU, userdata) in
+     * between. One read then takes the key, those bytes and the packet, which costs the
+     * traced program about 90 ns less than two reads. Anything else takes two. */
+    u64 key_len = key_size, pkt_offset = packet - key, pkt_len = CLAMP(pkt_size, SNAPLEN);
+    if (key_size > KEY_CAP || pkt_offset < key_size || pkt_offset - key_size > PKT_GAP_MAX ||
+        bpf_probe_read_user(rec->data, CLAMP(pkt_offset + pkt_len, KEY_CAP + PKT_GAP_MAX +
+                                             SNAPLEN), (void *)key) < 0) {
+        /* key_size loaded again: Linux 6.1's verifier would follow the clamp below into
+         * a branch that the test above rules out, and reject the program there. */
+        key_len = CLAMP(*(volatile u64 *)&rec->key_size, KEY_CAP);
+        if (bpf_probe_read_user(rec->data, key_len, (void *)key) < 0) {
+            flags |= F_KEY_UNREADABLE;
+            key_len = 0;
+        }
+        pkt_offset = key_len;
+        if (bpf_probe_read_user(rec->data + key_len, pkt_len, (void *)packet) < 0) {
+            flags |= F_PKT_UNREADABLE;
+            pkt_len = 0;
+        }
     }
     rec->key_len = key_len;
+    rec->pkt_offset = pkt_offset;
     rec->pkt_len = pkt_len;
     rec->flags = flags;
 
@@ -178,7 +192,7 @@ int trace_recv_upcall(struct pt_regs *ctx)
      * packet_match(), and the verifier walks the filter once rather than once for each way
      * the two copies went (clamped, whole or failed: nine states). */
     u64 size = offsetof(struct upcall_record, data) +
-               CLAMP(*(volatile u32 *)&rec->key_len, KEY_CAP) +
+               CLAMP(*(volatile u32 *)&rec->pkt_offset, KEY_CAP + PKT_GAP_MAX) +
                CLAMP(*(volatile u32 *)&rec->pkt_len, SNAPLEN);
     if (events.ringbuf_output(rec, size, BPF_RB_NO_WAKEUP) < 0)
         count(C_LOST);
