@@ -10,4 +10,8 @@ bench:
 bench-full:
 	$(PYTHON) benchmarks/bench_capture.py --full
 
-.PHONY: bench bench-full
+# Memory over a long storm: 5 minutes of new flows at 100,000/s.
+bench-soak:
+	$(PYTHON) benchmarks/bench_capture.py --soak 300 --rate 100000 --unique
+
+.PHONY: bench bench-full bench-soak

@@ -15,7 +15,7 @@ from typing import TextIO
 import dpkt
 
 from upcall_capture import pcapng
-from upcall_capture.flowkey import decode_key, format_key
+from upcall_capture.flowkey import KeyCache, decode_key
 from upcall_capture.probe.record import Upcall, parse
 from upcall_capture.upcall_blocks import interface_name
 
@@ -135,6 +135,8 @@ class ConsolePrinter:
         self.verbose = verbose
         self.hexdump = hexdump
         self.dissect = dissect
+        # -v in an upcall storm prints the same few thousand keys over and over.
+        self._key_text = KeyCache(maxsize=8192).text
 
     def lines(self, item: CapturedUpcall) -> list[str]:
         upcall = item.upcall
@@ -143,7 +145,7 @@ class ConsolePrinter:
         lines = [f"{clock_time(item.wall_ns)}{kind} {item.interface}{who}: "
                  f"{packet_summary(upcall.packet, item.linktype)}"]
         if self.verbose and (upcall.key or upcall.type >= 0):
-            lines.append("\t" + format_key(upcall.key, upcall.key_size))
+            lines.append("\t" + self._key_text(upcall.key, upcall.key_size))
         if self.hexdump:
             lines.extend(hex_dump(upcall.packet))
         if self.dissect:
