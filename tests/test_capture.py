@@ -44,10 +44,14 @@ def capture(replay, tmp_path, records, *replay_args, tool_args=()):
     return source, tool, out, t_start
 
 
-def test_every_upcall_byte_for_byte(replay, tmp_path):
+# The default ring, and one of 256 KiB that the records go round a few times: reads
+# whose window runs past the ring's end into the second mapping of its pages.
+@pytest.mark.parametrize("ring", [(), ("--buffer-pages", "64")], ids=["default", "wrapping"])
+def test_every_upcall_byte_for_byte(replay, tmp_path, ring):
     records = upcalls.read_records(BASIC)
     fired = 2000
-    source, tool, out, t_start = capture(replay, tmp_path, BASIC, "-n", str(fired), "-r", "5000")
+    source, tool, out, t_start = capture(replay, tmp_path, BASIC, "-n", str(fired), "-r", "5000",
+                                         tool_args=ring)
     assert f"fired {fired} upcalls" in source.wait()
     status, stderr = tool.wait()  # the replay exited: the tool stops by itself
     t_end = time.time_ns()

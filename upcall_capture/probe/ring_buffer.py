@@ -11,13 +11,15 @@ copies the span of finished records with one slice, and hands that space back at
 
 Layout (kernel/bpf/ringbuf.c, include/uapi/linux/bpf.h): mapping the map's fd at offset 0
 gives the consumer page, whose first u64 (consumer_pos) is ours to write; at offset PAGE
-comes the producer page (producer_pos, read only) and then the data pages. The kernel
-offers the data pages twice in a row, so that a record that wraps is contiguous; we map
-them once, because every mapped page counts in our RSS (the kernel maps them all at
-mmap() time), and join the two pieces of a read that wraps. Positions are free-running byte
-counters. Each record starts with an 8-byte header {u32 len; u32 page offset}; the top
-bits of len say the record is still being written (BUSY) or was discarded, and a record
-takes len + 8 bytes rounded up to 8, so a header never wraps.
+comes the producer page (producer_pos, read only) and then the data pages, twice in a
+row, so that whatever wraps is contiguous. Positions are free-running byte counters. Each
+record starts with an 8-byte header {u32 len; u32 page offset}; the top bits of len say
+the record is still being written (BUSY) or was discarded, and a record takes len + 8
+bytes rounded up to 8, so a header never wraps.
+
+The data pages are mapped a window at a time, for one read, and unmapped after it: the
+kernel maps every page of a mapping at mmap() time, and each counts in our RSS, so a ring
+mapped whole would count 64 MiB. A window costs about 30 us per read of up to 1 MiB.
 
 Ordering: the kernel clears BUSY with a release after writing the record, and we read each
 header before copying the data behind it; x86 does not reorder loads with loads, nor
@@ -31,6 +33,8 @@ from __future__ import annotations
 import mmap
 import select
 import struct
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 BUSY = 1 << 31
 DISCARD = 1 << 30
@@ -63,7 +67,8 @@ class Position:
 
 class RingReader:
     """The consumer's side of a BPF ring buffer laid out as the kernel lays it out. Kept
-    apart from the map's fd so that it can be exercised on any memory."""
+    apart from the map's fd so that it can be exercised on any memory: here `producer`
+    holds the producer page and then the data, once."""
 
     def __init__(self, consumer: mmap.mmap | bytearray, producer: mmap.mmap | bytearray,
                  size: int, page_size: int = mmap.PAGESIZE) -> None:
@@ -85,35 +90,49 @@ class RingReader:
         """The records finished since the last read, in ring order: views into one copy of
         up to `limit` bytes. Their space goes back to the kernel."""
         position = self._position
+        # Records are whole below the producer position: it moves past a record when the
+        # record is reserved.
         available = self._producer_position.load() - position
-        base, mask = self._data_offset, self._mask
+        length = min(available, limit)
+        self.backlog = False
+        if length < _HEADER.size:
+            return []
         header = _HEADER.unpack_from
         spans = []
         used = 0
-        self.backlog = False
-        while available - used >= _HEADER.size:
-            length = header(self._producer, base + ((position + used) & mask))[0]
-            if length & BUSY:
-                break
-            size = (length & _LENGTH_MASK) + _HEADER.size
-            taken = (size + 7) & ~7
-            if used + taken > limit:
-                self.backlog = True
-                break
-            if not length & DISCARD:
-                spans.append((used + _HEADER.size, used + size))
-            used += taken
-        if not used:
-            return []
-        start = base + (position & mask)
-        first = min(used, mask + 1 - (position & mask))  # the rest wraps to the beginning
-        chunk = self._producer[start:start + first]
-        if first < used:
-            chunk += self._producer[base:base + used - first]
-        view = memoryview(chunk)
+        with self._window(position & self._mask, length) as window:
+            while length - used >= _HEADER.size:
+                record_length = header(window, used)[0]
+                if record_length & BUSY:
+                    available = used  # the rest waits for this one
+                    break
+                size = (record_length & _LENGTH_MASK) + _HEADER.size
+                taken = (size + 7) & ~7
+                if used + taken > length:
+                    break
+                if not record_length & DISCARD:
+                    spans.append((used + _HEADER.size, used + size))
+                used += taken
+            self.backlog = available - used >= _HEADER.size
+            if not used:
+                return []
+            view = memoryview(window[:used].tobytes())
         self._position = position + used
         self._consumer_position.store(self._position)
         return [view[begin:end] for begin, end in spans]
+
+    @contextmanager
+    def _window(self, start: int, length: int) -> Iterator[memoryview]:
+        """The data from offset `start` on, `length` bytes of it, contiguous."""
+        data = self._producer
+        begin = self._data_offset + start
+        first = min(length, self._mask + 1 - start)  # the rest wraps to the beginning
+        if first < length:
+            data = data[begin:begin + first] + data[self._data_offset:
+                                                    self._data_offset + length - first]
+            begin = 0
+        with memoryview(data) as view, view[begin:begin + length] as window:
+            yield window
 
 
 class RingBuffer(RingReader):
@@ -121,17 +140,28 @@ class RingBuffer(RingReader):
 
     def __init__(self, map_fd: int, size: int) -> None:
         page = mmap.PAGESIZE
+        self._fd = map_fd
         self._maps = [mmap.mmap(map_fd, page, mmap.MAP_SHARED,
                                 mmap.PROT_READ | mmap.PROT_WRITE, offset=0)]
         try:
-            self._maps.append(mmap.mmap(map_fd, page + size, mmap.MAP_SHARED,
-                                        mmap.PROT_READ, offset=page))
+            self._maps.append(mmap.mmap(map_fd, page, mmap.MAP_SHARED, mmap.PROT_READ,
+                                        offset=page))
             super().__init__(*self._maps, size, page)
             self._epoll = select.epoll()
             self._epoll.register(map_fd, select.EPOLLIN)
         except (OSError, ValueError):
             self._close_maps()
             raise
+
+    @contextmanager
+    def _window(self, start: int, length: int) -> Iterator[memoryview]:
+        # Where it wraps, the window runs on into the data's second mapping.
+        page = mmap.PAGESIZE
+        skip = start % page
+        with mmap.mmap(self._fd, skip + length, mmap.MAP_SHARED, mmap.PROT_READ,
+                       offset=2 * page + start - skip) as mapping, \
+                memoryview(mapping) as view, view[skip:skip + length] as window:
+            yield window
 
     def wait(self, timeout_ms: int) -> None:
         """Until the kernel wakes us (the probe asks it not to) or the timeout passes."""
