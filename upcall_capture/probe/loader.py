@@ -166,7 +166,7 @@ class RecvUpcallProbe:
         except Exception as err:
             raise UsageError(f"cannot load the BPF program: {err}") from None
         self._bpf["control"][ctypes.c_int(0)] = ctypes.c_uint32(0)
-        # The compiler's pages go before the ring's come in: that keeps the peak RSS down.
+        # Nothing runs the compiler again: give its pages back.
         release_compiler_pages()
         events = self._bpf["events"]
         try:
