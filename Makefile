@@ -10,8 +10,4 @@ bench:
 bench-full:
 	$(PYTHON) benchmarks/bench_capture.py --full
 
-# Memory over a long storm: 5 minutes of new flows at 100,000/s.
-bench-soak:
-	$(PYTHON) benchmarks/bench_capture.py --soak 300 --rate 100000 --unique
-
-.PHONY: bench bench-full bench-soak
+.PHONY: bench bench-full

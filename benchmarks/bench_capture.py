@@ -2,8 +2,7 @@
 
     .venv/bin/python benchmarks/bench_capture.py            # a few minutes (5 s runs)
     .venv/bin/python benchmarks/bench_capture.py --full     # the issue's 30 s runs
-    .venv/bin/python benchmarks/bench_capture.py --soak 300 --rate 100000 --unique
-    make bench / make bench-full / make bench-soak
+    make bench / make bench-full
 
 Needs root, bcc and kernel headers, as the capture tests do. Everything runs against
 samples/replay/upcall-replay firing the 'repeat' mix (4,000 distinct full-size flows,
@@ -27,9 +26,6 @@ packets up to 1,500 bytes of IP, as in an upcall storm), with `-u` for unique ke
   is the tool's VmHWM, which the start-up (bcc compiling the probe) sets.
 - **Latency** at 10 upcalls/s: from each probe hit to its packet arriving through
   `-w -`, and to its line arriving on the console.
-- **Soak** (`--soak SECONDS`, instead of the above): one long capture at `--rate`, into
-  two rotating files so that it fits on the disk, with the tool's RSS every 10 s: does it
-  keep up all along, and does its memory stay flat?
 
 Figures depend on what else the machine is doing: CPU per upcall is the steadiest one.
 """
@@ -81,7 +77,6 @@ from upcall_capture.upcall_blocks import UpcallBlocks, port_and_eth  # noqa: E40
 FIRED = re.compile(r"fired (\d+) upcalls in ([\d.]+) s")
 SUMMARY = re.compile(r"(\d+) upcalls captured, (\d+) lost")
 MAX_LAG_S = 1.0
-RSS_EVERY_S = 10.0
 TOOL = [sys.executable, "-m", "upcall_capture"]
 
 BARE_UPROBE_C = """
@@ -238,7 +233,6 @@ class Trial:
     lag_s: float  # from the replay's last fire to the tool's exit with everything written
     cpu_s: float  # the tool's user + system time
     maxrss_kb: int  # peak VmHWM seen
-    rss_kb: list[int]  # VmRSS every RSS_EVERY_S while the tool ran
 
     @property
     def kept_up(self) -> bool:
@@ -257,28 +251,24 @@ class Trial:
 
 
 class PeakRss:
-    """The tool's VmHWM, sampled until it exits, and its VmRSS every RSS_EVERY_S. (wait4's
-    maxrss would count the memory of this process, which the tool was forked from.)"""
+    """The tool's VmHWM, sampled until it exits. (wait4's maxrss would count the memory
+    of this process, which the tool was forked from.)"""
 
     def __init__(self, pid: int) -> None:
         self.kb = 0
-        self.rss_kb: list[int] = []
         self._status = f"/proc/{pid}/status"
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
 
     def _sample(self) -> None:
-        next_rss = time.monotonic() + RSS_EVERY_S
         while not self._done.wait(0.05):
             try:
                 with open(self._status) as status:
-                    fields = dict(line.split(":", 1) for line in status)
-                self.kb = max(self.kb, int(fields["VmHWM"].split()[0]))
-                if time.monotonic() >= next_rss:
-                    self.rss_kb.append(int(fields["VmRSS"].split()[0]))
-                    next_rss += RSS_EVERY_S
-            except (OSError, ValueError, KeyError):
+                    for line in status:
+                        if line.startswith("VmHWM:"):
+                            self.kb = max(self.kb, int(line.split()[1]))
+            except (OSError, ValueError):
                 return
 
     def stop(self) -> None:
@@ -302,16 +292,11 @@ def count_packets(path: Path) -> int:
     return count
 
 
-def run_capture(records: Path, workdir: Path, rate: int, count: int, unique: bool,
-                rotate_mb: int | None = None) -> Trial:
-    """One capture through the CLI. With rotate_mb, into a ring of two files of that size
-    (-C, -W), so that a long run fits on the disk: then in_file counts what they kept."""
+def run_capture(records: Path, workdir: Path, rate: int, count: int, unique: bool) -> Trial:
     out = workdir / "capture.pcapng"
     out.unlink(missing_ok=True)
     replay = Replay(records, "-n", str(count), "-r", str(rate), *(["-u"] if unique else []))
-    rotation = ["-C", str(rotate_mb), "-W", "2"] if rotate_mb else []
-    tool = subprocess.Popen([*TOOL, "-p", str(replay.pid), "-w", str(out), "-c", str(count),
-                             *rotation],
+    tool = subprocess.Popen([*TOOL, "-p", str(replay.pid), "-w", str(out), "-c", str(count)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             cwd=ROOT)
     stderr = []
@@ -337,15 +322,12 @@ def run_capture(records: Path, workdir: Path, rate: int, count: int, unique: boo
     summary = SUMMARY.search("".join(stderr))
     if tool.returncode != 0 or not summary:
         raise RuntimeError("upcall-capture failed: " + "".join(stderr))
-    files = sorted(workdir.glob("capture-*.pcapng")) if rotate_mb else [out]
-    in_file = sum(count_packets(path) for path in files)
-    for path in files:
-        path.unlink()
+    in_file = count_packets(out)
+    out.unlink()
     return Trial(rate=rate, unique=unique, fired=fired, achieved_rate=fired / seconds,
                  captured=int(summary.group(1)), lost=int(summary.group(2)),
                  in_file=in_file, lag_s=tool_end - replay_end,
-                 cpu_s=usage.ru_utime + usage.ru_stime, maxrss_kb=peak.kb,
-                 rss_kb=peak.rss_kb)
+                 cpu_s=usage.ru_utime + usage.ru_stime, maxrss_kb=peak.kb)
 
 
 @dataclass
@@ -619,24 +601,6 @@ def report(args, repeated: Search, unique: Search, startup_s: float, overhead: O
     return "\n".join(lines)
 
 
-# A soak writes 2 files of this many MB in turn (at 100,000/s, about 10 s each): about
-# 730 MB per million upcalls would not fit on a disk for long.
-SOAK_FILE_MB = 1000
-
-
-def soak(records: Path, workdir: Path, rate: int, seconds: float, unique: bool) -> str:
-    """One long capture: does the tool keep up all along, and does its memory stay flat?"""
-    trial = run_capture(records, workdir, rate, int(rate * seconds), unique,
-                        rotate_mb=SOAK_FILE_MB)
-    series = ", ".join(f"{kb / 1024:.0f}" for kb in trial.rss_kb)
-    return (f"soak, {seconds:g} s at {_k(rate)}/s ({trial.achieved_rate:,.0f}/s achieved), "
-            f"{'unique' if unique else 'repeated'} keys, into 2 rotating files of "
-            f"{SOAK_FILE_MB} MB: {trial.fired:,} fired, {trial.captured:,} captured, "
-            f"{trial.lost:,} lost; the last upcall written {trial.lag_s * 1000:.0f} ms after "
-            f"the last fired; tool CPU {trial.cpu_s / seconds:.2f} of a core; peak RSS "
-            f"{trial.maxrss_kb / 1024:.0f} MB; RSS every {RSS_EVERY_S:g} s (MB): {series}")
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--full", action="store_true",
@@ -646,12 +610,6 @@ def main(argv: list[str] | None = None) -> int:
                         "directory in /var/tmp)")
     parser.add_argument("--overhead-count", type=int, default=1_000_000,
                         help="upcalls per probe-overhead run (default 1,000,000)")
-    parser.add_argument("--soak", type=float, metavar="SECONDS",
-                        help="instead: one capture this long at --rate, with the tool's "
-                        "RSS every 10 s")
-    parser.add_argument("--rate", type=int, default=100_000,
-                        help="upcalls per second for --soak (default 100,000)")
-    parser.add_argument("--unique", action="store_true", help="unique keys for --soak")
     args = parser.parse_args(argv)
     if os.geteuid() != 0:
         print("bench_capture: needs root (it attaches eBPF)", file=sys.stderr)
@@ -663,9 +621,6 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(workdir_name)
         args.dir = args.dir or workdir_name
         records, sent = make_records(workdir)
-        if args.soak:
-            print(soak(records, workdir, args.rate, args.soak, args.unique))
-            return 0
         sizes = (sum(len(u.packet) for u in sent) / len(sent),
                  sum(len(u.key) for u in sent) / len(sent))
         print("CPU per upcall by stage (offline)...", flush=True)
