@@ -10,6 +10,7 @@ gap carrying a note; counters are summed over the probes.
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -245,6 +246,20 @@ def _sum(a: Counters, b: Counters) -> Counters:
     return Counters(a.fired + b.fired, a.filtered + b.filtered, a.lost + b.lost)
 
 
+# Objects the cyclic garbage collector may allocate between two collections of its
+# youngest generation (Python's default is 700).
+GC_THRESHOLD = 50_000
+
+
+def tune_gc() -> None:
+    """Let the collector run less often. A storm allocates millions of objects that their
+    reference counts free (nothing per upcall makes a cycle) and keeps caches of tens of
+    thousands: at the default threshold, walking them took 8% of the CPU a new key costs.
+    What is alive once the probe is attached (bcc's and the imports') is never walked."""
+    gc.freeze()
+    gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
+
+
 class Capture:
     TARGET_EXITED = "the traced process exited"
     COUNT_REACHED = "count reached"
@@ -274,6 +289,7 @@ class Capture:
             self.stop_reason = reason
 
     def run(self) -> Summary:
+        tune_gc()
         start_ns = time.monotonic_ns()
         deadline = None if self.duration is None else start_ns + int(self.duration * 1e9)
         while self._run_probe(start_ns, deadline) and self._follow(deadline):
