@@ -113,6 +113,28 @@ def test_the_cache_stays_bounded(monkeypatch):
     assert len(blocks._described) + len(blocks._described_older) <= 16
 
 
+def test_a_scan_of_new_upcalls_skips_the_cache_until_they_repeat(monkeypatch):
+    monkeypatch.setattr(upcall_blocks, "SCAN_AFTER_MISSES", 16)
+    monkeypatch.setattr(upcall_blocks, "SCAN_SAMPLE", 4)
+    blocks = new_blocks()
+    scan = [record(u, i, tid=1000 + i) for i, u in enumerate(SENT)]  # no two alike
+    again = [record(u, len(SENT) + i, tid=1000 + i) for i, u in enumerate(SENT)]
+    data = blocks.packets(scan)
+    # After 16 misses in a row, only every 4th upcall was looked up and kept.
+    assert len(blocks._described) < len(SENT) // 2
+    data += blocks.packets(again)
+    # The first upcalls of the scan come again: a sampled look-up hits, and from then on
+    # every upcall's options are kept.
+    assert len(blocks._described) == len(SENT)
+    _, packets = blocks_of(data)
+    assert len(packets) == 2 * len(SENT)
+    for i, packet in enumerate(packets):
+        upcall = SENT[i % len(SENT)]
+        assert f"tid={1000 + i % len(SENT)} " in packet.comments[0]
+        assert packet.comments[0].endswith(format_key(upcall.key))
+        assert (packet.data, packet.key) == (upcall.packet, upcall.key)
+
+
 @pytest.mark.parametrize("count", [0, 1])
 def test_empty_and_single_batches(count):
     blocks = new_blocks()

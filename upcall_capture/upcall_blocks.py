@@ -36,6 +36,11 @@ _FLAGS_AT = _NUMBERS.size
 MAX_CACHED_OPTIONS = 32768
 # Comment heads: one per thread, CPU, dpif and port.
 MAX_CACHED_HEADS = 4096
+# In a storm of new keys (a scan) no look-up hits, and looking up and keeping each
+# upcall's options costs a sixth of describing it. After this many misses in a row only
+# every SCAN_SAMPLE-th upcall goes through the cache, to notice when keys repeat again.
+SCAN_AFTER_MISSES = 1024
+SCAN_SAMPLE = 32
 
 
 def port_and_eth(key_text: str) -> tuple[int | None, bool]:
@@ -147,6 +152,7 @@ class UpcallBlocks:
         # promoted from the older one; a full recent one becomes the older one.
         self._described: dict[tuple, _Described] = {}
         self._described_older: dict[tuple, _Described] = {}
+        self._misses = 0  # look-ups in a row that missed
         self._heads: dict[tuple, tuple[int, bytes]] = {}
         self._last_interface: Interface | None = None
         # Losses no packet has carried yet; at the end, the last packet's interface's.
@@ -177,6 +183,7 @@ class UpcallBlocks:
         pack_head = _EPB_HEAD.pack
         pack_tail = _EPB_TAIL.pack
         padding = _PADDING
+        misses, scan_after, scan_sample = self._misses, SCAN_AFTER_MISSES, SCAN_SAMPLE
         described = None
         if self._note is not None and records:
             described = self._slow_packet(out, records[0], dropped, self._note)
@@ -193,18 +200,29 @@ class UpcallBlocks:
                 described = self._slow_packet(out, record, dropped)
                 dropped = 0
                 continue
-            # What the comment and interface depend on: the flags, thread, dpif and key
-            # bytes, the numbers other than time and lengths, and the packet's lengths
-            # only when it was cut (the comment says so).
-            cache_key = (bytes(record[_FLAGS_AT:key_end]), key_size, pid, tid, cpu, type_,
-                         pkt_size << 32 | pkt_len if pkt_len < pkt_size else -1)
-            described = cache.get(cache_key)
-            if described is None:
-                described = self._described_older.get(cache_key) or self._describe(record, out)
-                if len(cache) >= MAX_CACHED_OPTIONS // 2:
-                    self._described_older = cache
-                    cache = self._described = {}
-                cache[cache_key] = described
+            if misses >= scan_after and misses % scan_sample:
+                described = self._describe(record, out)
+                misses += 1
+            else:
+                # What the comment and interface depend on: the flags, thread, dpif and
+                # key bytes, the numbers other than time and lengths, and the packet's
+                # lengths only when it was cut (the comment says so).
+                cache_key = (bytes(record[_FLAGS_AT:key_end]), key_size, pid, tid, cpu,
+                             type_, pkt_size << 32 | pkt_len if pkt_len < pkt_size else -1)
+                described = cache.get(cache_key)
+                if described is None:
+                    described = self._described_older.get(cache_key)
+                    if described is None:
+                        described = self._describe(record, out)
+                        misses += 1
+                    else:
+                        misses = 0
+                    if len(cache) >= MAX_CACHED_OPTIONS // 2:
+                        self._described_older = cache
+                        cache = self._described = {}
+                    cache[cache_key] = described
+                else:
+                    misses = 0
             described.interface.received += 1
             timestamp = ktime + offset
             if dropped:
@@ -224,6 +242,7 @@ class UpcallBlocks:
         if described is not None:
             self._last_interface = described.interface
         self._pending_drops = dropped
+        self._misses = misses
         return out
 
     @staticmethod
