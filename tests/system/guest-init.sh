@@ -87,6 +87,17 @@ make_namespace() {
     ip netns exec "$ns" ip link set eth0 up
 }
 
+# A VLAN 100 subinterface in a namespace, so that tagged frames cross br0 (a trunk port by
+# default). IPv4 only: IPv6 would send neighbour discovery of its own at any time.
+add_vlan() {
+    local ns=$1 v4=$2
+    ip netns exec "$ns" ip link add link eth0 name eth0.100 type vlan id 100
+    ip netns exec "$ns" sysctl -qw net.ipv6.conf.eth0/100.disable_ipv6=1 \
+        net.ipv4.neigh.eth0/100.base_reachable_time_ms=3600000
+    ip netns exec "$ns" ip addr add "$v4/24" dev eth0.100
+    ip netns exec "$ns" ip link set eth0.100 up
+}
+
 check_upcalls_delivered() {
     ip netns exec ns-a ping -c 2 -W 5 10.0.0.2 >/dev/null || say "warm-up ping failed"
     local stats
@@ -187,6 +198,42 @@ for i in range(5):
     udp.sendto(b"upcall action %d" % i, ("10.0.0.2", 6000))
     time.sleep(0.2)
 '
+    say "traffic: ARP + ICMP in VLAN 100"
+    ovs-dpctl del-flows
+    $a ping -c 3 -i 0.5 -W 5 10.1.0.2 >/dev/null || say "VLAN ping failed"
+    say "traffic: TCP to port 7100 through conntrack (recirculated upcalls)"
+    ovs-ofctl add-flow br0 "priority=100,tcp,tp_dst=7100,actions=ct(table=1)"
+    ovs-ofctl add-flow br0 "priority=100,tcp,tp_src=7100,actions=ct(table=1)"
+    ovs-ofctl add-flow br0 "table=1,priority=100,tcp,ct_state=+trk+new,actions=ct(commit),normal"
+    ovs-ofctl add-flow br0 "table=1,priority=10,actions=normal"
+    ovs-dpctl del-flows
+    $b python3 - <<'SERVER' &
+import socket
+srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind(("10.0.0.2", 7100))
+srv.listen()
+conn, _ = srv.accept()
+conn.sendall(conn.recv(100))
+conn.close()
+srv.close()
+SERVER
+    server=$!
+    sleep 1
+    $a python3 - <<'CLIENT' || say "conntrack client failed"
+import socket
+import time
+for attempt in range(20):
+    try:
+        tcp = socket.create_connection(("10.0.0.2", 7100), timeout=10)
+        break
+    except ConnectionRefusedError:
+        time.sleep(0.5)
+tcp.sendall(b"upcall through conntrack")
+tcp.recv(100)
+tcp.close()
+CLIENT
+    wait "$server"
 }
 
 say "started"
@@ -194,6 +241,8 @@ mount_filesystems
 start_ovs
 make_namespace ns-a veth-a 10.0.0.1 fd00::1
 make_namespace ns-b veth-b 10.0.0.2 fd00::2
+add_vlan ns-a 10.1.0.1
+add_vlan ns-b 10.1.0.2
 check_upcalls_delivered
 sleep 3
 start_capture

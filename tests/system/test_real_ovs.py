@@ -226,10 +226,11 @@ def _length_problems(layers: dict[str, str]) -> list[str]:
     """The frame holds all of the packet: nothing cut, nothing added after the IP datagram."""
     frame_len, cap_len = int(layers["frame.len"]), int(layers["frame.cap_len"])
     problems = [] if frame_len == cap_len else [f"captured {cap_len} of {frame_len} bytes"]
+    header = 14 + 4 * layers.get("frame.protocols", "").split(":").count("vlan")
     if "ip.len" in layers:
-        expected = 14 + int(layers["ip.len"])
+        expected = header + int(layers["ip.len"])
     elif "ipv6.plen" in layers:
-        expected = 14 + 40 + int(layers["ipv6.plen"])
+        expected = header + 40 + int(layers["ipv6.plen"])
     else:
         return problems
     if frame_len != expected:
@@ -397,6 +398,9 @@ def test_guest_traffic_made_every_kind_of_upcall(guest: GuestRun) -> None:
     assert types == {"miss", "action"}
     assert {"arp", "icmp", "icmp6", "tcp", "udp", "tcp6", "udp6"} <= protocols
     assert any("nd(target=" in u.key for u in guest.logged), "no IPv6 neighbour discovery"
+    assert any("vlan(vid=100," in u.key for u in guest.logged), "no VLAN-tagged upcall"
+    assert any(re.search(r"recirc_id\(0x[1-9a-f][0-9a-f]*\)", u.key) and "ct_tuple4(" in u.key
+               for u in guest.logged), "no upcall after conntrack recirculation"
 
 
 def test_capture_is_valid_pcapng(guest: GuestRun) -> None:
