@@ -139,6 +139,42 @@ stop_capture() {
     echo $? >"$RESULTS/tool.exit"
 }
 
+# One TCP exchange: a server in ns-b echoes one message from a client in ns-a.
+tcp_echo() {
+    local addr=$1 port=$2
+    ip netns exec ns-b python3 - "$addr" "$port" <<'SERVER' &
+import socket
+import sys
+addr, port = sys.argv[1], int(sys.argv[2])
+srv = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_STREAM)
+srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+srv.bind((addr, port))
+srv.listen()
+conn, _ = srv.accept()
+conn.sendall(conn.recv(100))
+conn.close()
+srv.close()
+SERVER
+    local server=$!
+    sleep 1
+    ip netns exec ns-a python3 - "$addr" "$port" <<'CLIENT' || say "TCP to $addr port $port failed"
+import socket
+import sys
+import time
+addr, port = sys.argv[1], int(sys.argv[2])
+for attempt in range(20):
+    try:
+        tcp = socket.create_connection((addr, port), timeout=10)
+        break
+    except ConnectionRefusedError:
+        time.sleep(0.5)
+tcp.sendall(b"upcall tcp")
+tcp.recv(100)
+tcp.close()
+CLIENT
+    wait "$server"
+}
+
 # A few packets of each kind: OVS logs at most 600 upcalls a minute. NORMAL's megaflows
 # are wide, so each phase starts with an empty datapath flow table, and the UDP flows go
 # in first: they make OVS match on the IP protocol, so UDP and TCP get megaflows of their own.
@@ -155,40 +191,18 @@ send_traffic() {
     say "traffic: IPv6 ND + ICMPv6"
     $a ping -6 -c 3 -i 0.5 -W 5 fd00::2 >/dev/null || say "ping -6 failed"
     say "traffic: UDP and TCP over IPv4 and IPv6"
-    $b python3 - <<'SERVER' &
-import socket
-for family, addr in ((socket.AF_INET, "10.0.0.2"), (socket.AF_INET6, "fd00::2")):
-    srv = socket.socket(family, socket.SOCK_STREAM)
-    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    srv.bind((addr, 7000))
-    srv.listen()
-    print("ready", flush=True)
-    conn, _ = srv.accept()
-    conn.sendall(conn.recv(100))
-    conn.close()
-    srv.close()
-SERVER
-    local server=$!
-    sleep 1
     ovs-dpctl del-flows
-    $a python3 - <<'CLIENT' || say "UDP/TCP client failed"
+    for addr in 10.0.0.2 fd00::2; do
+        $a python3 - "$addr" <<'UDP' || say "UDP to $addr failed"
 import socket
-import time
-for family, addr in ((socket.AF_INET, "10.0.0.2"), (socket.AF_INET6, "fd00::2")):
-    udp = socket.socket(family, socket.SOCK_DGRAM)
-    for i in range(3):
-        udp.sendto(b"upcall udp %d" % i, (addr, 5000))
-    for attempt in range(20):
-        try:
-            tcp = socket.create_connection((addr, 7000), timeout=10)
-            break
-        except ConnectionRefusedError:
-            time.sleep(0.5)
-    tcp.sendall(b"upcall tcp")
-    tcp.recv(100)
-    tcp.close()
-CLIENT
-    wait "$server"
+import sys
+addr = sys.argv[1]
+udp = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.SOCK_DGRAM)
+for i in range(3):
+    udp.sendto(b"upcall udp %d" % i, (addr, 5000))
+UDP
+        tcp_echo "$addr" 7000
+    done
     say "traffic: UDP to port 6000 through actions=controller (ACTION upcalls)"
     ovs-dpctl del-flows
     $a python3 -c '
@@ -207,33 +221,7 @@ for i in range(5):
     ovs-ofctl add-flow br0 "table=1,priority=100,tcp,ct_state=+trk+new,actions=ct(commit),normal"
     ovs-ofctl add-flow br0 "table=1,priority=10,actions=normal"
     ovs-dpctl del-flows
-    $b python3 - <<'SERVER' &
-import socket
-srv = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-srv.bind(("10.0.0.2", 7100))
-srv.listen()
-conn, _ = srv.accept()
-conn.sendall(conn.recv(100))
-conn.close()
-srv.close()
-SERVER
-    server=$!
-    sleep 1
-    $a python3 - <<'CLIENT' || say "conntrack client failed"
-import socket
-import time
-for attempt in range(20):
-    try:
-        tcp = socket.create_connection(("10.0.0.2", 7100), timeout=10)
-        break
-    except ConnectionRefusedError:
-        time.sleep(0.5)
-tcp.sendall(b"upcall through conntrack")
-tcp.recv(100)
-tcp.close()
-CLIENT
-    wait "$server"
+    tcp_echo 10.0.0.2 7100
 }
 
 say "started"
