@@ -19,7 +19,8 @@ bytes rounded up to 8, so a header never wraps.
 
 The data pages are mapped a window at a time, for one read, and unmapped after it: the
 kernel maps every page of a mapping at mmap() time, and each counts in our RSS, so a ring
-mapped whole would count 64 MiB. A window costs about 30 us per read of up to 1 MiB.
+mapped whole would count 64 MiB. Mapping and unmapping a 1 MiB window costs about 0.1 ms:
+at 100 MB/s of records, 1% of a core.
 
 Ordering: the kernel clears BUSY with a release after writing the record, and we read each
 header before copying the data behind it; x86 does not reorder loads with loads, nor
