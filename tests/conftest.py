@@ -1,8 +1,9 @@
-"""Shared fixtures: the project root, the replay source, and running the real CLI."""
+"""Shared fixtures: the project root, the replay source, running the real CLI, building C."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,6 +16,21 @@ ROOT = Path(__file__).resolve().parents[1]
 REPLAY_DIR = ROOT / "samples" / "replay"
 REPLAY_BIN = REPLAY_DIR / "upcall-replay"
 sys.path.insert(0, str(REPLAY_DIR))
+
+
+def build_c(directory: Path, output: str, source: str,
+            flags: tuple[str, ...] = ("-O2",)) -> Path:
+    """`source` built by gcc with `flags` into directory/output; the test is skipped where
+    there is no gcc, and fails with gcc's messages where the source does not build."""
+    if not shutil.which("gcc"):
+        pytest.skip("gcc is not installed")
+    source_path = directory / f"{Path(output).stem}.c"
+    source_path.write_text(source)
+    built = directory / output
+    done = subprocess.run(["gcc", *flags, "-o", str(built), str(source_path)],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return built
 
 
 def _capture_unavailable() -> str | None:

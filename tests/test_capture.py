@@ -10,7 +10,7 @@ import time
 
 import pytest
 import upcalls  # samples/replay/upcalls.py: the replayed records
-from conftest import REPLAY_DIR, ROOT, Tool, start_capture
+from conftest import REPLAY_DIR, ROOT, Tool, build_c, start_capture
 
 from upcall_capture import pcapng
 from upcall_capture.flowkey import format_key
@@ -292,10 +292,7 @@ int main(int argc, char **argv) {
 
 
 def test_constants_in_pages_the_probe_cannot_fault_in(tmp_path):
-    source = tmp_path / "emit.c"
-    source.write_text(CONSTANT_DPIF_C)
-    subprocess.run(["gcc", "-O2", "-o", str(tmp_path / "emit"), str(source)], check=True)
-    emitter = subprocess.Popen([str(tmp_path / "emit"), "2000"])
+    emitter = subprocess.Popen([str(build_c(tmp_path, "emit", CONSTANT_DPIF_C)), "2000"])
     out = tmp_path / "out.pcapng"
     tool = Tool("-p", str(emitter.pid), "-w", str(out))
     tool.wait_listening()

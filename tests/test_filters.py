@@ -13,15 +13,13 @@ import ctypes
 import functools
 import ipaddress
 import re
-import shutil
 import struct
-import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import upcalls
-from conftest import REPLAY_DIR
+from conftest import REPLAY_DIR, build_c
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -371,16 +369,10 @@ class NativeFilter:
 
     def __init__(self, spec: FilterSpec, tmp_path: Path, key_cap: int = 1024,
                  snaplen: int = 9216) -> None:
-        gcc = shutil.which("gcc")
-        if gcc is None:
-            pytest.skip("gcc is not installed")
-        source = tmp_path / "filter.c"
-        library = tmp_path / "filter.so"
-        source.write_text(STUB.format(key_cap=key_cap, snaplen=snaplen, gap_max=PKT_GAP_MAX,
-                                      record_struct=record_struct(), filters=spec.bpf_c))
-        done = subprocess.run([gcc, "-O2", "-Wall", "-Werror", "-shared", "-fPIC", "-o",
-                               str(library), str(source)], capture_output=True, text=True)
-        assert done.returncode == 0, done.stderr
+        source = STUB.format(key_cap=key_cap, snaplen=snaplen, gap_max=PKT_GAP_MAX,
+                             record_struct=record_struct(), filters=spec.bpf_c)
+        library = build_c(tmp_path, "filter.so", source,
+                          ("-O2", "-Wall", "-Werror", "-shared", "-fPIC"))
         self.lib = ctypes.CDLL(str(library))
         self.buffer = ctypes.create_string_buffer(HEADER.size + key_cap + PKT_GAP_MAX + snaplen)
         self.key_cap, self.snaplen = key_cap, snaplen

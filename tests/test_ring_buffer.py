@@ -6,10 +6,10 @@ from __future__ import annotations
 import mmap
 import os
 import random
-import shutil
 import subprocess
 
 import pytest
+from conftest import build_c
 from ringbuf_kernel import KernelSide
 
 from upcall_capture.probe import ring_buffer
@@ -118,11 +118,7 @@ def test_the_kernel_never_sees_a_torn_position(tmp_path):
     """A Position is stored whole: a watcher spinning on it, as the kernel's reserve reads
     the consumer position, never sees it go back. With struct.pack_into() it saw that a
     few thousand times in a million stores."""
-    if not shutil.which("gcc"):
-        pytest.skip("gcc is not installed")
-    source, watcher = tmp_path / "watcher.c", tmp_path / "watcher"
-    source.write_text(WATCHER_C)
-    subprocess.run(["gcc", "-O2", "-o", str(watcher), str(source)], check=True)
+    watcher = build_c(tmp_path, "watcher", WATCHER_C)
     page = tmp_path / "consumer_page"
     page.write_bytes(bytes(mmap.PAGESIZE))
     with open(page, "r+b") as file, mmap.mmap(file.fileno(), 0) as memory:

@@ -1,10 +1,10 @@
 """target.py: stapsdt notes read from real ELF files, and process look-ups."""
 
-import shutil
 import subprocess
 import time
 
 import pytest
+from conftest import build_c
 
 from upcall_capture import target
 from upcall_capture.errors import UsageError
@@ -27,12 +27,7 @@ int main(int argc, char **argv) {
 
 @pytest.fixture(scope="module")
 def probed_binary(tmp_path_factory):
-    if not shutil.which("gcc"):
-        pytest.skip("gcc is not installed")
-    work = tmp_path_factory.mktemp("elf")
-    (work / "p.c").write_text(PROBED_C)
-    subprocess.run(["gcc", "-O2", "-o", str(work / "p"), str(work / "p.c")], check=True)
-    return work / "p"
+    return build_c(tmp_path_factory.mktemp("elf"), "p", PROBED_C)
 
 
 def readelf_probes(path):

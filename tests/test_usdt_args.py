@@ -8,10 +8,10 @@ on one base register must take one read. The capture tests run it in real BPF.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 
 import pytest
+from conftest import build_c
 
 from upcall_capture.probe import usdt_args
 from upcall_capture.probe.usdt_args import args_reader, direct_reader, parse_spec
@@ -59,13 +59,8 @@ int main(void)
 
 
 def run_reader(tmp_path, reader: str) -> tuple[int, int, list[int]]:
-    if not shutil.which("gcc"):
-        pytest.skip("gcc is not installed")
-    source = tmp_path / "reader.c"
-    source.write_text(HARNESS.replace("READER", reader))
-    binary = tmp_path / "reader"
-    subprocess.run(["gcc", "-O1", "-Wall", "-Werror", "-o", str(binary), str(source)],
-                   check=True, capture_output=True)
+    binary = build_c(tmp_path, "reader", HARNESS.replace("READER", reader),
+                     ("-O1", "-Wall", "-Werror"))
     failed, reads, *values = subprocess.run([str(binary)], check=True, capture_output=True,
                                             text=True).stdout.split()
     return int(failed), int(reads), [int(v, 16) for v in values]
