@@ -46,7 +46,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,6 +57,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 import upcalls  # noqa: E402  samples/replay/upcalls.py
+from probe_records import probe_record  # noqa: E402  tests/probe_records.py
 from ringbuf_kernel import PAGE, KernelSide  # noqa: E402  tests/ringbuf_kernel.py
 
 from upcall_capture import pcapng  # noqa: E402
@@ -65,7 +66,6 @@ from upcall_capture.probe import loader  # noqa: E402
 from upcall_capture.probe.record import (  # noqa: E402
     DEFAULT_KEY_CAP,
     DEFAULT_SNAPLEN,
-    HEADER,
     TimeMerger,
     parse,
 )
@@ -445,16 +445,15 @@ def probe_records(sent: list[upcalls.Upcall], count: int, *, unique: bool) -> li
     out = []
     for index in range(count):
         upcall = sent[index % len(sent)]
-        key, packet = bytearray(upcall.key), bytearray(upcall.packet)
         if unique and upcall.key_uniq_off >= 0:
+            key, packet = bytearray(upcall.key), bytearray(upcall.packet)
             value = struct.pack(">I", 0x0A000000 + index)
             key[upcall.key_uniq_off:upcall.key_uniq_off + 4] = value
             packet[upcall.pkt_uniq_off:upcall.pkt_uniq_off + 4] = value
+            upcall = replace(upcall, key=bytes(key), packet=bytes(packet))
         # One handler thread that moves to the other CPU every 500 upcalls.
-        cpu = index // 500 % 2
-        out.append(HEADER.pack(10**12 + index * 5000, len(key), 4242, 4243, cpu, upcall.type,
-                               len(packet), len(packet), len(key), len(key), 0, b"handler1",
-                               upcall.dpif.encode()) + key + packet)
+        out.append(probe_record(upcall, ktime_ns=10**12 + index * 5000, pid=4242, tid=4243,
+                                cpu=index // 500 % 2))
     return out
 
 

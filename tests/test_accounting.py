@@ -19,9 +19,9 @@ from collections import Counter
 import pytest
 import upcalls  # samples/replay/upcalls.py
 from conftest import REPLAY_DIR, Tool
+from probe_records import probe_record
 
 from upcall_capture import pcapng
-from upcall_capture.probe.record import HEADER
 from upcall_capture.upcall_blocks import UpcallBlocks
 
 MIXED = REPLAY_DIR / "mixed.upc"
@@ -76,13 +76,6 @@ def test_overloaded_buffer_loses_upcalls_and_counts_every_one(replay, tmp_path):
     assert len(done.stdout.split()) == captured
 
 
-def probe_record(upcall: upcalls.Upcall, ktime_ns: int) -> bytes:
-    """The bytes recv_upcall.c submits for this upcall."""
-    return HEADER.pack(ktime_ns, len(upcall.key), 1, 1, 0, upcall.type, len(upcall.packet),
-                       len(upcall.packet), len(upcall.key), len(upcall.key), 0, b"handler1",
-                       upcall.dpif.encode()) + upcall.key + upcall.packet
-
-
 def test_losses_in_batches_without_packets_go_on_the_next_packet():
     # The capture loop hands over losses with whatever records a drain released, and
     # that may be none (the first drain, or records held back to put the ring in time
@@ -91,9 +84,9 @@ def test_losses_in_batches_without_packets_go_on_the_next_packet():
     blocks = UpcallBlocks(snaplen=9216, clock_offset_ns=0, port_name=lambda dpif, port: None)
     written = pcapng.section_header(userappl="t", os="t", hardware="t")
     written += blocks.packets([], dropped=5)  # before any packet
-    written += blocks.packets([probe_record(first, 1000)], dropped=2)
+    written += blocks.packets([probe_record(first, ktime_ns=1000)], dropped=2)
     written += blocks.packets([], dropped=3)  # between two packets
-    written += blocks.packets([probe_record(second, 2000)])
+    written += blocks.packets([probe_record(second, ktime_ns=2000)])
     written += blocks.packets([], dropped=4)  # after the last one
     written += blocks.statistics(3000, start_ktime_ns=0)
     parsed = list(pcapng.iter_blocks(written))

@@ -15,10 +15,10 @@ from collections import Counter
 import pytest
 import upcalls
 from conftest import REPLAY_DIR, ROOT
+from probe_records import probe_record
 
 from upcall_capture import pcapng
 from upcall_capture.flowkey import decode_key, format_key
-from upcall_capture.probe.record import HEADER
 from upcall_capture.readback import read_upcalls
 from upcall_capture.upcall_blocks import UpcallBlocks
 
@@ -26,19 +26,16 @@ RECORDS = upcalls.read_records(REPLAY_DIR / "mixed.upc")[:300]
 T0 = 1_700_000_000_000_000_000
 
 
-def probe_record(upcall, index: int) -> bytes:
-    """The bytes recv_upcall.c would submit for this upcall."""
-    header = HEADER.pack(1000 + index * 1_000_000, len(upcall.key), 42, 43 + index % 3,
-                         index % 2, upcall.type, len(upcall.packet), len(upcall.packet),
-                         len(upcall.key), len(upcall.key), 0, f"handler{index % 3 + 1}".encode(),
-                         upcall.dpif.encode())
-    return header + upcall.key + upcall.packet
+def indexed_record(upcall, index: int) -> bytes:
+    """The record of the index-th upcall, from one of three handler threads on two CPUs."""
+    return probe_record(upcall, ktime_ns=1000 + index * 1_000_000, tid=43 + index % 3,
+                        cpu=index % 2, thread=f"handler{index % 3 + 1}")
 
 
 def write_capture(path, records=RECORDS, lost_before: dict[int, int] | None = None):
     """lost_before: {index: n}, n records lost just before that one (its epb_dropcount)."""
     blocks = UpcallBlocks(snaplen=9216, clock_offset_ns=T0, port_name=lambda d, p: None)
-    raw = [probe_record(u, i) for i, u in enumerate(records)]
+    raw = [indexed_record(u, i) for i, u in enumerate(records)]
     cuts = sorted(lost_before or {})
     data = pcapng.section_header(userappl="t", os="t", hardware="t")
     for start, end in zip([0, *cuts], [*cuts, len(raw)], strict=True):

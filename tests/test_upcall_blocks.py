@@ -10,10 +10,11 @@ from pathlib import Path
 import pytest
 import upcalls
 from conftest import REPLAY_DIR
+from probe_records import probe_record
 
 from upcall_capture import pcapng, upcall_blocks
 from upcall_capture.flowkey import decode_key, format_key
-from upcall_capture.probe.record import HEADER, parse
+from upcall_capture.probe.record import parse
 from upcall_capture.upcall_blocks import UpcallBlocks, port_and_eth
 
 SENT = upcalls.read_records(REPLAY_DIR / "mixed.upc")[:200]
@@ -26,11 +27,8 @@ def record(upcall, index: int, *, cpu: int = 0, tid: int = 43, snaplen: int = SN
            gap: int = 0) -> bytes:
     """What recv_upcall.c submits; with gap bytes between key and packet, as when it read
     both at once from one netlink message."""
-    packet = upcall.packet[:snaplen]
-    key = upcall.key
-    return HEADER.pack(1000 + index, len(key), 42, tid, cpu, upcall.type, len(upcall.packet),
-                       len(packet), len(key), len(key) + gap, 0, b"handler1",
-                       upcall.dpif.encode()) + key + b"\xee" * gap + packet
+    return probe_record(upcall, ktime_ns=1000 + index, tid=tid, cpu=cpu, snaplen=snaplen,
+                        gap=b"\xee" * gap)
 
 
 def blocks_of(data: bytes):
