@@ -23,13 +23,21 @@ from dataclasses import dataclass
 
 from upcall_capture import pcapng
 from upcall_capture.flowkey import decode_key, format_key
-from upcall_capture.probe.record import FLAG_NAMES, HEADER_SIZE, Upcall, parse
+from upcall_capture.probe.record import (
+    FLAG_NAMES,
+    FLAGS_OFFSET,
+    HEADER_SIZE,
+    PID_OFFSET,
+    Upcall,
+    header_format,
+    header_offset,
+    parse,
+)
 
 # ktime_ns, key_size, pid, tid, cpu, type, pkt_size, pkt_len, key_len, pkt_offset: the
 # numbers of the record header that the hot path needs; the rest of the header (flags,
-# comm, dpif) starts at _FLAGS_AT and runs into the key.
-_NUMBERS = struct.Struct("<QQIIIIIIII")
-_FLAGS_AT = _NUMBERS.size
+# comm, dpif) starts at FLAGS_OFFSET and runs into the key.
+_NUMBERS = struct.Struct(header_format("flags"))
 
 # Bounds the cache of encoded options: an entry is about a kilobyte (key bytes, comment
 # and key option), so this is about 32 MB at most.
@@ -114,10 +122,10 @@ def comment(upcall: Upcall, key_text: str, port: int | None, port_name: str | No
 _EPB_HEAD = struct.Struct("<IIIIIII")
 _EPB_TAIL = struct.Struct("<I")
 _EPB_FIXED = 32  # 28-byte head and the 4-byte trailing length
-# What _describe reads of a record: key_size, then (after pid, tid, cpu, type) pkt_size,
-# pkt_len, key_len and (after pkt_offset) flags; and where the header's parts start.
-_DESCRIBE = struct.Struct("<8xQ16xIII4xI")
-_PID_AT, _PKT_SIZE_AT, _COMM_AT = 16, 32, 52
+# What _describe reads of a record: its numbers and flags (all but the names); and where
+# the parts of the header that the comment's first line depends on start.
+_DESCRIBE = struct.Struct(header_format("comm"))
+_PKT_SIZE_AT, _COMM_AT = header_offset("pkt_size"), header_offset("comm")
 _OPTION_HEAD = struct.Struct("<HH")
 _MAX_OPTION_LENGTH = 0xFFFF
 _KEY_PEN = struct.pack("<I", pcapng.KEY_OPTION_PEN)
@@ -207,7 +215,7 @@ class UpcallBlocks:
                 # What the comment and interface depend on: the flags, thread, dpif and
                 # key bytes, the numbers other than time and lengths, and the packet's
                 # lengths only when it was cut (the comment says so).
-                cache_key = (bytes(record[_FLAGS_AT:key_end]), key_size, pid, tid, cpu,
+                cache_key = (bytes(record[FLAGS_OFFSET:key_end]), key_size, pid, tid, cpu,
                              type_, pkt_size << 32 | pkt_len if pkt_len < pkt_size else -1)
                 described = cache.get(cache_key)
                 if described is None:
@@ -288,7 +296,8 @@ class UpcallBlocks:
         comment's first line, interface and port name from a cache of their own, as
         they depend only on the thread, dpif and port.
         """
-        key_size, pkt_size, pkt_len, key_len, flags = _DESCRIBE.unpack_from(record)
+        (_, key_size, _, _, _, _, pkt_size, pkt_len, key_len, _,
+         flags) = _DESCRIBE.unpack_from(record)
         if flags or key_len != key_size or pkt_len != pkt_size:
             return self._describe_in_full(record, out)
         key = bytes(record[HEADER_SIZE:HEADER_SIZE + key_len])
@@ -296,7 +305,7 @@ class UpcallBlocks:
         port, has_eth = port_and_eth(key_text)
         linktype = pcapng.LINKTYPE_ETHERNET if has_eth or not key else pcapng.LINKTYPE_RAW
         heads = self._heads
-        head_key = (bytes(record[_PID_AT:_PKT_SIZE_AT]), bytes(record[_COMM_AT:HEADER_SIZE]),
+        head_key = (bytes(record[PID_OFFSET:_PKT_SIZE_AT]), bytes(record[_COMM_AT:HEADER_SIZE]),
                     port, linktype)
         head = heads.get(head_key)
         if head is None:

@@ -11,9 +11,29 @@ import bisect
 import struct
 from dataclasses import dataclass
 
-# ktime_ns, key_size, pid, tid, cpu, type, pkt_size, pkt_len, key_len, pkt_offset, flags,
-# comm, dpif; then key_len bytes of key, and pkt_len of packet from pkt_offset on.
-HEADER = struct.Struct("<QQIIIIIIIII16s64s")
+# struct upcall_record's header (recv_upcall.c), field by field; then key_len bytes of key,
+# and pkt_len of packet from pkt_offset on. Offsets and partial formats used elsewhere are
+# computed from this, so that a change to the layout is made here once.
+HEADER_FIELDS = (
+    ("ktime_ns", "Q"), ("key_size", "Q"), ("pid", "I"), ("tid", "I"), ("cpu", "I"),
+    ("type", "I"), ("pkt_size", "I"), ("pkt_len", "I"), ("key_len", "I"),
+    ("pkt_offset", "I"), ("flags", "I"), ("comm", "16s"), ("dpif", "64s"),
+)
+
+
+def header_format(before: str | None = None) -> str:
+    """The struct format of the header, or of its fields before the one named."""
+    names = [name for name, _ in HEADER_FIELDS]
+    end = names.index(before) if before is not None else len(names)
+    return "<" + "".join(code for _, code in HEADER_FIELDS[:end])
+
+
+def header_offset(name: str) -> int:
+    """offsetof(struct upcall_record, name)."""
+    return struct.calcsize(header_format(name))
+
+
+HEADER = struct.Struct(header_format())
 HEADER_SIZE = HEADER.size  # offsetof(struct upcall_record, data)
 KTIME = struct.Struct("<Q")
 
@@ -70,9 +90,9 @@ class Upcall:
 _CONTROLS = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)}
 
 
-PID_OFFSET = 16  # offsetof(struct upcall_record, pid)
-FLAGS_OFFSET = 44  # offsetof(struct upcall_record, flags)
-_DPIF_AT = 64  # offsetof(struct upcall_record, dpif)
+PID_OFFSET = header_offset("pid")
+FLAGS_OFFSET = header_offset("flags")
+_DPIF_AT = header_offset("dpif")
 U32 = struct.Struct("<I")
 _POINTER = struct.Struct("<Q")
 

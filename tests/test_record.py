@@ -1,0 +1,47 @@
+"""probe.record: a record whose dpif name the probe could not read (it left the name's
+address in the field), read back and completed as capture.DpifNames does."""
+
+from __future__ import annotations
+
+import upcalls
+from conftest import REPLAY_DIR
+from probe_records import probe_record
+
+from upcall_capture.probe.record import (
+    F_DPIF_UNREADABLE,
+    F_KEY_UNREADABLE,
+    HEADER,
+    HEADER_FIELDS,
+    parse,
+    unread_dpif_address,
+    with_dpif,
+)
+
+UPCALL = upcalls.read_records(REPLAY_DIR / "mixed.upc")[0]
+ADDRESS = 0x5555_1234_5678
+NAMES = [name for name, _ in HEADER_FIELDS]
+
+
+def unread_dpif_record(flags: int, gap: bytes) -> bytes:
+    """As recv_upcall.c submits it when the dpif name is not resident."""
+    record = probe_record(UPCALL, ktime_ns=7, gap=gap)
+    fields = dict(zip(NAMES, HEADER.unpack_from(record), strict=True))
+    fields.update(flags=flags, dpif=ADDRESS.to_bytes(8, "little"))
+    return HEADER.pack(*fields.values()) + record[HEADER.size:]
+
+
+def test_an_unread_dpif_name_is_found_by_its_address_and_filled_in():
+    # A gap moves pkt_offset off key_len: no field beside flags may be taken for it.
+    record = unread_dpif_record(F_DPIF_UNREADABLE | F_KEY_UNREADABLE, gap=b"\xee" * 6)
+    assert unread_dpif_address(record) == ADDRESS
+    completed = with_dpif(record, b"system@ovs-system")
+    assert unread_dpif_address(completed) is None
+    upcall = parse(completed)
+    assert upcall.dpif == "system@ovs-system"
+    assert upcall.flags == F_KEY_UNREADABLE
+    assert (upcall.key, upcall.packet) == (UPCALL.key, UPCALL.packet)
+    assert (upcall.thread, upcall.pid, upcall.ktime_ns) == ("handler1", 42, 7)
+
+
+def test_a_read_dpif_name_has_no_address():
+    assert unread_dpif_address(probe_record(UPCALL, ktime_ns=7, gap=b"\xee" * 6)) is None
