@@ -145,6 +145,19 @@ class _Described:
     tail: bytes
 
 
+def _packet_apart(out: bytearray, described: _Described, timestamp: int,
+                  packet: bytes | memoryview, original_length: int, dropped: int,
+                  extra_options: bytes = b"") -> None:
+    """A packet block built on its own rather than from the cached tail alone: one that
+    carries losses (epb_dropcount) or options of its own."""
+    described.interface.dropped += dropped
+    options = described.tail[:-len(_ENDOFOPT)] + extra_options
+    if dropped:
+        options += pcapng.dropcount_option(dropped)
+    out += pcapng.enhanced_packet(described.if_id, timestamp, bytes(packet), original_length,
+                                  options)
+
+
 class UpcallBlocks:
     """Turns batches of raw records into pcapng blocks for one section."""
 
@@ -234,8 +247,8 @@ class UpcallBlocks:
             described.interface.received += 1
             timestamp = ktime + offset
             if dropped:
-                self._dropped_packet(out, described, timestamp, record[packet_at:packet_end],
-                                     pkt_size, dropped)
+                _packet_apart(out, described, timestamp, record[packet_at:packet_end],
+                              pkt_size, dropped)
                 dropped = 0
                 continue
             pad = padding[pkt_len & 3]
@@ -253,14 +266,6 @@ class UpcallBlocks:
         self._misses = misses
         return out
 
-    @staticmethod
-    def _dropped_packet(out: bytearray, described: _Described, timestamp: int, packet,
-                        pkt_size: int, dropped: int) -> None:
-        described.interface.dropped += dropped
-        options = described.tail[:-len(_ENDOFOPT)] + pcapng.dropcount_option(dropped)
-        out += pcapng.enhanced_packet(described.if_id, timestamp, bytes(packet), pkt_size,
-                                      options)
-
     def _slow_packet(self, out: bytearray, record: bytes | memoryview, dropped: int,
                      extra_options: bytes = b"") -> _Described:
         """A packet built on its own: one that carries a note, or a record whose lengths
@@ -271,13 +276,8 @@ class UpcallBlocks:
         upcall = parse(record)
         described = self._describe(record, out)
         described.interface.received += 1
-        described.interface.dropped += dropped
-        options = described.tail[:-len(_ENDOFOPT)] + extra_options
-        if dropped:
-            options += pcapng.dropcount_option(dropped)
-        out += pcapng.enhanced_packet(described.if_id, upcall.ktime_ns + self.clock_offset_ns,
-                                      upcall.packet, max(upcall.pkt_size, len(upcall.packet)),
-                                      options)
+        _packet_apart(out, described, upcall.ktime_ns + self.clock_offset_ns, upcall.packet,
+                      max(upcall.pkt_size, len(upcall.packet)), dropped, extra_options)
         return described
 
     def _charge_to_last(self, dropped: int) -> None:

@@ -1,4 +1,4 @@
-"""The probe's record layout, and merging the per-CPU streams into probe-time order.
+"""The probe's record layout, and putting records from several CPUs into probe-time order.
 
 One struct format mirrors `struct upcall_record` in recv_upcall.c. Records are decoded
 here rather than by bcc: bcc 0.26's automatic event decoding rejects byte arrays, and
