@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import struct
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -86,8 +86,8 @@ def _align4(n: int) -> int:
     return (n + 3) & ~3
 
 
-def has_recv_upcall(probes: Iterable[Probe]) -> bool:
-    return any(p.provider == PROBE_PROVIDER and p.name == PROBE_NAME for p in probes)
+def is_recv_upcall(probe: Probe) -> bool:
+    return probe.provider == PROBE_PROVIDER and probe.name == PROBE_NAME
 
 
 # ---- processes (reads /proc) ----
@@ -160,7 +160,7 @@ def recv_upcall_sites(pid: int) -> list[Probe]:
             image = Path(path).read_bytes()
         except OSError:
             continue
-        sites += (p for p in stapsdt_probes(image) if has_recv_upcall([p]))
+        sites += filter(is_recv_upcall, stapsdt_probes(image))
     return sites
 
 
