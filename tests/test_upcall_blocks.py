@@ -12,7 +12,7 @@ import upcalls
 from conftest import REPLAY_DIR
 from probe_records import probe_record
 
-from upcall_capture import pcapng, upcall_blocks
+from upcall_capture import comment, pcapng, upcall_blocks
 from upcall_capture.flowkey import decode_key, format_key
 from upcall_capture.probe.record import parse
 from upcall_capture.upcall_blocks import UpcallBlocks, port_and_eth
@@ -60,7 +60,7 @@ def test_packets_are_the_plain_writers_blocks_byte_for_byte():
     assert len(packets) == len(SENT)
     for index, (packet, upcall) in enumerate(zip(packets, SENT, strict=True)):
         port = int(re.search(r"port (\d+)", interfaces[packet.interface_id].name).group(1))
-        text = upcall_blocks.comment(parse(raw[index]), format_key(upcall.key), port, None)
+        text = comment.text(parse(raw[index]), format_key(upcall.key), port, None)
         expected = pcapng.enhanced_packet(
             packet.interface_id, OFFSET + 1000 + index, upcall.packet, len(upcall.packet),
             pcapng.packet_options(comment=text, key=upcall.key))

@@ -84,6 +84,16 @@ _pack_endofopt_and_length = struct.Struct("<II").pack  # opt_endofopt (4 zero by
 _EPB_FIXED = 32  # 28-byte header and the 4-byte trailing length
 _ENDOFOPT = b"\0\0\0\0"
 
+# The pieces of an EPB, for a hot path that appends a batch's blocks to one buffer:
+# pack_epb_head(BLOCK_EPB, total, if_id, ts_hi, ts_lo, caplen, orig_len), the packet,
+# PADDING[caplen & 3], options closed by opt_endofopt (packet_tail), pack_block_end(total),
+# where total = EPB_FIXED + caplen + len(padding) + len(options).
+EPB_FIXED = _EPB_FIXED
+PADDING = _PADDING
+ENDOFOPT = _ENDOFOPT
+pack_epb_head = _pack_epb_head
+pack_block_end = _pack_u32
+
 
 def _encode_text(text: str | bytes) -> bytes:
     # pcapng strings must be valid UTF-8; lone surrogates (from undecodable names) are shown
@@ -180,6 +190,18 @@ def packet_options(
     return b"".join(parts)
 
 
+def packet_tail(comment: bytes, key: bytes) -> bytes:
+    """A commented, inbound packet's options with its key, closed by opt_endofopt: what
+    follows the packet and its padding. `comment` is UTF-8 already. The same bytes as
+    packet_options(comment=..., key=...) + ENDOFOPT, in one join."""
+    if len(comment) > _MAX_OPTION_LENGTH or len(key) + 4 > _MAX_OPTION_LENGTH:
+        raise ValueError("pcapng option over the 65535-byte limit")
+    return b"".join((
+        _pack_option_head(OPT_COMMENT, len(comment)), comment, _PADDING[len(comment) & 3],
+        _INBOUND_OPTION, _pack_option_head(OPT_CUSTOM_BINARY, len(key) + 4), _KEY_OPTION_PEN,
+        key, _PADDING[len(key) & 3], _ENDOFOPT))
+
+
 def enhanced_packet(
     interface_id: int, timestamp_ns: int, data: bytes, orig_len: int, options: bytes = b""
 ) -> bytes:
@@ -210,6 +232,33 @@ def enhanced_packet(
     except struct.error as err:
         raise ValueError(f"enhanced packet field out of range: {err}") from None
     return b"".join((head, data, pad, options, tail))
+
+
+_unpack_block_head = struct.Struct("<II").unpack_from
+_unpack_u32 = struct.Struct("<I").unpack_from
+_pack_into_u32 = struct.Struct("<I").pack_into
+
+
+def block_spans(buf: bytes | bytearray | memoryview) -> Iterator[tuple[int, int, int]]:
+    """(block type, offset, total length) of each block in little-endian blocks that this
+    module wrote: framing only, not checked (iter_blocks reads any file)."""
+    pos, end = 0, len(buf)
+    while pos + 8 <= end:
+        block_type, length = _unpack_block_head(buf, pos)
+        yield block_type, pos, length
+        pos += length
+
+
+def epb_interface(block: bytes | memoryview) -> int:
+    """The interface id of an enhanced packet block written here."""
+    return _unpack_u32(block, 8)[0]
+
+
+def with_epb_interface(block: bytes | memoryview, interface_id: int) -> bytearray:
+    """The enhanced packet block on another interface."""
+    moved = bytearray(block)
+    _pack_into_u32(moved, 8, interface_id)
+    return moved
 
 
 def interface_statistics(

@@ -7,28 +7,20 @@ files give packets only: their upcall fields are unknown (type -1, no key).
 
 from __future__ import annotations
 
-import re
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
 
-from upcall_capture import pcapng
+from upcall_capture import comment, pcapng
 from upcall_capture.errors import UsageError
+from upcall_capture.flowkey import format_key
+from upcall_capture.interfaces import InterfaceTable
 from upcall_capture.probe.record import Upcall
 from upcall_capture.view import CapturedUpcall
 
-_HEAD = re.compile(
-    r"^upcall (?P<type>\S+) dpif=(?P<dpif>\S*)(?: in_port=(?P<port>\d+)(?:\((?P<name>[^)]*)\))?)?"
-    r" pid=(?P<pid>\d+) tid=(?P<tid>\d+) thread=(?P<thread>\S*) cpu=(?P<cpu>\d+)"
-)
-_TYPES = {"miss": 0, "action": 1}
 _GZIP_MAGIC = b"\x1f\x8b"
 _PCAPNG_MAGIC = b"\x0a\x0d\x0d\x0a"
-
-
-def parse_comment_head(line: str) -> dict | None:
-    """The fields of a comment's first line, as upcall_blocks.comment() writes it."""
-    m = _HEAD.match(line)
-    return m.groupdict() if m else None
 
 
 def read_upcalls(path: str) -> Iterator[CapturedUpcall]:
@@ -65,33 +57,22 @@ def _from_pcapng(path: str, data: bytes) -> Iterator[CapturedUpcall]:
 
 def _upcall_from_block(block: pcapng.Packet, interface: pcapng.InterfaceDescription
                        ) -> CapturedUpcall:
-    comment = block.comments[0] if block.comments else ""
-    head = parse_comment_head(comment.split("\n", 1)[0])
+    said = comment.parse(block.comments[0]) if block.comments else None
     key = block.key or b""
-    if head:
+    if said:
         upcall = Upcall(
-            ktime_ns=0, pid=int(head["pid"]), tid=int(head["tid"]), cpu=int(head["cpu"]),
-            type=_TYPES.get(head["type"], int(head["type"]) if head["type"].isdigit() else -1),
-            dpif=head["dpif"], thread=head["thread"], flags=0,
-            key=key, key_size=_key_size(comment, len(key)),
+            ktime_ns=0, pid=said.pid, tid=said.tid, cpu=said.cpu, type=said.upcall_type,
+            dpif=said.dpif, thread=said.thread, flags=0,
+            key=key, key_size=said.key_size or len(key),
             packet=block.data, pkt_size=block.orig_len,
         )
-        port = int(head["port"]) if head["port"] else None
-        name = head["name"]
+        port, name = said.port, said.port_name
     else:
         upcall = Upcall(ktime_ns=0, pid=0, tid=0, cpu=0, type=-1, dpif="", thread="", flags=0,
                         key=key, key_size=len(key), packet=block.data, pkt_size=block.orig_len)
         port, name = None, None
     return CapturedUpcall(upcall, block.timestamp_ns or 0, interface.linktype,
                           interface.name or f"interface {block.interface_id}", port, name, block)
-
-
-_KEY_CUT = re.compile(r"\bkey (\d+) of (\d+) bytes")
-
-
-def _key_size(comment: str, captured: int) -> int:
-    m = _KEY_CUT.search(comment)
-    return int(m.group(2)) if m else captured
 
 
 def _from_pcap(path: str, data: bytes) -> Iterator[CapturedUpcall]:
@@ -115,41 +96,79 @@ def _from_pcap(path: str, data: bytes) -> Iterator[CapturedUpcall]:
 
 class Rewriter:
     """Blocks for a subset of a capture read back (-r with -w): the same packets,
-    comments, keys and interfaces, in a new section."""
+    comments, keys and interfaces, in a new section. A key the capture had no time to
+    decode gets its text now; `decoded` counts them."""
 
     def __init__(self, snaplen: int = 0) -> None:
         self.snaplen = snaplen
-        self._interfaces: dict[tuple[str, int], int] = {}
-        self.received: list[int] = []
-        self.dropped: list[int] = []  # the packets' epb_dropcounts, summed per interface
+        self.table = InterfaceTable()
+        self.decoded = 0
 
     def blocks(self, items: Iterable[CapturedUpcall]) -> bytes:
         out = []
+        table = self.table
         for item in items:
-            ident = (item.interface, item.linktype)
-            if_id = self._interfaces.get(ident)
+            identity = (item.interface, item.linktype)
+            if_id = table.find(identity)
             if if_id is None:
-                if_id = self._interfaces[ident] = len(self.received)
-                self.received.append(0)
-                self.dropped.append(0)
-                out.append(pcapng.interface_description(item.linktype, self.snaplen,
-                                                        name=item.interface))
-            self.received[if_id] += 1
+                description = pcapng.interface_description(item.linktype, self.snaplen,
+                                                           name=item.interface)
+                if_id = table.add(identity, description)
+                out.append(description)
+            interface = table.interfaces[if_id]
+            interface.received += 1
             block = item.packet_block
             options = b""
             if block is not None:
-                self.dropped[if_id] += block.dropcount or 0
+                interface.dropped += block.dropcount or 0
                 options = pcapng.packet_options(
-                    comment="\n\n".join(block.comments) or None, key=block.key,
+                    comment="\n\n".join(self._comments(item)) or None, key=block.key,
                     inbound=block.inbound, dropcount=block.dropcount)
             upcall = item.upcall
             out.append(pcapng.enhanced_packet(if_id, item.wall_ns, upcall.packet,
                                               upcall.pkt_size, options))
         return b"".join(out)
 
+    def _comments(self, item: CapturedUpcall) -> list[str]:
+        comments = item.packet_block.comments
+        said = comment.parse(comments[0]) if comments else None
+        if said is None or said.decoded or item.packet_block.key is None:
+            return comments
+        self.decoded += 1
+        upcall = item.upcall
+        return [comment.with_key_text(comments[0], format_key(upcall.key, upcall.key_size)),
+                *comments[1:]]
+
     def statistics(self, timestamp_ns: int) -> bytes:
-        return b"".join(
-            pcapng.interface_statistics(if_id, timestamp_ns, received=count, dropped=dropped)
-            for if_id, (count, dropped) in enumerate(zip(self.received, self.dropped,
-                                                         strict=True))
-        )
+        return self.table.statistics(timestamp_ns)
+
+
+@dataclass(frozen=True)
+class ReadBack:
+    count: int  # upcalls selected
+    decoded: int  # keys that the capture had not decoded, written with their text
+
+
+def read_back(items: Iterable[CapturedUpcall], *,
+              keep: Callable[[CapturedUpcall], bool] | None = None, sink=None,
+              consumers: Iterable[Callable[[list[CapturedUpcall]], None]] = (),
+              limit: int | None = None, batch_size: int = 1000) -> ReadBack:
+    """-r: the upcalls `keep` selects (the first `limit` of them), in batches, to each
+    consumer (lines, statistics) and, with a sink, into a new section written to it."""
+    if keep is not None:
+        items = filter(keep, items)
+    items = iter(items if limit is None else islice(items, limit))
+    rewriter = Rewriter() if sink is not None else None
+    consumers = list(consumers)
+    count = 0
+    last_ns = 0
+    while batch := list(islice(items, batch_size)):
+        if rewriter is not None:
+            sink.write(rewriter.blocks(batch))
+        for consume in consumers:
+            consume(batch)
+        count += len(batch)
+        last_ns = batch[-1].wall_ns
+    if rewriter is not None:
+        sink.write(rewriter.statistics(last_ns))
+    return ReadBack(count, rewriter.decoded if rewriter is not None else 0)

@@ -13,6 +13,11 @@ Pure (bytes in, bytes out). This is the hot path of a capture:
 Records whose lengths disagree with their bytes (which the probe never makes) take a
 slow path that still writes a well-formed block; so does the one packet that carries a
 note (note_next), while every other packet pays nothing for the feature.
+
+With `decode=False` (the capture is overloaded: see workers.py), an upcall whose key is
+not in the cache is written without the key's text, which is the expensive part: its
+comment says so and its raw key is kept, and the interface comes from the key's shape
+(flowkey.port_and_eth). Such packets are counted in `undecoded`.
 """
 
 from __future__ import annotations
@@ -21,14 +26,13 @@ import struct
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from upcall_capture import pcapng
-from upcall_capture.flowkey import decode_key, format_key
+from upcall_capture import comment, pcapng
+from upcall_capture.flowkey import decode_key, format_key, shape_port_and_eth
+from upcall_capture.interfaces import Interface, InterfaceTable
 from upcall_capture.probe.record import (
-    FLAG_NAMES,
     FLAGS_OFFSET,
     HEADER_SIZE,
     PID_OFFSET,
-    Upcall,
     header_format,
     header_offset,
     parse,
@@ -77,15 +81,6 @@ def _find_attribute(text: str, name: str, *, last: bool) -> int:
 PortNamer = Callable[[str, int], "str | None"]
 
 
-@dataclass
-class Interface:
-    dpif: str
-    port: int | None
-    linktype: int
-    received: int = 0
-    dropped: int = 0
-
-
 def interface_name(dpif: str, port: int | None, port_name: str | None) -> str:
     if port_name:
         return f"{port_name} ({dpif})"
@@ -94,45 +89,11 @@ def interface_name(dpif: str, port: int | None, port_name: str | None) -> str:
     return f"port {port} ({dpif})"
 
 
-def comment_head(upcall: Upcall, port: int | None, port_name: str | None) -> str:
-    """The comment's first line: what the upcall was, and where."""
-    where = "" if port is None else f" in_port={port}" + (f"({port_name})" if port_name else "")
-    return (f"upcall {upcall.type_name} dpif={upcall.dpif}{where} pid={upcall.pid} "
-            f"tid={upcall.tid} thread={upcall.thread} cpu={upcall.cpu}")
-
-
-def comment(upcall: Upcall, key_text: str, port: int | None, port_name: str | None) -> str:
-    """The packet comment: what the upcall was, then its key as OVS prints it."""
-    lines = [comment_head(upcall, port, port_name), key_text]
-    cut = []
-    if len(upcall.packet) < upcall.pkt_size:
-        cut.append(f"packet {len(upcall.packet)} of {upcall.pkt_size} bytes")
-    if len(upcall.key) < upcall.key_size:
-        cut.append(f"key {len(upcall.key)} of {upcall.key_size} bytes")
-    if cut:
-        lines.append("truncated: " + ", ".join(cut))
-    unreadable = [name for flag, name in FLAG_NAMES.items() if upcall.flags & flag]
-    if unreadable:
-        lines.append("probe could not read: " + ", ".join(unreadable))
-    return "\n".join(lines)
-
-
-# EPB head: type, total length, interface, timestamp high and low, captured and original
-# lengths; then the packet, padding, the cached options and the closing total length.
-_EPB_HEAD = struct.Struct("<IIIIIII")
-_EPB_TAIL = struct.Struct("<I")
-_EPB_FIXED = 32  # 28-byte head and the 4-byte trailing length
 # What _describe reads of a record: its numbers and flags (all but the names); and where
 # the parts of the header that the comment's first line depends on start.
 _DESCRIBE = struct.Struct(header_format("comm"))
 _PKT_SIZE_AT, _COMM_AT = header_offset("pkt_size"), header_offset("comm")
-_OPTION_HEAD = struct.Struct("<HH")
-_MAX_OPTION_LENGTH = 0xFFFF
-_KEY_PEN = struct.pack("<I", pcapng.KEY_OPTION_PEN)
-# epb_flags (inbound) comes between the comment and the key, as packet_options() puts it.
-_INBOUND_AND_KEY_HEAD = pcapng.packet_options(inbound=True)
-_ENDOFOPT = b"\0\0\0\0"
-_PADDING = (b"", b"\0\0\0", b"\0\0", b"\0")  # after n bytes of packet, by n % 4
+_NOT_DECODED = comment.NOT_DECODED.encode()
 
 
 @dataclass(frozen=True, slots=True)
@@ -143,6 +104,7 @@ class _Described:
     if_id: int
     interface: Interface
     tail: bytes
+    decoded: bool  # False: written without the key's text (not cached)
 
 
 def _packet_apart(out: bytearray, described: _Described, timestamp: int,
@@ -151,7 +113,7 @@ def _packet_apart(out: bytearray, described: _Described, timestamp: int,
     """A packet block built on its own rather than from the cached tail alone: one that
     carries losses (epb_dropcount) or options of its own."""
     described.interface.dropped += dropped
-    options = described.tail[:-len(_ENDOFOPT)] + extra_options
+    options = described.tail[:-len(pcapng.ENDOFOPT)] + extra_options
     if dropped:
         options += pcapng.dropcount_option(dropped)
     out += pcapng.enhanced_packet(described.if_id, timestamp, bytes(packet), original_length,
@@ -159,16 +121,21 @@ def _packet_apart(out: bytearray, described: _Described, timestamp: int,
 
 
 class UpcallBlocks:
-    """Turns batches of raw records into pcapng blocks for one section."""
+    """Turns batches of raw records into pcapng blocks for one section.
+
+    `table` holds the section's interfaces; a worker passes its copy of the main
+    process's. `emitted` lists the ids of the interfaces whose IDBs the last batch wrote.
+    """
 
     def __init__(self, *, snaplen: int, clock_offset_ns: int, port_name: PortNamer,
-                 if_filter: str | None = None) -> None:
+                 if_filter: str | None = None, table: InterfaceTable | None = None) -> None:
         self.snaplen = snaplen
         self.clock_offset_ns = clock_offset_ns
         self.port_name = port_name
         self.if_filter = if_filter
-        self.interfaces: list[Interface] = []
-        self._interface_ids: dict[tuple[str, int | None, int], int] = {}
+        self.table = InterfaceTable() if table is None else table
+        self.emitted: list[int] = []
+        self.undecoded = 0  # packets written without their key's text
         # Two generations, as in flowkey.KeyCache: hits come from the recent one or are
         # promoted from the older one; a full recent one becomes the older one.
         self._described: dict[tuple, _Described] = {}
@@ -183,27 +150,41 @@ class UpcallBlocks:
         # A comment option for the next packet alone (note_next), or None.
         self._note: bytes | None = None
 
+    @property
+    def interfaces(self) -> list[Interface]:
+        return self.table.interfaces
+
+    @property
+    def last_interface(self) -> Interface | None:
+        """The interface of the last packet written."""
+        return self._last_interface
+
     def note_next(self, text: str) -> None:
         """Give the next packet `text` as a comment of its own, after its usual one (which
         stays first, as readers of these files expect): say what happened before it."""
         self._note = pcapng.packet_options(comment=text, inbound=False)
 
-    def packets(self, records: Sequence[bytes | memoryview], dropped: int = 0) -> bytearray:
+    def packets(self, records: Sequence[bytes | memoryview], dropped: int = 0, *,
+                decode: bool = True) -> bytearray:
         """Blocks for records in time order (a bytearray: copying a batch of megabytes
-        into bytes would only cost time and memory).
+        into bytes would only cost time and memory). `decode=False`: keys not in the
+        cache are written without their text.
 
         `dropped` are losses since the previous call. They happened before these records,
         so the first packet carries them as its epb_dropcount, with any still pending;
         without a record they wait for the next packet, or for statistics()."""
         out = bytearray()
+        self.emitted = []
+        describe = self._describe if decode else self._describe_undecoded
         dropped += self._pending_drops
         self._pending_drops = 0
         cache = self._described
         offset = self.clock_offset_ns
         unpack = _NUMBERS.unpack_from
-        pack_head = _EPB_HEAD.pack
-        pack_tail = _EPB_TAIL.pack
-        padding = _PADDING
+        pack_head = pcapng.pack_epb_head
+        pack_end = pcapng.pack_block_end
+        padding = pcapng.PADDING
+        fixed = pcapng.EPB_FIXED
         misses, scan_after, scan_sample = self._misses, SCAN_AFTER_MISSES, SCAN_SAMPLE
         described = None
         if self._note is not None and records:
@@ -222,7 +203,7 @@ class UpcallBlocks:
                 dropped = 0
                 continue
             if misses >= scan_after and misses % scan_sample:
-                described = self._describe(record, out)
+                described = describe(record, out)
                 misses += 1
             else:
                 # What the comment and interface depend on: the flags, thread, dpif and
@@ -234,14 +215,15 @@ class UpcallBlocks:
                 if described is None:
                     described = self._described_older.get(cache_key)
                     if described is None:
-                        described = self._describe(record, out)
+                        described = describe(record, out)
                         misses += 1
                     else:
                         misses = 0
-                    if len(cache) >= MAX_CACHED_OPTIONS // 2:
-                        self._described_older = cache
-                        cache = self._described = {}
-                    cache[cache_key] = described
+                    if described.decoded:
+                        if len(cache) >= MAX_CACHED_OPTIONS // 2:
+                            self._described_older = cache
+                            cache = self._described = {}
+                        cache[cache_key] = described
                 else:
                     misses = 0
             described.interface.received += 1
@@ -253,13 +235,13 @@ class UpcallBlocks:
                 continue
             pad = padding[pkt_len & 3]
             tail = described.tail
-            total = _EPB_FIXED + pkt_len + len(pad) + len(tail)
+            total = fixed + pkt_len + len(pad) + len(tail)
             out += pack_head(pcapng.BLOCK_EPB, total, described.if_id, timestamp >> 32,
                              timestamp & 0xFFFFFFFF, pkt_len, pkt_size)
             out += record[packet_at:packet_end]
             out += pad
             out += tail
-            out += pack_tail(total)
+            out += pack_end(total)
         if described is not None:
             self._last_interface = described.interface
         self._pending_drops = dropped
@@ -282,7 +264,8 @@ class UpcallBlocks:
 
     def _charge_to_last(self, dropped: int) -> None:
         """Losses after the last packet: no later packet carries them, so the ISB does."""
-        interface = self._last_interface or (self.interfaces[-1] if self.interfaces else None)
+        interfaces = self.table.interfaces
+        interface = self._last_interface or (interfaces[-1] if interfaces else None)
         if interface is not None:
             interface.dropped += dropped
         else:
@@ -296,14 +279,45 @@ class UpcallBlocks:
         comment's first line, interface and port name from a cache of their own, as
         they depend only on the thread, dpif and port.
         """
+        key = self._plain_key(record)
+        if key is None:
+            return self._describe_in_full(record, out)
+        key_text = format_key(key)
+        port, has_eth = port_and_eth(key_text)
+        if_id, head_text = self._head(record, port, comment.linktype(has_eth, key), out)
+        text = head_text + key_text.encode()
+        try:
+            tail = pcapng.packet_tail(text, key)
+        except ValueError:
+            return self._describe_in_full(record, out)  # which says what is wrong
+        return _Described(if_id, self.table.interfaces[if_id], tail, True)
+
+    def _describe_undecoded(self, record: bytes | memoryview, out: bytearray) -> _Described:
+        """As _describe, without the key's text; where the key's shape is not known yet,
+        or the record is unusual, it is decoded after all (and its shape learnt)."""
+        key = self._plain_key(record)
+        where = None if key is None else shape_port_and_eth(key)
+        if where is None:
+            return self._describe(record, out)
+        port, has_eth = where
+        if_id, head_text = self._head(record, port, comment.linktype(has_eth, key), out)
+        self.undecoded += 1
+        return _Described(if_id, self.table.interfaces[if_id],
+                          pcapng.packet_tail(head_text + _NOT_DECODED, key), False)
+
+    @staticmethod
+    def _plain_key(record: bytes | memoryview) -> bytes | None:
+        """The key of a record with nothing cut or unreadable, else None."""
         (_, key_size, _, _, _, _, pkt_size, pkt_len, key_len, _,
          flags) = _DESCRIBE.unpack_from(record)
         if flags or key_len != key_size or pkt_len != pkt_size:
-            return self._describe_in_full(record, out)
-        key = bytes(record[HEADER_SIZE:HEADER_SIZE + key_len])
-        key_text = format_key(key, key_size)
-        port, has_eth = port_and_eth(key_text)
-        linktype = pcapng.LINKTYPE_ETHERNET if has_eth or not key else pcapng.LINKTYPE_RAW
+            return None
+        return bytes(record[HEADER_SIZE:HEADER_SIZE + key_len])
+
+    def _head(self, record: bytes | memoryview, port: int | None, linktype: int,
+              out: bytearray) -> tuple[int, bytes]:
+        """The interface id and the comment's first line (with its newline), cached by
+        what they depend on."""
         heads = self._heads
         head_key = (bytes(record[PID_OFFSET:_PKT_SIZE_AT]), bytes(record[_COMM_AT:HEADER_SIZE]),
                     port, linktype)
@@ -314,56 +328,44 @@ class UpcallBlocks:
             if_id = self._interface(upcall.dpif, port, linktype, name, out)
             if len(heads) >= MAX_CACHED_HEADS:
                 heads.clear()
-            first_line = comment_head(upcall, port, name) + "\n"
+            first_line = comment.head(upcall, port, name) + "\n"
             head = heads[head_key] = (if_id, first_line.encode("utf-8", "backslashreplace"))
-        if_id, head_text = head
-        text = head_text + key_text.encode()
-        if len(text) > _MAX_OPTION_LENGTH:
-            return self._describe_in_full(record, out)  # which says what is wrong
-        tail = b"".join((
-            _OPTION_HEAD.pack(pcapng.OPT_COMMENT, len(text)), text, _PADDING[len(text) & 3],
-            _INBOUND_AND_KEY_HEAD, _OPTION_HEAD.pack(pcapng.OPT_CUSTOM_BINARY, len(key) + 4),
-            _KEY_PEN, key, _PADDING[len(key) & 3], _ENDOFOPT))
-        return _Described(if_id, self.interfaces[if_id], tail)
+        return head
 
     def _describe_in_full(self, record: bytes | memoryview, out: bytearray) -> _Described:
         upcall = parse(record)
         decoded = decode_key(upcall.key, upcall.key_size)
         port = decoded.fields.get("in_port")
-        linktype = pcapng.LINKTYPE_ETHERNET if "eth.src" in decoded.fields or not upcall.key \
-            else pcapng.LINKTYPE_RAW
+        linktype = comment.linktype("eth.src" in decoded.fields, upcall.key)
         name = self.port_name(upcall.dpif, port) if port is not None else None
         if_id = self._interface(upcall.dpif, port, linktype, name, out)
-        text = comment(upcall, decoded.text, port, name)
+        text = comment.text(upcall, decoded.text, port, name)
         options = pcapng.packet_options(comment=text, key=upcall.key)
-        return _Described(if_id, self.interfaces[if_id], options + _ENDOFOPT)
+        return _Described(if_id, self.table.interfaces[if_id], options + pcapng.ENDOFOPT, True)
 
     def _interface(self, dpif: str, port: int | None, linktype: int, name: str | None,
                    out: bytearray) -> int:
-        ident = (dpif, port, linktype)
-        if_id = self._interface_ids.get(ident)
+        identity = (dpif, port, linktype)
+        if_id = self.table.find(identity)
         if if_id is None:
-            if_id = self._interface_ids[ident] = len(self.interfaces)
-            self.interfaces.append(Interface(dpif, port, linktype))
-            out += pcapng.interface_description(
+            description = pcapng.interface_description(
                 linktype, self.snaplen, name=interface_name(dpif, port, name),
                 filter=self.if_filter,
             )
+            if_id = self.table.add(identity, description)
+            self.emitted.append(if_id)
+            out += description
         return if_id
 
     def statistics(self, ktime_ns: int, *, start_ktime_ns: int) -> bytes:
         """One ISB per interface, for the end of the section."""
+        self.settle_drops()
+        offset = self.clock_offset_ns
+        return self.table.statistics(ktime_ns + offset, start_ns=start_ktime_ns + offset,
+                                     end_ns=ktime_ns + offset, filtered=bool(self.if_filter))
+
+    def settle_drops(self) -> None:
+        """Losses that no packet came after to carry: the last packet's interface has them."""
         if self._pending_drops:
             self._charge_to_last(self._pending_drops)
             self._pending_drops = 0
-        return b"".join(
-            pcapng.interface_statistics(
-                if_id, ktime_ns + self.clock_offset_ns,
-                received=interface.received, dropped=interface.dropped,
-                # With a filter, every packet an interface received passed it.
-                filter_accept=interface.received if self.if_filter else None,
-                start_ns=start_ktime_ns + self.clock_offset_ns,
-                end_ns=ktime_ns + self.clock_offset_ns,
-            )
-            for if_id, interface in enumerate(self.interfaces)
-        )

@@ -14,7 +14,7 @@ from typing import TextIO
 
 import dpkt
 
-from upcall_capture import pcapng
+from upcall_capture import comment, pcapng
 from upcall_capture.flowkey import KeyCache, decode_key
 from upcall_capture.probe.record import Upcall, parse
 from upcall_capture.upcall_blocks import interface_name
@@ -35,21 +35,14 @@ class CapturedUpcall:
     packet_block: pcapng.Packet | None = None  # when read back from our own pcapng
 
 
-def linktype_of(key: bytes, fields: dict) -> int:
-    """Ethernet, or raw IP for an L3 upcall: a key without an eth() attribute."""
-    if not key or "eth.src" in fields:
-        return pcapng.LINKTYPE_ETHERNET
-    return pcapng.LINKTYPE_RAW
-
-
 def from_record(record: bytes, clock_offset_ns: int, port_name: PortNamer) -> CapturedUpcall:
     upcall = parse(record)
     fields = decode_key(upcall.key, upcall.key_size).fields
     port = fields.get("in_port")
     name = port_name(upcall.dpif, port) if port is not None else None
     return CapturedUpcall(upcall, upcall.ktime_ns + clock_offset_ns,
-                          linktype_of(upcall.key, fields), interface_name(upcall.dpif, port, name),
-                          port, name)
+                          comment.linktype("eth.src" in fields, upcall.key),
+                          interface_name(upcall.dpif, port, name), port, name)
 
 
 def packet_summary(packet: bytes, linktype: int) -> str:
@@ -171,7 +164,10 @@ class ConsoleOutput:
         self.port_name = port_name
         self.ended: str | None = None
 
-    def packets(self, records: list[bytes], dropped: int = 0) -> None:
+    def prepare(self, records, dropped: int) -> None:
+        return None
+
+    def packets(self, records, dropped: int = 0, prepared: object = None) -> None:
         self._show((from_record(r, self.clock_offset_ns, self.port_name) for r in records),
                    f"{dropped} upcalls lost" if dropped else None)
 

@@ -17,7 +17,14 @@ import struct
 from collections.abc import Callable
 from typing import Any
 
-from upcall_capture.flowkey.layouts import TEMPLATE_GLOBALS, Fields, expand, fstring
+from upcall_capture.flowkey.layouts import (
+    ETHERNET,
+    IN_PORT,
+    TEMPLATE_GLOBALS,
+    Fields,
+    expand,
+    fstring,
+)
 from upcall_capture.flowkey.walk import (
     CALL,
     CONST,
@@ -33,6 +40,7 @@ from upcall_capture.flowkey.walk import (
 MAX_COMPILED_PIECES = 400
 
 TextFn = Callable[[bytes, int], str]
+_U32 = struct.Struct("<I").unpack_from
 DecodeFn = Callable[[bytes, int], tuple[str, Fields]]
 
 
@@ -107,15 +115,25 @@ def _compile(plan: Plan, with_fields: bool) -> Callable[..., Any]:
 class CompiledShape:
     """One key shape: how to recognise it, and its text (and decode) functions."""
 
-    __slots__ = ("headers", "check", "text", "_plan", "_decode")
+    __slots__ = ("headers", "check", "text", "port_at", "has_eth", "_plan", "_decode")
 
     def __init__(self, plan: Plan) -> None:
         fmt, _ = _gather([(offset, "I", "h") for offset, _ in plan.headers], "<")
         self.check = struct.Struct(fmt).unpack_from
         self.headers = tuple(header for _, header in plan.headers)
         self.text: TextFn = _compile(plan, with_fields=False)
+        # Where the text's in_port() is printed from (the last one, as in the fields),
+        # and whether it has an eth(): the same at every key of the shape.
+        layouts = [(piece[1], piece[2]) for piece in plan.pieces if piece[0] == LAYOUT]
+        self.port_at = next((offset for layout, offset in reversed(layouts)
+                             if layout is IN_PORT), None)
+        self.has_eth = any(layout is ETHERNET for layout, _ in layouts)
         self._plan = plan
         self._decode: DecodeFn | None = None
+
+    def port_and_eth(self, data: bytes) -> tuple[int | None, bool]:
+        port = None if self.port_at is None else _U32(data, self.port_at)[0]
+        return port, self.has_eth
 
     def decode(self, data: bytes, full_len: int) -> tuple[str, Fields]:
         if self._decode is None:
@@ -146,6 +164,12 @@ class ShapeCache:
             if shape.check(data) == shape.headers:
                 return shape
         return None
+
+    def port_and_eth(self, data: bytes) -> tuple[int | None, bool] | None:
+        """The in_port and whether there is an eth() of a whole key whose shape is
+        compiled, without its text; None for any other key."""
+        shape = self._find(data, len(data))
+        return None if shape is None else shape.port_and_eth(data)
 
     def text(self, data: bytes, full_len: int) -> str:
         shape = self._find(data, full_len)

@@ -1,0 +1,104 @@
+"""The packet comment: what an upcall was, written for each packet and read back by -r.
+
+Pure text. The comment's lines, in order:
+1. the head: `upcall miss dpif=system@ovs-system in_port=2(veth-a) pid=.. tid=.. thread=..
+   cpu=..`;
+2. the key as OVS prints it, or, when the capture was too busy to decode it, the
+   NOT_DECODED line (the raw key is in the packet's key option, and `-r FILE -w NEW`
+   writes the text in);
+3. maybe `truncated: packet C of N bytes, key C of N bytes`;
+4. maybe `probe could not read: ...`.
+
+The link-type rule lives here too, since the comment's in_port and the packet's interface
+come from the same reading of the key: a key without an eth() attribute is an L3 upcall,
+whose packet starts at the IP header.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from upcall_capture import pcapng
+from upcall_capture.probe.record import FLAG_NAMES, UPCALL_TYPES, Upcall
+
+NOT_DECODED = ("key not decoded: the capture was overloaded "
+               "(the raw key is kept; upcall-capture -r FILE -w NEW adds the text)")
+
+_TYPE_NUMBERS = {name: number for number, name in UPCALL_TYPES.items()}
+_HEAD = re.compile(
+    r"^upcall (?P<type>\S+) dpif=(?P<dpif>\S*)(?: in_port=(?P<port>\d+)(?:\((?P<name>[^)]*)\))?)?"
+    r" pid=(?P<pid>\d+) tid=(?P<tid>\d+) thread=(?P<thread>\S*) cpu=(?P<cpu>\d+)"
+)
+_KEY_CUT = re.compile(r"\bkey (\d+) of (\d+) bytes")
+
+
+def linktype(has_eth: bool, key: bytes) -> int:
+    """Ethernet, or raw IP for an L3 upcall (a key without eth(); an empty key is taken
+    for Ethernet, as nothing says otherwise)."""
+    return pcapng.LINKTYPE_ETHERNET if has_eth or not key else pcapng.LINKTYPE_RAW
+
+
+def head(upcall: Upcall, port: int | None, port_name: str | None) -> str:
+    """The first line: what the upcall was, and where."""
+    where = "" if port is None else f" in_port={port}" + (f"({port_name})" if port_name else "")
+    return (f"upcall {upcall.type_name} dpif={upcall.dpif}{where} pid={upcall.pid} "
+            f"tid={upcall.tid} thread={upcall.thread} cpu={upcall.cpu}")
+
+
+def text(upcall: Upcall, key_text: str | None, port: int | None, port_name: str | None) -> str:
+    """The whole comment; `key_text` None when the key was not decoded."""
+    lines = [head(upcall, port, port_name), NOT_DECODED if key_text is None else key_text]
+    cut = []
+    if len(upcall.packet) < upcall.pkt_size:
+        cut.append(f"packet {len(upcall.packet)} of {upcall.pkt_size} bytes")
+    if len(upcall.key) < upcall.key_size:
+        cut.append(f"key {len(upcall.key)} of {upcall.key_size} bytes")
+    if cut:
+        lines.append("truncated: " + ", ".join(cut))
+    unreadable = [name for flag, name in FLAG_NAMES.items() if upcall.flags & flag]
+    if unreadable:
+        lines.append("probe could not read: " + ", ".join(unreadable))
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True, slots=True)
+class ReadBack:
+    """What a comment written by `text` says, read back."""
+
+    upcall_type: int
+    dpif: str
+    port: int | None
+    port_name: str | None
+    pid: int
+    tid: int
+    thread: str
+    cpu: int
+    key_size: int | None  # the key's real length, when the comment says it was cut
+    decoded: bool  # False: the key line is NOT_DECODED
+
+
+def parse(comment: str) -> ReadBack | None:
+    """The fields of one of our comments, or None for any other text."""
+    lines = comment.split("\n")
+    found = _HEAD.match(lines[0])
+    if found is None:
+        return None
+    fields = found.groupdict()
+    kind = fields["type"]
+    cut = next((m for line in lines[2:] if line.startswith("truncated: ")
+                and (m := _KEY_CUT.search(line))), None)
+    return ReadBack(
+        upcall_type=_TYPE_NUMBERS.get(kind, int(kind) if kind.isdigit() else -1),
+        dpif=fields["dpif"], port=int(fields["port"]) if fields["port"] else None,
+        port_name=fields["name"], pid=int(fields["pid"]), tid=int(fields["tid"]),
+        thread=fields["thread"], cpu=int(fields["cpu"]),
+        key_size=int(cut.group(2)) if cut else None,
+        decoded=len(lines) < 2 or lines[1] != NOT_DECODED,
+    )
+
+
+def with_key_text(comment: str, key_text: str) -> str:
+    """A comment whose key was not decoded, with the key's text in its place."""
+    first, rest = comment.split("\n", 1)
+    return "\n".join((first, key_text, *rest.split("\n")[1:]))
