@@ -68,10 +68,12 @@ class Follower:
 
     def __init__(self, first: Process, *, same_exe: bool,
                  make_probe: Callable[[int], AttachableProbe],
-                 say: Callable[[str], None]) -> None:
+                 say: Callable[[str], None],
+                 attached: Callable[[int], None] = lambda pid: None) -> None:
         self.current = first
         self.same_exe = same_exe
         self.make_probe = make_probe
+        self.attached = attached  # called with the successor's pid once its probe is on
         self.say = say
         self.restarts = 0
         self._started = start_ticks(first.pid) or 0
@@ -146,6 +148,7 @@ class Follower:
             probe.close()
             self._pass_over(candidate, err)
             return None
+        self.attached(candidate.pid)
         return probe, candidate
 
     def _pass_over(self, candidate: Process, err: UsageError) -> None:

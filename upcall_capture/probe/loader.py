@@ -68,58 +68,6 @@ def check_environment() -> None:
         )
 
 
-# glibc's mallopt() parameters, and the values the capture wants.
-_M_TRIM_THRESHOLD = -1
-_M_MMAP_THRESHOLD = -3
-_MMAP_THRESHOLD_BYTES = 8 << 20
-_TRIM_THRESHOLD_BYTES = 32 << 20
-
-
-def tune_malloc() -> None:
-    """Serve the capture's recurring buffers from a heap that keeps its pages.
-
-    A capture allocates and frees buffers of up to a few megabytes (ring copies, block
-    batches) hundreds of times a second. By default glibc gives many of them pages of
-    their own, or trims the heap under them, and every new page is a page fault: that was
-    an eighth of the tool's CPU time in an upcall storm. Every such buffer is bounded
-    (ring_buffer.READ_LIMIT, the output queue), so a heap that keeps up to 32 MB of free
-    pages stays small. Fixing the mmap threshold also stops glibc from raising it.
-    """
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-        mallopt(_M_MMAP_THRESHOLD, _MMAP_THRESHOLD_BYTES)
-        mallopt(_M_TRIM_THRESHOLD, _TRIM_THRESHOLD_BYTES)
-    except (OSError, AttributeError):  # not glibc: nothing to tune
-        pass
-
-
-# madvise(2): reclaim these pages now (Linux 5.4 and later).
-_MADV_PAGEOUT = 21
-# The compiler bcc links: needed to build the BPF program, not to run it.
-_COMPILER_LIBRARIES = ("libLLVM", "libclang")
-
-
-def release_compiler_pages() -> None:
-    """Give back the resident pages of LLVM's and clang's code once the program is loaded.
-
-    They are some 80 MB of the tool's resident memory, half of the budget, and nothing
-    runs them again. They are clean file pages: were they needed after all, they would be
-    read back in. Where madvise cannot do it, nothing changes.
-    """
-    libc = ctypes.CDLL(None)
-    libc.madvise.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int)
-    try:
-        with open("/proc/self/maps") as maps:
-            lines = maps.readlines()
-    except OSError:
-        return
-    for line in lines:
-        fields = line.split()
-        if len(fields) >= 6 and any(name in fields[5] for name in _COMPILER_LIBRARIES):
-            start, end = (int(value, 16) for value in fields[0].split("-"))
-            libc.madvise(start, end - start, _MADV_PAGEOUT)
-
-
 def _import_bcc():
     try:
         import bcc
@@ -146,7 +94,6 @@ class RecvUpcallProbe:
 
     def attach(self) -> None:
         bcc = _import_bcc()
-        tune_malloc()
         usdt = bcc.USDT(pid=self.pid)
         try:
             usdt.enable_probe(probe=f"{PROBE_PROVIDER}:{PROBE_NAME}", fn_name="trace_recv_upcall")
@@ -166,8 +113,6 @@ class RecvUpcallProbe:
         except Exception as err:
             raise UsageError(f"cannot load the BPF program: {err}") from None
         self._bpf["control"][ctypes.c_int(0)] = ctypes.c_uint32(0)
-        # Nothing runs the compiler again: give its pages back.
-        release_compiler_pages()
         events = self._bpf["events"]
         try:
             self._buffer = RingBuffer(events.map_fd, events.max_entries)
