@@ -34,7 +34,7 @@ def test_direct_writes_leave_exactly_the_bytes_written(tmp_path):
 
 def test_batches_are_handled_in_order_in_pieces():
     seen = []
-    thread = OutputThread(lambda batch, dropped: seen.append((list(batch), dropped)),
+    thread = OutputThread(lambda batch, dropped, _: seen.append((list(batch), dropped)),
                           max_batch=3)
     thread.put(list(range(7)), dropped=5)
     thread.put([], dropped=2)  # losses alone still go through
@@ -44,7 +44,7 @@ def test_batches_are_handled_in_order_in_pieces():
 
 
 def test_an_error_in_the_output_reaches_the_reader():
-    def fail(batch, dropped):
+    def fail(batch, dropped, prepared):
         raise RuntimeError("output broke")
 
     thread = OutputThread(fail)
@@ -55,7 +55,7 @@ def test_an_error_in_the_output_reaches_the_reader():
 
 def test_the_queue_is_bounded():
     release = threading.Event()
-    thread = OutputThread(lambda batch, dropped: release.wait(), max_pending=4, max_batch=4)
+    thread = OutputThread(lambda batch, dropped, _: release.wait(), max_pending=4, max_batch=4)
     thread.put([1, 2, 3, 4])  # taken by the thread, which now waits
     blocked = threading.Thread(target=thread.put, args=([5],))
     blocked.start()

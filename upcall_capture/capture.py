@@ -10,14 +10,14 @@ gap carrying a note; counters are summed over the probes.
 
 from __future__ import annotations
 
-import gc
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
 from upcall_capture.errors import CaptureError, UsageError
 from upcall_capture.follow import Follower
+from upcall_capture.interfaces import InterfaceTable, adopt_batch
 from upcall_capture.probe.loader import Counters, RecvUpcallProbe
 from upcall_capture.probe.record import (
     F_DPIF_UNREADABLE,
@@ -33,6 +33,7 @@ from upcall_capture.probe.record import (
 from upcall_capture.sink import OutputThread, Sink
 from upcall_capture.target import is_alive, read_cstring
 from upcall_capture.upcall_blocks import UpcallBlocks
+from upcall_capture.workers import BlockSettings, WorkerPool
 
 # How often to look whether the traced process is still there.
 LIVENESS_INTERVAL_NS = 250_000_000
@@ -43,7 +44,8 @@ class Output(Protocol):
     # Why the output can take no more (its reader left, a write failed), or None.
     ended: str | None
 
-    def packets(self, records: list[bytes], dropped: int = 0) -> None: ...
+    def prepare(self, records: Sequence[bytes], dropped: int) -> object: ...
+    def packets(self, records: Sequence[bytes], dropped: int, prepared: object) -> None: ...
     def finish(self, end_ktime_ns: int, start_ktime_ns: int) -> None: ...
     def gap(self, note: str) -> None: ...  # --follow resumed after the traced process exited
 
@@ -146,18 +148,105 @@ def rotated_name(path: str, index: int, ring: int | None) -> str:
     return path + number
 
 
+class InlineBlocks:
+    """A section's blocks built in this process (--workers 0)."""
+
+    def __init__(self, make_blocks: Callable[[], UpcallBlocks]) -> None:
+        self.make_blocks = make_blocks
+        self.new_section()
+
+    @property
+    def undecoded(self) -> int:
+        return 0  # it decodes every key, however long that takes
+
+    def new_section(self) -> None:
+        self.current = self.make_blocks()
+
+    def prepare(self, records: Sequence[bytes], dropped: int, note: str | None) -> object:
+        return records, dropped, note
+
+    def blocks(self, prepared: tuple) -> bytes | bytearray:
+        records, dropped, note = prepared
+        if note is not None:
+            self.current.note_next(note)
+        return self.current.packets(records, dropped)
+
+    def statistics(self, end_ktime_ns: int, start_ktime_ns: int, *, final: bool) -> bytes:
+        return self.current.statistics(end_ktime_ns, start_ktime_ns=start_ktime_ns)
+
+
+class PooledBlocks:
+    """A section's blocks built by worker processes; this process owns the interface
+    ids (interfaces.adopt_batch) and the losses that no packet carries yet."""
+
+    def __init__(self, pool: WorkerPool, settings: BlockSettings,
+                 target_pid: Callable[[], int]) -> None:
+        self.pool = pool
+        self.settings = settings
+        self.target_pid = target_pid
+        self._section: tuple[int, InterfaceTable] = (-1, InterfaceTable())
+        self._pending_drops = 0  # the reader's: losses with no batch to carry them yet
+        self.new_section()
+
+    @property
+    def undecoded(self) -> int:
+        return self.pool.undecoded
+
+    def new_section(self) -> None:
+        # One assignment, so that the reader's thread sees a section and its table together.
+        self._section = (self._section[0] + 1, InterfaceTable())
+        self._last: int | None = None  # the table id of the last packet's interface
+        self.unattributed_drops = 0
+
+    def prepare(self, records: Sequence[bytes], dropped: int, note: str | None) -> object:
+        dropped += self._pending_drops
+        self._pending_drops = 0
+        if not records:
+            self._pending_drops = dropped
+            return None
+        section, table = self._section
+        return self.pool.dispatch(records, dropped=dropped, note=note, section=section,
+                                  table=table, pid=self.target_pid())
+
+    def blocks(self, ticket) -> bytes:
+        if ticket is None:
+            return b""
+        batch, last = self.pool.collect(ticket)
+        blocks, mapping = adopt_batch(self._section[1], batch)
+        if last is not None:
+            self._last = mapping[last]
+        return blocks
+
+    def statistics(self, end_ktime_ns: int, start_ktime_ns: int, *, final: bool) -> bytes:
+        table = self._section[1]
+        if final and self._pending_drops:
+            # After the last packet: its interface's ISB counts them.
+            if self._last is not None:
+                table.interfaces[self._last].dropped += self._pending_drops
+            elif table.interfaces:
+                table.interfaces[-1].dropped += self._pending_drops
+            else:
+                self.unattributed_drops += self._pending_drops
+            self._pending_drops = 0
+        offset = self.settings.clock_offset_ns
+        return table.statistics(end_ktime_ns + offset, start_ns=start_ktime_ns + offset,
+                                end_ns=end_ktime_ns + offset,
+                                filtered=bool(self.settings.if_filter))
+
+
 class PcapngOutput:
     """pcapng sections: a header at once, packets as they come, statistics at the end.
 
     With a Rotation, each file is a complete capture of its own: when one is full or
     old enough it gets its statistics and is closed, and the next starts with a new
-    section header and its own interfaces.
+    section header and its own interfaces. `builder` makes the blocks: InlineBlocks or
+    PooledBlocks.
     """
 
-    def __init__(self, make_blocks: Callable[[], UpcallBlocks], sink: Sink,
+    def __init__(self, builder: InlineBlocks | PooledBlocks, sink: Sink,
                  section_header: bytes, *, rotation: Rotation | None = None,
                  open_next: Callable[[int], Sink] | None = None) -> None:
-        self.make_blocks = make_blocks
+        self.builder = builder
         self.section_header = section_header
         self.rotation = rotation
         self.open_next = open_next
@@ -166,11 +255,12 @@ class PcapngOutput:
         self.written = 0  # upcalls in complete blocks in the output
         self.files = 0
         self._gap_note: str | None = None  # for the next packet, whichever file it goes to
-        self._start(sink)
+        self._start(sink, first=True)
 
-    def _start(self, sink: Sink) -> None:
+    def _start(self, sink: Sink, *, first: bool = False) -> None:
         self.sink = sink
-        self.blocks = self.make_blocks()
+        if not first:
+            self.builder.new_section()
         self.files += 1
         self._file_start_ns = time.monotonic_ns()
         sink.write(self.section_header)
@@ -184,8 +274,16 @@ class PcapngOutput:
         return rotation.interval_ns is not None and \
             now_ns - self._file_start_ns >= rotation.interval_ns
 
-    def packets(self, records: list[bytes], dropped: int = 0) -> None:
+    def prepare(self, records: Sequence[bytes], dropped: int) -> object:
+        """In the reader's thread, in order: hand the batch to the builder."""
+        note = None
+        if self._gap_note is not None and records:
+            note, self._gap_note = self._gap_note, None
+        return self.builder.prepare(records, dropped, note)
+
+    def packets(self, records: Sequence[bytes], dropped: int, prepared: object) -> None:
         if self.ended:
+            self.builder.blocks(prepared)  # a worker's batch is collected all the same
             return
         try:
             now_ns = time.monotonic_ns()
@@ -193,10 +291,7 @@ class PcapngOutput:
                 self._write_statistics(now_ns)
                 self.sink.close()
                 self._start(self.open_next(self.files))
-            if self._gap_note is not None and records:
-                self.blocks.note_next(self._gap_note)
-                self._gap_note = None
-            self.sink.write(self.blocks.packets(records, dropped))
+            self.sink.write(self.builder.blocks(prepared))
         except (CaptureError, UsageError) as err:
             # The sink cut the file back to its last complete block: this batch is not in it.
             self.error = CaptureError(str(err))
@@ -211,16 +306,20 @@ class PcapngOutput:
         """The capture resumed after a gap: the next packet carries `note`."""
         self._gap_note = note
 
+    @property
+    def undecoded(self) -> int:
+        return self.builder.undecoded
+
     def finish(self, end_ktime_ns: int, start_ktime_ns: int) -> None:
         if not self.ended:
             try:
-                self._write_statistics(end_ktime_ns)
+                self._write_statistics(end_ktime_ns, final=True)
             except CaptureError as err:
                 self.error = err
         self.sink.close()
 
-    def _write_statistics(self, end_ktime_ns: int) -> None:
-        self.sink.write(self.blocks.statistics(end_ktime_ns, start_ktime_ns=self._file_start_ns))
+    def _write_statistics(self, end_ktime_ns: int, *, final: bool = False) -> None:
+        self.sink.write(self.builder.statistics(end_ktime_ns, self._file_start_ns, final=final))
 
 
 @dataclass
@@ -231,9 +330,13 @@ class Summary:
     fired: int
     stop_reason: str
     restarts: int | None = None  # of the traced process, followed (--follow)
+    undecoded: int = 0  # written without their key's text: the capture was overloaded
 
     def line(self) -> str:
-        text = f"{self.captured} upcalls captured, {self.lost} lost"
+        text = f"{self.captured} upcalls captured"
+        if self.undecoded:
+            text += f", {self.undecoded} without key text"
+        text += f", {self.lost} lost"
         if self.filtered:
             text += f", {self.filtered} filtered out"
         text += f" ({self.fired} fired)"
@@ -246,20 +349,6 @@ def _sum(a: Counters, b: Counters) -> Counters:
     return Counters(a.fired + b.fired, a.filtered + b.filtered, a.lost + b.lost)
 
 
-# Objects the cyclic garbage collector may allocate between two collections of its
-# youngest generation (Python's default is 700).
-GC_THRESHOLD = 50_000
-
-
-def tune_gc() -> None:
-    """Let the collector run less often. A storm allocates millions of objects that their
-    reference counts free (nothing per upcall makes a cycle) and keeps caches of tens of
-    thousands: at the default threshold, walking them took 8% of the CPU a new key costs.
-    What is alive once the probe is attached (bcc's and the imports') is never walked."""
-    gc.freeze()
-    gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
-
-
 class Capture:
     TARGET_EXITED = "the traced process exited"
     COUNT_REACHED = "count reached"
@@ -268,7 +357,7 @@ class Capture:
     def __init__(self, probe: RecvUpcallProbe, outputs: list[Output], *, target_pid: int,
                  count: int | None = None, duration: float | None = None,
                  progress: Callable[[int, Counters, float], None] | None = None,
-                 follower: Follower | None = None) -> None:
+                 follower: Follower | None = None, max_pending: int = 8192) -> None:
         self.probe = probe  # the current one: --follow replaces it
         self.progress = progress  # called about once a second: captured, counters, elapsed
         self.outputs = outputs
@@ -278,6 +367,7 @@ class Capture:
         self.stop_reason: str | None = None
         self.captured = 0
         self.follower = follower
+        self.max_pending = max_pending  # records the outputs may have in hand
         self._merger = TimeMerger()
         self._dpif_names = DpifNames()
         self._lost_seen = 0
@@ -289,7 +379,6 @@ class Capture:
             self.stop_reason = reason
 
     def run(self) -> Summary:
-        tune_gc()
         start_ns = time.monotonic_ns()
         deadline = None if self.duration is None else start_ns + int(self.duration * 1e9)
         while self._run_probe(start_ns, deadline) and self._follow(deadline):
@@ -302,18 +391,23 @@ class Capture:
             captured=self.captured, lost=totals.lost, filtered=totals.filtered,
             fired=totals.fired, stop_reason=self.stop_reason,
             restarts=None if self.follower is None else self.follower.restarts,
+            undecoded=sum(getattr(output, "undecoded", 0) for output in self.outputs),
         )
 
-    def _handle(self, records: list[bytes], dropped: int) -> None:
-        for output in self.outputs:
-            output.packets(records, dropped)
+    def _prepare(self, records: Sequence[bytes], dropped: int) -> list:
+        return [output.prepare(records, dropped) for output in self.outputs]
+
+    def _handle(self, records: Sequence[bytes], dropped: int, prepared: list) -> None:
+        for output, ready in zip(self.outputs, prepared, strict=True):
+            output.packets(records, dropped, ready)
 
     def _run_probe(self, start_ns: int, deadline: int | None) -> bool:
         """Capture with the current probe until asked to stop or, when following, until
         the target exits (then True); everything it caught is handed to the outputs."""
         # The outputs build and write blocks in a thread of their own: writing releases
         # the GIL, so it overlaps with reading the next batch from the ring.
-        self._output_thread = OutputThread(self._handle)
+        self._output_thread = OutputThread(self._handle, prepare=self._prepare,
+                                           max_pending=self.max_pending)
         self._lost_seen = 0
         exited = False
         now = time.monotonic_ns()

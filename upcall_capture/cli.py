@@ -9,10 +9,12 @@ import signal
 import sys
 from collections.abc import Iterable, Iterator
 
-from upcall_capture import __version__, pcapng, privileges, readback, target
+from upcall_capture import __version__, pcapng, privileges, readback, target, tuning, workers
 from upcall_capture.capture import (
     Capture,
+    InlineBlocks,
     PcapngOutput,
+    PooledBlocks,
     Rotation,
     UserspaceFiltered,
     clock_offset_ns,
@@ -181,6 +183,14 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"copy at most this many bytes of each flow key (default {DEFAULT_KEY_CAP}, "
              f"from {MIN_KEY_CAP} to {MAX_KEY_CAP})")
     capture.add_argument(
+        "--workers", type=_ranged(0, 256, "--workers"), metavar="N",
+        default=workers.default_count(),
+        help="processes that describe upcalls (decode keys, write comments) beside the one "
+             "that reads the probe and writes the file (default: one for each core but one, "
+             "and at least one); 0 does it all in one process. When they fall "
+             "behind, upcalls are written without their key's text, which the comment "
+             "says, rather than lost; -r FILE -w NEW writes the text in")
+    capture.add_argument(
         "--buffer-pages", type=_ranged(1, 1 << 20, "buffer pages"), metavar="PAGES",
         default=loader.DEFAULT_BUFFER_PAGES,
         help="pages in the ring buffer that all CPUs share, a power of two (default "
@@ -294,39 +304,56 @@ def capture(args: argparse.Namespace, argv: list[str]) -> int:
     follower = Follower(
         process, same_exe=args.pid is not None, make_probe=make_probe,
         say=lambda text: print(f"{PROG}: {text}", file=sys.stderr, flush=True),
+        attached=tuning.after_attach,
     ) if args.follow else None
     run = Capture(probe, outputs, target_pid=process.pid, count=args.count,
-                  duration=args.duration, progress=status, follower=follower)
+                  duration=args.duration, progress=status, follower=follower,
+                  max_pending=2 * workers.DECODE_BACKLOG if args.workers else 8192)
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, lambda signum, frame: run.request_stop(
             signal.Signals(signum).name))
+    tuning.before_attach()
     try:
         probe.attach()
     except UsageError:
         if sink is not None:
             sink.discard()
         raise
-    target.prefault_readonly_data(process.pid)
+    tuning.after_attach(process.pid)
 
     def work() -> int:
+        pool = None
         if sink is not None:
+            if_filter = spec.if_filter if spec else None
+            if args.workers:
+                pool = workers.WorkerPool(args.workers, workers.BlockSettings(
+                    snaplen=args.snaplen, clock_offset_ns=offset, if_filter=if_filter,
+                    port_names=not args.no_port_names))
+                builder = PooledBlocks(pool, pool.settings, lambda: run.target_pid)
+            else:
+                builder = InlineBlocks(lambda: UpcallBlocks(
+                    snaplen=args.snaplen, clock_offset_ns=offset, port_name=port_name,
+                    if_filter=if_filter))
             outputs.insert(0, PcapngOutput(
-                lambda: UpcallBlocks(snaplen=args.snaplen, clock_offset_ns=offset,
-                                     port_name=port_name,
-                                     if_filter=spec.if_filter if spec else None),
-                sink, _section_header(argv), rotation=rotation,
+                builder, sink, _section_header(argv), rotation=rotation,
                 open_next=lambda index: open_file(
                     rotated_name(args.write, index, args.file_count),
                     # A ring reuses the names this run made.
                     overwrite=args.overwrite or index >= (args.file_count or index + 1)),
             ))
+        if status is not None:
+            status.pool = pool
         print(f"{PROG}: listening on {target.PROBE_PROVIDER}:{target.PROBE_NAME} in "
               f"{process.comm} (pid {process.pid}), snapshot length {args.snaplen} bytes, "
               f"key size {args.key_size} bytes", file=sys.stderr, flush=True)
-        summary = run.run()
+        try:
+            summary = run.run()
+        finally:
+            if pool is not None:
+                pool.close()
         if status is not None:
             status.clear()
-        return _report(summary, run, outputs, stats, args)
+        return _report(summary, run, outputs, stats, args, pool)
 
     try:
         return work() if user is None else privileges.run_as(*user, work)
@@ -335,7 +362,7 @@ def capture(args: argparse.Namespace, argv: list[str]) -> int:
 
 
 def _report(summary, run: Capture, outputs: list, stats: UpcallStats | None,
-            args: argparse.Namespace) -> int:
+            args: argparse.Namespace, pool: workers.WorkerPool | None) -> int:
     """The closing lines on stderr (and --stats); the exit status."""
     ended = [output for output in outputs if output.ended]
     if summary.stop_reason == run.TARGET_EXITED or ended:
@@ -344,10 +371,17 @@ def _report(summary, run: Capture, outputs: list, stats: UpcallStats | None,
     failed = [output for output in ended if getattr(output, "error", None)]
     if failed:
         line += f"; {failed[0].written} written to {args.write}"
+    if pool is not None:
+        line += f"; {_workers_busy(pool)}"
     print(f"{PROG}: {line}", file=sys.stderr)
     if stats is not None:
         _print_stats(stats, args)
     return failed[0].error.exit_status if failed else 0
+
+
+def _workers_busy(pool: workers.WorkerPool) -> str:
+    count = len(pool.workers)
+    return f"{count} worker{'' if count == 1 else 's'} {pool.busy():.0%} busy"
 
 
 class StatusLine:
@@ -356,15 +390,19 @@ class StatusLine:
     def __init__(self, stream, outputs) -> None:
         self.stream = stream
         self.outputs = outputs
+        self.pool: workers.WorkerPool | None = None
         self._last = (0, 0.0)
 
     def __call__(self, captured: int, counters: loader.Counters, elapsed: float) -> None:
         rate = (captured - self._last[0]) / max(elapsed - self._last[1], 1e-9)
         self._last = (captured, elapsed)
-        size = self.outputs[0].sink.good_bytes / 1e6
-        self.stream.write(
-            f"\r\033[K{captured} captured, {counters.lost} lost, {counters.filtered} filtered, "
-            f"{rate:,.0f}/s, {elapsed:,.0f} s, {size:,.1f} MB")
+        output = self.outputs[0]
+        size = output.sink.good_bytes / 1e6
+        line = (f"\r\033[K{captured} captured, {counters.lost} lost, "
+                f"{counters.filtered} filtered, {rate:,.0f}/s, {elapsed:,.0f} s, {size:,.1f} MB")
+        if self.pool is not None:
+            line += f", {output.undecoded} without key text, {_workers_busy(self.pool)}"
+        self.stream.write(line)
         self.stream.flush()
 
     def clear(self) -> None:
@@ -407,49 +445,32 @@ def _rotation(args: argparse.Namespace) -> Rotation | None:
 
 def read_back(args: argparse.Namespace, argv: list[str]) -> int:
     spec = _compile_filters(args, None)
-    items = readback.read_upcalls(args.read)
-    if spec is not None:
-        items = (item for item in items if spec.matches(
-            item.upcall, None if item.upcall.key else item.linktype == pcapng.LINKTYPE_ETHERNET))
-    sink = rewriter = None
+    sink = None
     if args.write is not None:
         sink = open_stdout() if args.write == "-" else open_file(args.write,
                                                                  overwrite=args.overwrite)
         sink.write(_section_header(argv))
-        rewriter = readback.Rewriter()
-    printer = _printer(args) if _prints_lines(args) else None
     stats = UpcallStats() if args.stats else None
-    count = 0
-    last_ns = 0
-    for batch in _batches(items, args.count):
-        if rewriter is not None:
-            sink.write(rewriter.blocks(batch))
-        if printer is not None:
-            printer.show(batch)
-        if stats is not None:
-            stats.add(batch)
-        count += len(batch)
-        last_ns = batch[-1].wall_ns
+    consumers = [_printer(args).show] if _prints_lines(args) else []
+    if stats is not None:
+        consumers.append(stats.add)
+
+    def keep(item) -> bool:
+        # A packet from another tool's file has no key: its interface's link type says.
+        upcall = item.upcall
+        return spec.matches(upcall, None if upcall.key else
+                            item.linktype == pcapng.LINKTYPE_ETHERNET)
+
+    done = readback.read_back(readback.read_upcalls(args.read),
+                              keep=keep if spec is not None else None, sink=sink,
+                              consumers=consumers, limit=args.count)
     if sink is not None:
-        sink.write(rewriter.statistics(last_ns))
         sink.close()
-        print(f"{PROG}: {count} upcalls written to {args.write}", file=sys.stderr)
+        decoded = f", {done.decoded} keys decoded now" if done.decoded else ""
+        print(f"{PROG}: {done.count} upcalls written to {args.write}{decoded}", file=sys.stderr)
     if stats is not None:
         _print_stats(stats, args)
     return 0
-
-
-def _batches(items, limit: int | None, size: int = 1000):
-    batch = []
-    for number, item in enumerate(items, 1):
-        batch.append(item)
-        if len(batch) == size or number == limit:
-            yield batch
-            batch = []
-            if number == limit:
-                return
-    if batch:
-        yield batch
 
 
 def _prints_lines(args: argparse.Namespace) -> bool:

@@ -219,21 +219,25 @@ def open_stdout() -> Sink:
 
 
 class OutputThread:
-    """Hands batches to `handle(batch, dropped)` in a thread of its own, in order.
+    """Hands batches to `handle(batch, dropped, prepared)` in a thread of its own, in order.
 
-    The queue is bounded by the number of records waiting (not batches): when the
-    output falls behind, `put` blocks, the reader stops draining, and the probe's rings
-    hold the backlog (locked kernel memory that is there anyway) rather than our heap.
-    An exception in `handle` ends the thread and is raised again by the next `put` or
-    by `close`.
+    `prepare(batch, dropped)` runs first in the caller's thread, for work that must be
+    started there, in order (sending the batch to a worker process); what it returns is
+    handed on as `prepared`. The queue is bounded by the number of records waiting (not
+    batches): when the output falls behind, `put` blocks, the reader stops draining, and
+    the probe's ring holds the backlog (locked kernel memory that is there anyway) rather
+    than our heap. An exception in `handle` ends the thread and is raised again by the
+    next `put` or by `close`.
     """
 
-    def __init__(self, handle: Callable[[Sequence, int], None], *,
+    def __init__(self, handle: Callable[[Sequence, int, object], None], *,
+                 prepare: Callable[[Sequence, int], object] = lambda batch, dropped: None,
                  max_pending: int = 8192, max_batch: int = 256) -> None:
         self.handle = handle
+        self.prepare = prepare
         self.max_pending = max_pending
         self.max_batch = max_batch
-        self._queue: deque[tuple[Sequence, int]] = deque()
+        self._queue: deque[tuple[Sequence, int, object]] = deque()
         self._pending = 0  # records queued or being handled
         self._closing = False
         self._error: BaseException | None = None
@@ -251,8 +255,10 @@ class OutputThread:
                 while self._pending >= self.max_pending and self._error is None:
                     self._cond.wait()
                 self._raise_error()
-                self._queue.append((piece, dropped))
                 self._pending += len(piece)
+            prepared = self.prepare(piece, dropped)
+            with self._cond:
+                self._queue.append((piece, dropped, prepared))
                 self._cond.notify_all()
             dropped = 0
 
@@ -277,9 +283,9 @@ class OutputThread:
                     cond.wait()
                 if not self._queue:
                     return
-                batch, dropped = self._queue.popleft()
+                batch, dropped, prepared = self._queue.popleft()
             try:
-                self.handle(batch, dropped)
+                self.handle(batch, dropped, prepared)
             except BaseException as err:  # handed to the reader's thread
                 with cond:
                     self._error = err

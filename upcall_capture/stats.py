@@ -87,7 +87,10 @@ class StatsOutput:
         self.to_captured = to_captured
         self.ended: str | None = None
 
-    def packets(self, records: list[bytes], dropped: int = 0) -> None:
+    def prepare(self, records, dropped: int) -> None:
+        return None
+
+    def packets(self, records, dropped: int = 0, prepared: object = None) -> None:
         self.stats.lost += dropped
         self.stats.add(map(self.to_captured, records))
 

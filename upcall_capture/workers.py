@@ -1,0 +1,326 @@
+"""Describing upcalls on worker processes, so that a storm of new flows uses every core.
+
+The main process reads the ring, puts records in time order and writes the file; each
+batch of records (a few hundred) goes whole to one worker, which builds its pcapng blocks
+with `UpcallBlocks`, exactly as a single process would: key text, comments, options.
+The main process then takes the batches back in the order it sent them, fits their
+interface ids to its own table (interfaces.adopt_batch: it is the one owner of ids) and
+writes them. The output is byte for byte what `--workers 0` writes for the same records.
+
+Shedding: decoding a new key is what costs (some microseconds); copying a packet is
+cheap. When the records sent and not yet back reach DECODE_BACKLOG, further batches go
+out with `decode=False`: the workers still build every packet's block, but a key they
+have not decoded already is written raw, with a comment that says so, which costs them
+a fraction of decoding. So the packets keep up as long as the packet path does, and
+`-r FILE -w NEW` writes the missing texts in later.
+
+Workers are separate interpreters (`python -m upcall_capture.workers`) on two pipes:
+frames of a 4-byte length and a payload, the batch's records in one payload, never one
+object per record. A worker reads its pipe in a thread of its own, so that the main
+process never waits on a worker busy with an earlier batch.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pickle
+import queue
+import struct
+import subprocess
+import sys
+import threading
+import time
+from array import array
+from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
+from itertools import accumulate
+from typing import BinaryIO
+
+from upcall_capture.errors import CaptureError
+from upcall_capture.interfaces import InterfaceTable, WorkerBatch
+from upcall_capture.ports import PortNames, dpctl_show, no_port_names
+from upcall_capture.upcall_blocks import UpcallBlocks
+
+# Records sent to workers and not yet back, beyond which keys are no longer decoded: at
+# 100,000 new flows a second, some 80 ms of work.
+DECODE_BACKLOG = 8192
+_FRAME = struct.Struct("<I")
+_F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Linux), not named by Python 3.11
+_PIPE_BYTES = 1 << 20
+
+
+def default_count() -> int:
+    """One worker per core the main process leaves free, and at least one."""
+    return max(1, len(os.sched_getaffinity(0)) - 1)
+
+
+@dataclass(frozen=True)
+class BlockSettings:
+    """How the blocks are built: the same in the main process and in every worker."""
+
+    snaplen: int
+    clock_offset_ns: int
+    if_filter: str | None
+    port_names: bool  # ask the traced ovs-vswitchd for port names (dpctl/show)
+
+
+@dataclass(frozen=True)
+class _Batch:
+    """What a worker is sent with a batch's records."""
+
+    section: int  # the output's section (file): a new one starts a new table
+    table: list[tuple[Hashable, bytes]] | None  # the section's table, when it changed
+    pid: int  # the traced process, to name ports
+    decode: bool
+    dropped: int  # losses before the batch: its first packet carries them
+    note: str | None  # a comment for the first packet (--follow's gap)
+    lengths: bytes  # array('I') of the records' lengths
+
+
+@dataclass(frozen=True)
+class _Built:
+    """What a worker sends back with a batch's blocks."""
+
+    interfaces: list[tuple[Hashable, bytes]]
+    emitted: list[int]
+    counts: list[tuple[int, int, int]]
+    last: int | None  # the worker id of the last packet's interface
+    undecoded: int
+    cpu_seconds: float
+
+
+def _write_frames(stream: BinaryIO, *payloads: bytes | bytearray) -> None:
+    for payload in payloads:
+        stream.write(_FRAME.pack(len(payload)))
+        stream.write(payload)
+    stream.flush()
+
+
+def _read_frame(stream: BinaryIO) -> bytes | None:
+    head = stream.read(_FRAME.size)
+    if len(head) < _FRAME.size:
+        return None
+    (length,) = _FRAME.unpack(head)
+    payload = stream.read(length)
+    return payload if len(payload) == length else None
+
+
+def _widen(fd: int) -> None:
+    try:
+        fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_BYTES)
+    except OSError:
+        pass  # the default 64 KiB works, with more waiting
+
+
+class _Worker:
+    def __init__(self, settings: BlockSettings, number: int) -> None:
+        self.number = number
+        # A session of its own: the terminal's Ctrl-C is the main process's to handle.
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "upcall_capture.workers"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, start_new_session=True)
+        _widen(self.process.stdin.fileno())
+        _widen(self.process.stdout.fileno())
+        self.in_flight = 0  # records sent, not yet back
+        self.cpu_seconds = 0.0
+        self.table_sent: tuple[int, int] | None = None  # (section, entries) last sent
+        _write_frames(self.process.stdin, pickle.dumps(settings))
+
+    def send(self, batch: _Batch, records: bytes) -> None:
+        try:
+            _write_frames(self.process.stdin, pickle.dumps(batch), records)
+        except (BrokenPipeError, ValueError):
+            raise CaptureError(f"describing worker {self.number} exited") from None
+
+    def receive(self) -> tuple[_Built, bytes]:
+        meta = _read_frame(self.process.stdout)
+        blocks = _read_frame(self.process.stdout) if meta is not None else None
+        if blocks is None:
+            raise CaptureError(f"describing worker {self.number} exited")
+        return pickle.loads(meta), blocks
+
+    def close(self) -> None:
+        try:
+            self.process.stdin.close()
+        except OSError:
+            pass
+        try:
+            self.process.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.process.stdout.close()
+
+
+@dataclass(frozen=True)
+class Ticket:
+    worker: _Worker
+    count: int
+
+
+class WorkerPool:
+    """Batches out to the workers, least busy first, and back in the order sent.
+
+    `dispatch` is called by the thread that reads the ring, `collect` by the one that
+    writes, for the tickets in dispatch order."""
+
+    def __init__(self, count: int, settings: BlockSettings, *,
+                 decode_backlog: int = DECODE_BACKLOG) -> None:
+        self.settings = settings
+        self.decode_backlog = decode_backlog
+        self.workers: list[_Worker] = []
+        self.undecoded = 0  # packets written without their key's text
+        self._in_flight = 0
+        self._lock = threading.Lock()
+        self._started_ns = time.monotonic_ns()
+        try:
+            for number in range(count):
+                self.workers.append(_Worker(settings, number))
+        except OSError as err:
+            self.close()
+            raise CaptureError(f"cannot start a describing worker: {err.strerror}") from None
+
+    def dispatch(self, records: Sequence[bytes | memoryview], *, dropped: int,
+                 note: str | None, section: int, table: InterfaceTable, pid: int) -> Ticket:
+        with self._lock:
+            decode = self._in_flight < self.decode_backlog
+            worker = min(self.workers, key=lambda w: w.in_flight)
+            worker.in_flight += len(records)
+            self._in_flight += len(records)
+        state = (section, len(table))
+        entries = None
+        if worker.table_sent != state:
+            worker.table_sent = state
+            entries = [(i.identity, i.description) for i in table.interfaces]
+        lengths = array("I", map(len, records)).tobytes()
+        worker.send(_Batch(section, entries, pid, decode, dropped, note, lengths),
+                    b"".join(records))
+        return Ticket(worker, len(records))
+
+    def collect(self, ticket: Ticket) -> tuple[WorkerBatch, int | None]:
+        """The batch's blocks, and the worker id of its last packet's interface."""
+        built, blocks = ticket.worker.receive()
+        with self._lock:
+            ticket.worker.in_flight -= ticket.count
+            ticket.worker.cpu_seconds += built.cpu_seconds
+            self._in_flight -= ticket.count
+            self.undecoded += built.undecoded
+        return WorkerBatch(blocks, built.interfaces, built.emitted, built.counts), built.last
+
+    def busy(self) -> float:
+        """How busy the workers were since they started: their CPU time over the time
+        there was, 1.0 for every worker busy all along."""
+        elapsed = (time.monotonic_ns() - self._started_ns) / 1e9
+        return sum(w.cpu_seconds for w in self.workers) / max(elapsed * len(self.workers), 1e-9)
+
+    def close(self) -> None:
+        for worker in self.workers:
+            worker.close()
+
+
+# ---------------------------------------------------------------------------------------
+# The worker's side
+
+
+def _records(blob: bytes, lengths: bytes) -> list[memoryview]:
+    sizes = array("I")
+    sizes.frombytes(lengths)
+    view = memoryview(blob)
+    ends = list(accumulate(sizes))
+    return [view[end - size:end] for end, size in zip(ends, sizes, strict=True)]
+
+
+class _Describer:
+    """A worker's UpcallBlocks, kept in step with the main process's table."""
+
+    def __init__(self, settings: BlockSettings) -> None:
+        self.settings = settings
+        self.section = -1
+        self.blocks: UpcallBlocks | None = None
+        self._names: dict[int, PortNames] = {}
+
+    def _port_namer(self, pid: int):
+        if not self.settings.port_names:
+            return no_port_names
+        if pid not in self._names:
+            self._names = {pid: PortNames(lambda: dpctl_show(pid))}
+        return self._names[pid].name
+
+    def _fresh(self, entries: list[tuple[Hashable, bytes]], pid: int) -> None:
+        settings = self.settings
+        self.blocks = UpcallBlocks(
+            snaplen=settings.snaplen, clock_offset_ns=settings.clock_offset_ns,
+            port_name=self._port_namer(pid), if_filter=settings.if_filter,
+            table=InterfaceTable(entries))
+
+    def _follow_table(self, batch: _Batch) -> None:
+        if batch.section != self.section or self.blocks is None:
+            self.section = batch.section
+            self._fresh(batch.table or [], batch.pid)
+            return
+        self.blocks.port_name = self._port_namer(batch.pid)
+        if batch.table is None:
+            return
+        ours = [(i.identity, i.description) for i in self.blocks.table.interfaces]
+        common = min(len(ours), len(batch.table))
+        if ours[:common] != batch.table[:common]:
+            # Another worker's interface took an id this one gave out: start again from
+            # the main process's table (and with empty caches, which held the old ids).
+            self._fresh(batch.table, batch.pid)
+        else:
+            for identity, description in batch.table[common:]:
+                self.blocks.table.add(identity, description)
+
+    def build(self, batch: _Batch, blob: bytes) -> tuple[_Built, bytes]:
+        started = time.process_time()
+        self._follow_table(batch)
+        blocks = self.blocks
+        if batch.note is not None:
+            blocks.note_next(batch.note)
+        undecoded = blocks.undecoded
+        built = bytes(blocks.packets(_records(blob, batch.lengths), batch.dropped,
+                                     decode=batch.decode))
+        table = blocks.table
+        counts = []
+        for if_id, interface in enumerate(table.interfaces):
+            if interface.received or interface.dropped:
+                counts.append((if_id, interface.received, interface.dropped))
+                interface.received = interface.dropped = 0
+        last = blocks.last_interface
+        return _Built(
+            interfaces=[(i.identity, i.description) for i in table.interfaces],
+            emitted=blocks.emitted, counts=counts,
+            last=None if last is None else table.find(last.identity),
+            undecoded=blocks.undecoded - undecoded,
+            cpu_seconds=time.process_time() - started), built
+
+
+def serve(requests: BinaryIO, replies: BinaryIO) -> None:
+    """A worker: batches in, blocks out, until the main process closes its end."""
+    settings = pickle.loads(_read_frame(requests))
+    describer = _Describer(settings)
+    pending: queue.SimpleQueue = queue.SimpleQueue()
+
+    def read() -> None:
+        while (meta := _read_frame(requests)) is not None \
+                and (blob := _read_frame(requests)) is not None:
+            pending.put((pickle.loads(meta), blob))
+        pending.put(None)
+
+    threading.Thread(target=read, daemon=True).start()
+    while (item := pending.get()) is not None:
+        built, blocks = describer.build(*item)
+        _write_frames(replies, pickle.dumps(built), blocks)
+
+
+if __name__ == "__main__":
+    # Through the module's own name: what is pickled must name upcall_capture.workers.
+    from upcall_capture import workers
+    from upcall_capture.tuning import tune_gc
+
+    tune_gc()
+    try:
+        workers.serve(sys.stdin.buffer, sys.stdout.buffer)
+    except (BrokenPipeError, KeyboardInterrupt):
+        pass
