@@ -75,7 +75,7 @@ from upcall_capture.target import PROBE_NAME, PROBE_PROVIDER  # noqa: E402
 from upcall_capture.upcall_blocks import UpcallBlocks, port_and_eth  # noqa: E402
 
 FIRED = re.compile(r"fired (\d+) upcalls in ([\d.]+) s")
-SUMMARY = re.compile(r"(\d+) upcalls captured, (\d+) lost")
+SUMMARY = re.compile(r"(\d+) upcalls captured(?:, (\d+) without key text)?, (\d+) lost")
 MAX_LAG_S = 1.0
 TOOL = [sys.executable, "-m", "upcall_capture"]
 
@@ -228,6 +228,7 @@ class Trial:
     fired: int
     achieved_rate: float
     captured: int
+    undecoded: int  # captured without key text
     lost: int
     in_file: int
     lag_s: float  # from the replay's last fire to the tool's exit with everything written
@@ -325,7 +326,8 @@ def run_capture(records: Path, workdir: Path, rate: int, count: int, unique: boo
     in_file = count_packets(out)
     out.unlink()
     return Trial(rate=rate, unique=unique, fired=fired, achieved_rate=fired / seconds,
-                 captured=int(summary.group(1)), lost=int(summary.group(2)),
+                 captured=int(summary.group(1)), undecoded=int(summary.group(2) or 0),
+                 lost=int(summary.group(3)),
                  in_file=in_file, lag_s=tool_end - replay_end,
                  cpu_s=usage.ru_utime + usage.ru_stime, maxrss_kb=peak.kb)
 

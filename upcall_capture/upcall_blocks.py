@@ -53,6 +53,9 @@ MAX_CACHED_HEADS = 4096
 # every SCAN_SAMPLE-th upcall goes through the cache, to notice when keys repeat again.
 SCAN_AFTER_MISSES = 1024
 SCAN_SAMPLE = 32
+# With decode=False, one miss in this many is decoded all the same (and cached), so that
+# the keys of a storm that repeats get their text even while the capture stays busy.
+UNDECODED_SAMPLE = 8
 
 
 def port_and_eth(key_text: str) -> tuple[int | None, bool]:
@@ -136,6 +139,7 @@ class UpcallBlocks:
         self.table = InterfaceTable() if table is None else table
         self.emitted: list[int] = []
         self.undecoded = 0  # packets written without their key's text
+        self._sampled = 0  # misses while not decoding
         # Two generations, as in flowkey.KeyCache: hits come from the recent one or are
         # promoted from the older one; a full recent one becomes the older one.
         self._described: dict[tuple, _Described] = {}
@@ -175,7 +179,7 @@ class UpcallBlocks:
         without a record they wait for the next packet, or for statistics()."""
         out = bytearray()
         self.emitted = []
-        describe = self._describe if decode else self._describe_undecoded
+        describe = self._describe if decode else self._describe_sampled
         dropped += self._pending_drops
         self._pending_drops = 0
         cache = self._described
@@ -304,6 +308,12 @@ class UpcallBlocks:
         self.undecoded += 1
         return _Described(if_id, self.table.interfaces[if_id],
                           pcapng.packet_tail(head_text + _NOT_DECODED, key), False)
+
+    def _describe_sampled(self, record: bytes | memoryview, out: bytearray) -> _Described:
+        self._sampled += 1
+        if self._sampled % UNDECODED_SAMPLE == 0:
+            return self._describe(record, out)
+        return self._describe_undecoded(record, out)
 
     @staticmethod
     def _plain_key(record: bytes | memoryview) -> bytes | None:

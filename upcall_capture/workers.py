@@ -16,8 +16,10 @@ a fraction of decoding. So the packets keep up as long as the packet path does, 
 
 Workers are separate interpreters (`python -m upcall_capture.workers`) on two pipes:
 frames of a 4-byte length and a payload, the batch's records in one payload, never one
-object per record. A worker reads its pipe in a thread of its own, so that the main
-process never waits on a worker busy with an earlier batch.
+object per record. A thread of the main process's writes each worker's pipe, so that the
+ring's reader never waits for a worker busy with earlier batches; the worker itself is
+one thread (one reading ahead cost it a microsecond an upcall, handing the GIL back and
+forth).
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ from upcall_capture.upcall_blocks import UpcallBlocks
 DECODE_BACKLOG = 8192
 _FRAME = struct.Struct("<I")
 _F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Linux), not named by Python 3.11
-_PIPE_BYTES = 1 << 20
+# A few batches: 4 MiB where we may (root), else /proc/sys/fs/pipe-max-size's default.
+_PIPE_BYTES = (4 << 20, 1 << 20)
 
 
 def default_count() -> int:
@@ -107,10 +110,13 @@ def _read_frame(stream: BinaryIO) -> bytes | None:
 
 
 def _widen(fd: int) -> None:
-    try:
-        fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_BYTES)
-    except OSError:
-        pass  # the default 64 KiB works, with more waiting
+    """Let a worker write its next batch while we still read the last one."""
+    for size in _PIPE_BYTES:
+        try:
+            fcntl.fcntl(fd, _F_SETPIPE_SZ, size)
+            return
+        except OSError:
+            continue  # the default 64 KiB works, with more waiting
 
 
 class _Worker:
@@ -125,13 +131,25 @@ class _Worker:
         self.in_flight = 0  # records sent, not yet back
         self.cpu_seconds = 0.0
         self.table_sent: tuple[int, int] | None = None  # (section, entries) last sent
-        _write_frames(self.process.stdin, pickle.dumps(settings))
+        # Batches are written to the pipe by a thread of the main process's, so that the
+        # reader of the ring never waits for a worker that is busy with earlier ones.
+        self._outbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._outbox.put((pickle.dumps(settings),))
+        self._sender = threading.Thread(target=self._send_all, name=f"worker-{number}",
+                                        daemon=True)
+        self._sender.start()
+
+    def _send_all(self) -> None:
+        stream = self.process.stdin
+        try:
+            while (frames := self._outbox.get()) is not None:
+                _write_frames(stream, *frames)
+            stream.close()
+        except (BrokenPipeError, ValueError):
+            pass  # the worker is gone: receive() says so
 
     def send(self, batch: _Batch, records: bytes) -> None:
-        try:
-            _write_frames(self.process.stdin, pickle.dumps(batch), records)
-        except (BrokenPipeError, ValueError):
-            raise CaptureError(f"describing worker {self.number} exited") from None
+        self._outbox.put((pickle.dumps(batch), records))
 
     def receive(self) -> tuple[_Built, bytes]:
         meta = _read_frame(self.process.stdout)
@@ -141,10 +159,8 @@ class _Worker:
         return pickle.loads(meta), blocks
 
     def close(self) -> None:
-        try:
-            self.process.stdin.close()
-        except OSError:
-            pass
+        self._outbox.put(None)
+        self._sender.join(timeout=5)
         try:
             self.process.wait(timeout=5)
         except subprocess.TimeoutExpired:
@@ -298,19 +314,10 @@ class _Describer:
 
 def serve(requests: BinaryIO, replies: BinaryIO) -> None:
     """A worker: batches in, blocks out, until the main process closes its end."""
-    settings = pickle.loads(_read_frame(requests))
-    describer = _Describer(settings)
-    pending: queue.SimpleQueue = queue.SimpleQueue()
-
-    def read() -> None:
-        while (meta := _read_frame(requests)) is not None \
-                and (blob := _read_frame(requests)) is not None:
-            pending.put((pickle.loads(meta), blob))
-        pending.put(None)
-
-    threading.Thread(target=read, daemon=True).start()
-    while (item := pending.get()) is not None:
-        built, blocks = describer.build(*item)
+    describer = _Describer(pickle.loads(_read_frame(requests)))
+    while (meta := _read_frame(requests)) is not None \
+            and (blob := _read_frame(requests)) is not None:
+        built, blocks = describer.build(pickle.loads(meta), blob)
         _write_frames(replies, pickle.dumps(built), blocks)
 
 
