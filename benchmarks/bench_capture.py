@@ -27,6 +27,13 @@ packets up to 1,500 bytes of IP, as in an upcall storm), with `-u` for unique ke
 - **Latency** at 10 upcalls/s: from each probe hit to its packet arriving through
   `-w -`, and to its line arriving on the console.
 
+- **Scaling** (unique keys, a scan of new flows): the ceiling is a copy-only reader (our
+  probe, its ring read and thrown away) at rising rates; beside it, the highest rate at
+  which every upcall reaches the file (the packet path, with the default --workers, keys
+  shed when the workers fall behind), and the highest at which at least 99% also have
+  their key's text, for --workers 0, 1 and 2. Offline, the worker pool describes unique
+  keys with 1 and 2 workers: per worker CPU-second, what one more core adds.
+
 Figures depend on what else the machine is doing: CPU per upcall is the steadiest one.
 """
 
@@ -46,7 +53,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -57,7 +64,7 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 import upcalls  # noqa: E402  samples/replay/upcalls.py
-from probe_records import probe_record  # noqa: E402  tests/probe_records.py
+from probe_records import storm  # noqa: E402  tests/probe_records.py
 from ringbuf_kernel import PAGE, KernelSide  # noqa: E402  tests/ringbuf_kernel.py
 
 from upcall_capture import pcapng  # noqa: E402
@@ -241,10 +248,19 @@ class Trial:
                 and self.lag_s <= MAX_LAG_S)
 
     @property
+    def decoded_all(self) -> bool:
+        """Kept up, and at least 99% of the upcalls have their key's text."""
+        return self.kept_up and self.undecoded <= self.fired // 100
+
+    @property
     def source_limited(self) -> bool:
         return self.achieved_rate < 0.97 * self.rate
 
     def describe(self) -> str:
+        shed = f", {self.undecoded / max(self.fired, 1):.1%} undecoded" if self.undecoded else ""
+        return self._verdict() + shed
+
+    def _verdict(self) -> str:
         verdict = "kept up" if self.kept_up else (
             f"lost {self.lost / max(self.fired, 1):.1%}" if self.lost else
             f"{self.in_file} of {self.fired} in file, {self.lag_s:.1f} s late")
@@ -293,11 +309,14 @@ def count_packets(path: Path) -> int:
     return count
 
 
-def run_capture(records: Path, workdir: Path, rate: int, count: int, unique: bool) -> Trial:
+def run_capture(records: Path, workdir: Path, rate: int, count: int, unique: bool,
+                workers: int | None = None) -> Trial:
     out = workdir / "capture.pcapng"
     out.unlink(missing_ok=True)
     replay = Replay(records, "-n", str(count), "-r", str(rate), *(["-u"] if unique else []))
-    tool = subprocess.Popen([*TOOL, "-p", str(replay.pid), "-w", str(out), "-c", str(count)],
+    chosen = [] if workers is None else ["--workers", str(workers)]
+    tool = subprocess.Popen([*TOOL, "-p", str(replay.pid), "-w", str(out), "-c", str(count),
+                             *chosen],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             cwd=ROOT)
     stderr = []
@@ -333,28 +352,73 @@ def run_capture(records: Path, workdir: Path, rate: int, count: int, unique: boo
 
 
 @dataclass
-class Search:
-    unique: bool
-    trials: list[Trial] = field(default_factory=list)
+class CopyOnly:
+    """A run of the copy-only reader: the probe, its ring read and thrown away."""
+
+    rate: int
+    fired: int
+    achieved_rate: float
+    lost: int
 
     @property
-    def best(self) -> Trial | None:
-        good = [t for t in self.trials if t.kept_up]
+    def kept_up(self) -> bool:
+        return self.lost == 0
+
+    @property
+    def source_limited(self) -> bool:
+        return self.achieved_rate < 0.97 * self.rate
+
+    def describe(self) -> str:
+        verdict = "kept up" if self.kept_up else f"lost {self.lost / max(self.fired, 1):.1%}"
+        return f"{self.rate / 1000:,.0f}k/s {verdict}"
+
+
+def run_copy_only(records: Path, rate: int, count: int, unique: bool) -> CopyOnly:
+    """The ceiling for any reader in Python here: our probe, its ring copied and dropped."""
+    replay = Replay(records, "-n", str(count), "-r", str(rate), *(["-u"] if unique else []))
+    probe = OurProbe(replay.pid)
+    try:
+        replay.fire()
+        fired, seconds = replay.wait()
+        lost = probe.lost()
+    finally:
+        probe.close()
+    return CopyOnly(rate, fired, fired / seconds, lost)
+
+
+@dataclass
+class Search:
+    label: str
+    trials: list = field(default_factory=list)
+
+    @property
+    def best(self):
+        good = [t for t in self.trials if self.good(t)]
         return max(good, key=lambda t: t.rate) if good else None
 
+    def good(self, trial) -> bool:
+        return trial.kept_up
 
-def search_lossless_rate(records: Path, workdir: Path, *, unique: bool, start: int,
-                         seconds: float, max_trials: int) -> Search:
-    """Raise the rate by a quarter while runs keep up, then halve the gap to the first
-    rate that did not, to within 10%."""
-    search = Search(unique)
+
+@dataclass
+class DecodedSearch(Search):
+    """Good runs keep every packet and decode at least 99% of the keys."""
+
+    def good(self, trial) -> bool:
+        return trial.decoded_all
+
+
+def search_rate(search: Search, run, *, start: int, seconds: float,
+                max_trials: int) -> Search:
+    """Raise the rate by a quarter while runs are good, then halve the gap to the first
+    rate that was not, to within 10%. run(rate, count) makes a trial."""
     good, bad = 0, None
     rate = start
     for _ in range(max_trials):
-        trial = run_capture(records, workdir, rate, int(rate * seconds), unique)
+        trial = run(rate, int(rate * seconds))
         search.trials.append(trial)
-        print(f"  {'unique' if unique else 'repeated'} keys: {trial.describe()}", flush=True)
-        if trial.kept_up:
+        print(f"  {search.label}: {trial.describe()}", flush=True)
+        if search.good(trial):
             good = rate
             if trial.source_limited:
                 break  # the replay cannot fire faster
@@ -442,23 +506,6 @@ def _console_arrivals(arrived: list[tuple[int, bytes]]) -> list[float]:
 # CPU per upcall, stage by stage, in this process
 
 
-def probe_records(sent: list[upcalls.Upcall], count: int, *, unique: bool) -> list[bytes]:
-    """The records recv_upcall.c would submit for `count` fires of the replay."""
-    out = []
-    for index in range(count):
-        upcall = sent[index % len(sent)]
-        if unique and upcall.key_uniq_off >= 0:
-            key, packet = bytearray(upcall.key), bytearray(upcall.packet)
-            value = struct.pack(">I", 0x0A000000 + index)
-            key[upcall.key_uniq_off:upcall.key_uniq_off + 4] = value
-            packet[upcall.pkt_uniq_off:upcall.pkt_uniq_off + 4] = value
-            upcall = replace(upcall, key=bytes(key), packet=bytes(packet))
-        # One handler thread that moves to the other CPU every 500 upcalls.
-        out.append(probe_record(upcall, ktime_ns=10**12 + index * 5000, pid=4242, tid=4243,
-                                cpu=index // 500 % 2))
-    return out
-
-
 def _ring_with(records: list[bytes]) -> RingReader:
     """A ring laid out as the kernel's, holding these records as bpf_ringbuf_output() does."""
     kernel = KernelSide(size=1 << (sum(len(r) + 8 for r in records) + 8 * PAGE).bit_length())
@@ -494,7 +541,7 @@ def stage_costs(sent: list[upcalls.Upcall], workdir: Path, *, unique: bool,
     """CPU per upcall of each stage. With unique keys every upcall is new to the option
     cache: its comment cost is what a cold pass costs over `warm_blocks_us` (a warm pass
     with repeated keys) and the decode."""
-    records = probe_records(sent, count, unique=unique)
+    records = storm(sent, count, unique=unique)
 
     def read() -> list:
         # Drained a batch at a time, as the capture loop does.
@@ -537,6 +584,63 @@ def stage_costs(sent: list[upcalls.Upcall], workdir: Path, *, unique: bool,
     per = 1e6 / count
     return StageCosts(read=read_s * per, decode=decode_per_upcall * 1e6,
                       comment=comment_s * per, blocks=blocks_s * per, write=write_s * per)
+
+
+def describe_throughput(sent: list[upcalls.Upcall], count: int = 40_000
+                        ) -> dict[int, tuple[float, float]]:
+    """Unique-key upcalls described by the worker pool offline, for 1 and 2 workers: per
+    second of the workers' CPU (what one core adds), and per second of wall time."""
+    from upcall_capture import workers
+    from upcall_capture.capture import PooledBlocks
+
+    settings = workers.BlockSettings(DEFAULT_SNAPLEN, 0, None, False)
+    views = [memoryview(r) for r in storm(sent, count, unique=True)]
+    batches = [views[i:i + 256] for i in range(0, count, 256)]
+    results = {}
+    for count_of_workers in (1, 2):
+        pool = workers.WorkerPool(count_of_workers, settings, decode_backlog=2**62)
+        builder = PooledBlocks(pool, settings, lambda: 0)
+        try:
+            start = time.monotonic()
+            pending = []
+            for batch in batches:
+                pending.append(builder.prepare(batch, 0, None))
+                if len(pending) > 2 * count_of_workers:
+                    builder.blocks(pending.pop(0))
+            for ticket in pending:
+                builder.blocks(ticket)
+            wall = time.monotonic() - start
+        finally:
+            pool.close()
+        cpu = sum(worker.cpu_seconds for worker in pool.workers)
+        results[count_of_workers] = (count / cpu, count / wall)
+    return results
+
+
+def scaling_report(unique: Search, ceiling: Search, decoded: dict[int, Search],
+                   per_worker: dict[int, tuple[float, float]]) -> str:
+    top = ceiling.best
+    lines = ["| unique keys (a scan) | highest rate | of the ceiling |", "|---|---|---|"]
+
+    def row(label: str, search: Search) -> None:
+        trial = search.best
+        share = f"{trial.rate / top.rate:.0%}" if trial and top else "-"
+        rate = f"**{_k(trial.rate)}/s**" if trial else "none"
+        lines.append(f"| {label} | {rate} | {share} |")
+
+    row("copy-only ring reader (the ceiling)", ceiling)
+    row("packet path: every upcall in the file (default --workers)", unique)
+    for workers, search in decoded.items():
+        row(f"every upcall in the file, 99% with key text, --workers {workers}", search)
+    lines.append("| runs | " + "; ".join(
+        f"{s.label}: " + ", ".join(t.describe() for t in s.trials)
+        for s in (ceiling, unique, *decoded.values())) + " | |")
+    lines += ["", "| offline describe, unique keys | per worker CPU-second | per second |",
+              "|---|---|---|"]
+    for workers, (per_cpu, per_wall) in per_worker.items():
+        lines.append(f"| {workers} worker{'s' if workers > 1 else ''} | {_k(per_cpu)} | "
+                     f"{_k(per_wall)} |")
+    return "\n".join(lines)
 
 
 # ---------------------------------------------------------------------------------------
@@ -636,12 +740,30 @@ def main(argv: list[str] | None = None) -> int:
         print("lossless rates...", flush=True)
         startup_s = startup_cpu(records, workdir)
         trials = 6 if args.full else 5
-        repeated = search_lossless_rate(records, workdir, unique=False, start=200_000,
-                                        seconds=args.seconds, max_trials=trials)
-        unique = search_lossless_rate(records, workdir, unique=True, start=100_000,
-                                      seconds=args.seconds, max_trials=trials)
+        def tool(unique: bool, workers: int | None = None):
+            return lambda rate, count: run_capture(records, workdir, rate, count, unique,
+                                                   workers)
+
+        def searched(search: Search, run, start: int) -> Search:
+            return search_rate(search, run, start=start, seconds=args.seconds,
+                               max_trials=trials)
+
+        repeated = searched(Search("repeated keys"), tool(False), 200_000)
+        unique = searched(Search("unique keys"), tool(True), 100_000)
+        print("the ceiling, and every key decoded by --workers 0, 1, 2 (unique keys)...",
+              flush=True)
+        ceiling = searched(Search("copy-only reader"),
+                           lambda rate, count: run_copy_only(records, rate, count, True),
+                           300_000)
+        decoded = {workers: searched(DecodedSearch(f"--workers {workers}, keys decoded"),
+                                     tool(True, workers), 60_000 + 20_000 * workers)
+                   for workers in (0, 1, 2)}
+        print("offline describe throughput...", flush=True)
+        per_worker = describe_throughput(sent)
         print()
         print(report(args, repeated, unique, startup_s, overhead, stages, lat, sizes))
+        print()
+        print(scaling_report(unique, ceiling, decoded, per_worker))
     return 0
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -16,6 +17,38 @@ ROOT = Path(__file__).resolve().parents[1]
 REPLAY_DIR = ROOT / "samples" / "replay"
 REPLAY_BIN = REPLAY_DIR / "upcall-replay"
 sys.path.insert(0, str(REPLAY_DIR))
+# OVS's own text for 978 keys: shared test data beside the project, never copied into it.
+VECTORS = ROOT.parent / "shared" / "flowkeys" / "vectors.tsv"
+
+
+def read_vectors() -> list[tuple[bytes, str]]:
+    """(key, OVS's text) of every vector; [] where the file is absent. '-' is the empty key."""
+    if not VECTORS.is_file():
+        return []
+    return [(b"" if hex_key == "-" else bytes.fromhex(hex_key), text)
+            for hex_key, text in (line.split("\t") for line in VECTORS.read_text().splitlines())]
+
+
+# The capture's closing line; K without key text only when it had to shed decoding.
+SUMMARY = re.compile(r"(\d+) upcalls captured(?:, \d+ without key text)?, (\d+) lost")
+
+
+def blocks_by_type(data: bytes):
+    """A pcapng's blocks, and its interfaces, packets and statistics blocks apart."""
+    from upcall_capture import pcapng
+
+    blocks = list(pcapng.iter_blocks(data))
+    return (blocks, [b for b in blocks if isinstance(b, pcapng.InterfaceDescription)],
+            [b for b in blocks if isinstance(b, pcapng.Packet)],
+            [b for b in blocks if isinstance(b, pcapng.InterfaceStatistics)])
+
+
+def tshark_count(path) -> int:
+    """The frames tshark reads in a file: it must read it whole, without an error."""
+    done = subprocess.run(["tshark", "-r", str(path), "-T", "fields", "-e", "frame.number"],
+                          capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    return len(done.stdout.split())
 
 
 def build_c(directory: Path, output: str, source: str,

@@ -4,6 +4,9 @@ HEADER, then the key, the bytes that lay between key and packet, and the packet.
 
 from __future__ import annotations
 
+import struct
+from dataclasses import replace
+
 import upcalls  # samples/replay/upcalls.py
 
 from upcall_capture.probe.record import HEADER
@@ -18,3 +21,21 @@ def probe_record(upcall: upcalls.Upcall, *, ktime_ns: int, pid: int = 42, tid: i
     return HEADER.pack(ktime_ns, len(key), pid, tid, cpu, upcall.type, len(upcall.packet),
                        len(packet), len(key), len(key) + len(gap), 0, thread.encode(),
                        upcall.dpif.encode()) + key + gap + packet
+
+
+def storm(sent: list[upcalls.Upcall], count: int, *, unique: bool) -> list[bytes]:
+    """The records of `count` fires of the replay over `sent`; with `unique`, every key
+    made new as `upcall-replay -u` does (in the key and the packet alike). One handler
+    thread, which moves to the other CPU every 500 upcalls."""
+    out = []
+    for index in range(count):
+        upcall = sent[index % len(sent)]
+        if unique and upcall.key_uniq_off >= 0:
+            key, packet = bytearray(upcall.key), bytearray(upcall.packet)
+            value = struct.pack(">I", 0x0A000000 + index)
+            key[upcall.key_uniq_off:upcall.key_uniq_off + 4] = value
+            packet[upcall.pkt_uniq_off:upcall.pkt_uniq_off + 4] = value
+            upcall = replace(upcall, key=bytes(key), packet=bytes(packet))
+        out.append(probe_record(upcall, ktime_ns=10**12 + index * 5000, pid=4242, tid=4243,
+                                cpu=index // 500 % 2))
+    return out

@@ -10,7 +10,16 @@ import time
 
 import pytest
 import upcalls  # samples/replay/upcalls.py: the replayed records
-from conftest import REPLAY_DIR, ROOT, Tool, build_c, start_capture
+from conftest import (
+    REPLAY_DIR,
+    ROOT,
+    SUMMARY,
+    Tool,
+    blocks_by_type,
+    build_c,
+    start_capture,
+    tshark_count,
+)
 
 from upcall_capture import pcapng
 from upcall_capture.flowkey import format_key
@@ -19,22 +28,10 @@ pytestmark = pytest.mark.capture
 
 BASIC = REPLAY_DIR / "basic.upc"
 MIXED = REPLAY_DIR / "mixed.upc"
-SUMMARY = re.compile(r"(\d+) upcalls captured, (\d+) lost")
 
 
 def read_capture(path):
-    blocks = list(pcapng.iter_blocks(path.read_bytes()))
-    interfaces = [b for b in blocks if isinstance(b, pcapng.InterfaceDescription)]
-    packets = [b for b in blocks if isinstance(b, pcapng.Packet)]
-    stats = [b for b in blocks if isinstance(b, pcapng.InterfaceStatistics)]
-    return blocks, interfaces, packets, stats
-
-
-def tshark_count(path) -> int:
-    done = subprocess.run(["tshark", "-r", str(path), "-T", "fields", "-e", "frame.number"],
-                          capture_output=True, text=True, check=False)
-    assert done.returncode == 0, done.stderr
-    return len(done.stdout.split())
+    return blocks_by_type(path.read_bytes())
 
 
 def capture(replay, tmp_path, records, *replay_args, tool_args=()):

@@ -4,9 +4,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
-
-VECTORS = ROOT.parent / "shared" / "flowkeys" / "vectors.tsv"
+from conftest import ROOT, VECTORS
 
 
 def decode(*args, stdin=None):

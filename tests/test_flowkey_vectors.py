@@ -2,24 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
+from conftest import VECTORS, read_vectors
 
 from upcall_capture.flowkey import KeyCache, decode_key, format_key
 from upcall_capture.flowkey.shapes import ShapeCache
-
-VECTORS = Path(__file__).resolve().parents[1] / ".." / "shared" / "flowkeys" / "vectors.tsv"
 
 
 def _load() -> list[tuple[int, bytes, str]]:
     if not VECTORS.is_file():
         pytest.skip(f"conformance vectors not found at {VECTORS} (shared test data, not shipped)")
-    vectors = []
-    for number, line in enumerate(VECTORS.read_text().splitlines(), 1):
-        hex_key, text = line.split("\t")
-        vectors.append((number, b"" if hex_key == "-" else bytes.fromhex(hex_key), text))
-    return vectors
+    return [(number, key, text) for number, (key, text) in enumerate(read_vectors(), 1)]
 
 
 @pytest.fixture(scope="module")

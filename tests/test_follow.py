@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import REPLAY_DIR, Replay, Tool
+from conftest import REPLAY_DIR, Replay, Tool, blocks_by_type, tshark_count
 from test_upcall_blocks import SENT, blocks_of, new_blocks, record
 
 from upcall_capture import pcapng
@@ -43,12 +43,8 @@ def fire(source: Replay, count: int) -> None:
 def read_packets(path: Path):
     data = path.read_bytes()
     assert pcapng.complete_length(data) == len(data)
-    done = subprocess.run(["tshark", "-r", str(path), "-T", "fields", "-e", "frame.number"],
-                          capture_output=True, text=True, check=False)
-    assert done.returncode == 0, done.stderr
-    blocks = list(pcapng.iter_blocks(data))
-    packets = [b for b in blocks if isinstance(b, pcapng.Packet)]
-    assert len(done.stdout.split()) == len(packets)
+    blocks, _, packets, _ = blocks_by_type(data)
+    assert tshark_count(path) == len(packets)
     return blocks, packets
 
 

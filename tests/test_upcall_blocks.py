@@ -5,11 +5,10 @@ from __future__ import annotations
 
 import random
 import re
-from pathlib import Path
 
 import pytest
 import upcalls
-from conftest import REPLAY_DIR
+from conftest import REPLAY_DIR, VECTORS
 from probe_records import probe_record
 
 from upcall_capture import comment, pcapng, upcall_blocks
@@ -140,7 +139,6 @@ def test_empty_and_single_batches(count):
     assert len(packets) == count
 
 
-VECTORS = Path(__file__).resolve().parents[1] / ".." / "shared" / "flowkeys" / "vectors.tsv"
 
 
 def known_keys() -> list[bytes]:

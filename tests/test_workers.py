@@ -1,0 +1,178 @@
+"""Describing on worker processes: the same bytes as one process, whatever the number of
+workers; ids fitted to the main table when workers disagree; shedding that keeps every
+packet, says so, and that -r -w makes good. Real worker processes, no probe."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import upcalls
+from conftest import REPLAY_DIR, read_vectors
+from probe_records import storm
+
+from upcall_capture import comment, pcapng, workers
+from upcall_capture.capture import InlineBlocks, PooledBlocks
+from upcall_capture.flowkey import format_key, shape_port_and_eth
+from upcall_capture.interfaces import InterfaceTable, WorkerBatch, adopt_batch
+from upcall_capture.ports import no_port_names
+from upcall_capture.upcall_blocks import UpcallBlocks, port_and_eth
+
+SETTINGS = workers.BlockSettings(snaplen=9216, clock_offset_ns=1_700_000_000 * 10**9,
+                                 if_filter="type=miss", port_names=False)
+SHB = pcapng.section_header(userappl="t", os="t", hardware="t")
+MIXED = upcalls.read_records(REPLAY_DIR / "mixed.upc")
+
+
+def inline_builder() -> InlineBlocks:
+    return InlineBlocks(lambda: UpcallBlocks(
+        snaplen=SETTINGS.snaplen, clock_offset_ns=SETTINGS.clock_offset_ns,
+        port_name=no_port_names, if_filter=SETTINGS.if_filter))
+
+
+def section(builder, batches: list[list[bytes]], *, ahead: int = 1, drops: int = 0) -> bytes:
+    """A whole section built by `builder`, with up to `ahead` batches handed out before
+    the first is taken back (as the reader runs ahead of the writer)."""
+    out = bytearray(SHB)
+    prepared = []
+    for index, batch in enumerate(batches):
+        prepared.append(builder.prepare(batch, drops if index % 5 == 0 else 0,
+                                        "after a gap" if index == 3 else None))
+        if len(prepared) >= ahead:
+            out += builder.blocks(prepared.pop(0))
+    for ready in prepared:
+        out += builder.blocks(ready)
+    out += builder.blocks(builder.prepare([], 7, None))  # losses after the last packet
+    return bytes(out + builder.statistics(10**12, 0, final=True))
+
+
+def in_batches(records: list[bytes], size: int = 97) -> list[list[memoryview]]:
+    views = [memoryview(record) for record in records]
+    return [views[start:start + size] for start in range(0, len(views), size)]
+
+
+@pytest.mark.parametrize("unique", [False, True], ids=["repeated", "unique"])
+def test_any_number_of_workers_writes_the_bytes_of_one_process(unique):
+    batches = in_batches(storm(MIXED, 3000, unique=unique))
+    expected = section(inline_builder(), batches, drops=3)
+    for count in (1, 2):
+        pool = workers.WorkerPool(count, SETTINGS, decode_backlog=10**9)
+        try:
+            # Several batches out at once: two workers then meet new interfaces at the
+            # same time and guess the same ids, and the main table must sort them out.
+            got = section(PooledBlocks(pool, SETTINGS, lambda: 1), batches, ahead=6,
+                          drops=3)
+        finally:
+            pool.close()
+        assert got == expected, f"{count} workers"
+        assert pool.undecoded == 0
+
+
+def _worker_batch(identities: list, used: list[int], known: InterfaceTable) -> WorkerBatch:
+    """A worker's blocks: packets on worker ids `used`, with IDBs for what `known` lacks."""
+    table = InterfaceTable([(i.identity, i.description) for i in known.interfaces])
+    out, emitted = bytearray(), []
+    for identity in identities:
+        if table.find(identity) is None:
+            emitted.append(table.add(identity, _description(identity)))
+            out += _description(identity)
+    for number, worker_id in enumerate(used):
+        out += pcapng.enhanced_packet(worker_id, number, bytes([number]), 1)
+    counts = [(worker_id, used.count(worker_id), 0) for worker_id in sorted(set(used))]
+    return WorkerBatch(bytes(out), [(i.identity, i.description) for i in table.interfaces],
+                       emitted, counts)
+
+
+def _description(identity) -> bytes:
+    return pcapng.interface_description(pcapng.LINKTYPE_ETHERNET, 0, name=str(identity))
+
+
+def _names_of_packets(data: bytes) -> list[str]:
+    interfaces, names = [], []
+    for block in pcapng.iter_blocks(SHB + data):
+        if isinstance(block, pcapng.InterfaceDescription):
+            interfaces.append(block.name)
+        elif isinstance(block, pcapng.Packet):
+            names.append(interfaces[block.interface_id])
+    return names
+
+
+def test_a_workers_guessed_ids_are_fitted_to_the_main_table():
+    table = InterfaceTable()
+    empty = InterfaceTable()
+    # Both workers started from an empty table: each gave id 0 to what it saw first.
+    first = _worker_batch(["a", "b"], [0, 1, 0], empty)
+    second = _worker_batch(["c", "a"], [0, 1, 1], empty)
+    out, _ = adopt_batch(table, first)
+    assert out == first.blocks  # it guessed right: written as it is
+    rewritten, mapping = adopt_batch(table, second)
+    assert rewritten != second.blocks
+    assert mapping == {0: 2, 1: 0}
+    assert _names_of_packets(out + rewritten) == ["a", "b", "a", "c", "a", "a"]
+    assert [(i.identity, i.received) for i in table.interfaces] == [("a", 4), ("b", 1),
+                                                                     ("c", 1)]
+
+
+def test_a_batch_built_before_the_file_rotated_goes_into_the_new_section():
+    old = InterfaceTable([("a", _description("a")), ("b", _description("b"))])
+    batch = _worker_batch(["b"], [1, 1], old)  # the worker still had the old table
+    table = InterfaceTable()  # the new file's
+    out, mapping = adopt_batch(table, batch)
+    assert mapping == {1: 0}
+    assert _names_of_packets(out) == ["b", "b"]
+
+
+def test_shed_packets_are_all_written_counted_and_say_so():
+    records = storm(MIXED, 2000, unique=True)
+    batches = in_batches(records)
+    pool = workers.WorkerPool(1, SETTINGS, decode_backlog=0)  # nothing is decoded
+    try:
+        data = section(PooledBlocks(pool, SETTINGS, lambda: 1), batches)
+    finally:
+        pool.close()
+    packets = [b for b in pcapng.iter_blocks(data) if isinstance(b, pcapng.Packet)]
+    assert len(packets) == len(records)
+    said = [comment.parse(p.comments[0]) for p in packets]
+    undecoded = [p for p, s in zip(packets, said, strict=True) if not s.decoded]
+    # Most are shed: the first of each shape and 1 in UNDECODED_SAMPLE are decoded.
+    assert len(undecoded) == pool.undecoded > len(records) // 2
+    for packet in undecoded:
+        assert packet.comments[0].split("\n")[1] == comment.NOT_DECODED
+        assert packet.key  # the raw key is kept
+    # Each packet is on the interface that decoding its key would have given it.
+    expected = section(inline_builder(), batches)
+    assert _names_of_packets(data[len(SHB):]) == _names_of_packets(expected[len(SHB):])
+
+
+def test_read_back_writes_in_the_text_of_every_key_not_decoded(tmp_path):
+    records = storm(MIXED, 600, unique=True)
+    blocks = UpcallBlocks(snaplen=9216, clock_offset_ns=0, port_name=no_port_names)
+    shed = tmp_path / "shed.pcapng"
+    shed.write_bytes(SHB + blocks.packets([memoryview(r) for r in records], decode=False)
+                     + blocks.statistics(10**12, start_ktime_ns=0))
+    assert blocks.undecoded > 400
+    new = tmp_path / "new.pcapng"
+    done = subprocess.run([sys.executable, "-m", "upcall_capture", "-r", str(shed), "-w",
+                           str(new)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert f"600 upcalls written to {new}, {blocks.undecoded} keys decoded now" in done.stderr
+    packets = [b for b in pcapng.iter_blocks(new.read_bytes()) if isinstance(b, pcapng.Packet)]
+    assert len(packets) == 600
+    for packet in packets:
+        lines = packet.comments[0].split("\n")
+        assert lines[1] == format_key(packet.key)  # OVS's text, as the vectors show
+        assert comment.parse(packet.comments[0]).decoded
+
+
+def test_the_shape_tells_in_port_and_eth_as_the_text_does():
+    keys = [u.key for u in MIXED] + [key for key, _ in read_vectors()]
+    checked = 0
+    for key in keys:
+        text = format_key(key)
+        format_key(key)  # a shape is compiled on its second sighting
+        where = shape_port_and_eth(key)
+        if where is not None:
+            assert where == port_and_eth(text), text
+            checked += 1
+    assert checked > len(MIXED)
