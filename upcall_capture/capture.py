@@ -220,12 +220,7 @@ class PooledBlocks:
     def statistics(self, end_ktime_ns: int, start_ktime_ns: int, *, final: bool) -> bytes:
         table = self._section[1]
         if final and self._pending_drops:
-            # After the last packet: its interface's ISB counts them.
-            if self._last is not None:
-                table.interfaces[self._last].dropped += self._pending_drops
-            elif table.interfaces:
-                table.interfaces[-1].dropped += self._pending_drops
-            else:
+            if not table.charge_after_last(self._pending_drops, self._last):
                 self.unattributed_drops += self._pending_drops
             self._pending_drops = 0
         offset = self.settings.clock_offset_ns

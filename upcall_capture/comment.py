@@ -46,9 +46,9 @@ def head(upcall: Upcall, port: int | None, port_name: str | None) -> str:
             f"tid={upcall.tid} thread={upcall.thread} cpu={upcall.cpu}")
 
 
-def text(upcall: Upcall, key_text: str | None, port: int | None, port_name: str | None) -> str:
-    """The whole comment; `key_text` None when the key was not decoded."""
-    lines = [head(upcall, port, port_name), NOT_DECODED if key_text is None else key_text]
+def text(upcall: Upcall, key_text: str, port: int | None, port_name: str | None) -> str:
+    """The whole comment of a decoded key."""
+    lines = [head(upcall, port, port_name), key_text]
     cut = []
     if len(upcall.packet) < upcall.pkt_size:
         cut.append(f"packet {len(upcall.packet)} of {upcall.pkt_size} bytes")
@@ -63,8 +63,8 @@ def text(upcall: Upcall, key_text: str | None, port: int | None, port_name: str 
 
 
 @dataclass(frozen=True, slots=True)
-class ReadBack:
-    """What a comment written by `text` says, read back."""
+class CommentFields:
+    """What one of our comments says, read back."""
 
     upcall_type: int
     dpif: str
@@ -78,7 +78,7 @@ class ReadBack:
     decoded: bool  # False: the key line is NOT_DECODED
 
 
-def parse(comment: str) -> ReadBack | None:
+def parse(comment: str) -> CommentFields | None:
     """The fields of one of our comments, or None for any other text."""
     lines = comment.split("\n")
     found = _HEAD.match(lines[0])
@@ -88,7 +88,7 @@ def parse(comment: str) -> ReadBack | None:
     kind = fields["type"]
     cut = next((m for line in lines[2:] if line.startswith("truncated: ")
                 and (m := _KEY_CUT.search(line))), None)
-    return ReadBack(
+    return CommentFields(
         upcall_type=_TYPE_NUMBERS.get(kind, int(kind) if kind.isdigit() else -1),
         dpif=fields["dpif"], port=int(fields["port"]) if fields["port"] else None,
         port_name=fields["name"], pid=int(fields["pid"]), tid=int(fields["tid"]),

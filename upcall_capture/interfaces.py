@@ -41,8 +41,14 @@ class InterfaceTable:
         self.interfaces.append(Interface(identity, description))
         return if_id
 
-    def identities(self) -> list[Hashable]:
-        return [interface.identity for interface in self.interfaces]
+    def charge_after_last(self, dropped: int, last: int | None) -> bool:
+        """Losses after the section's last packet, which no later packet carries: the ISB
+        of that packet's interface (`last`, or else the newest) counts them. False when
+        there is no interface to count them."""
+        if last is None and not self.interfaces:
+            return False
+        self.interfaces[-1 if last is None else last].dropped += dropped
+        return True
 
     def statistics(self, timestamp_ns: int, *, start_ns: int | None = None,
                    end_ns: int | None = None, filtered: bool = False) -> bytes:

@@ -144,7 +144,7 @@ class Rewriter:
 
 
 @dataclass(frozen=True)
-class ReadBack:
+class ReadBackDone:
     count: int  # upcalls selected
     decoded: int  # keys that the capture had not decoded, written with their text
 
@@ -152,7 +152,7 @@ class ReadBack:
 def read_back(items: Iterable[CapturedUpcall], *,
               keep: Callable[[CapturedUpcall], bool] | None = None, sink=None,
               consumers: Iterable[Callable[[list[CapturedUpcall]], None]] = (),
-              limit: int | None = None, batch_size: int = 1000) -> ReadBack:
+              limit: int | None = None, batch_size: int = 1000) -> ReadBackDone:
     """-r: the upcalls `keep` selects (the first `limit` of them), in batches, to each
     consumer (lines, statistics) and, with a sink, into a new section written to it."""
     if keep is not None:
@@ -171,4 +171,4 @@ def read_back(items: Iterable[CapturedUpcall], *,
         last_ns = batch[-1].wall_ns
     if rewriter is not None:
         sink.write(rewriter.statistics(last_ns))
-    return ReadBack(count, rewriter.decoded if rewriter is not None else 0)
+    return ReadBackDone(count, rewriter.decoded if rewriter is not None else 0)

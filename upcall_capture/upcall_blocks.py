@@ -17,7 +17,7 @@ note (note_next), while every other packet pays nothing for the feature.
 With `decode=False` (the capture is overloaded: see workers.py), an upcall whose key is
 not in the cache is written without the key's text, which is the expensive part: its
 comment says so and its raw key is kept, and the interface comes from the key's shape
-(flowkey.port_and_eth). Such packets are counted in `undecoded`.
+(flowkey.shape_port_and_eth). Such packets are counted in `undecoded`.
 """
 
 from __future__ import annotations
@@ -267,12 +267,9 @@ class UpcallBlocks:
         return described
 
     def _charge_to_last(self, dropped: int) -> None:
-        """Losses after the last packet: no later packet carries them, so the ISB does."""
-        interfaces = self.table.interfaces
-        interface = self._last_interface or (interfaces[-1] if interfaces else None)
-        if interface is not None:
-            interface.dropped += dropped
-        else:
+        last = self._last_interface
+        if not self.table.charge_after_last(
+                dropped, None if last is None else self.table.find(last.identity)):
             self.unattributed_drops += dropped
 
     def _describe(self, record: bytes | memoryview, out: bytearray) -> _Described:
