@@ -121,7 +121,7 @@ def measure(family: Callable[[random.Random], bytes], count: int, rounds: int) -
     def new_keys_cached() -> None:
         cache, text = KeyCache(), None
         for key in next(fresh):
-            text = cache.text(key)
+            text = cache.get(key)
         del text
 
     def new_keys_decode() -> None:
@@ -131,11 +131,11 @@ def measure(family: Callable[[random.Random], bytes], count: int, rounds: int) -
     working_set = batches[0][:REPEATED_WORKING_SET]
     cache = KeyCache()
     for key in working_set:
-        cache.text(key)
+        cache.get(key)
     repeats = max(1, count // len(working_set))
 
     def repeated() -> None:
-        text = cache.text
+        text = cache.get
         for _ in range(repeats):
             for key in working_set:
                 text(key)
@@ -145,9 +145,9 @@ def measure(family: Callable[[random.Random], bytes], count: int, rounds: int) -
             render(plan_key(key, len(key)), key, len(key), None)
 
     return {
-        "new keys, KeyCache.text": best_per_key(new_keys_cached, count, rounds),
+        "new keys, KeyCache.get": best_per_key(new_keys_cached, count, rounds),
         "new keys, decode_key": best_per_key(new_keys_decode, count, rounds),
-        "repeated keys, KeyCache.text": best_per_key(repeated, repeats * len(working_set), rounds),
+        "repeated keys, KeyCache.get": best_per_key(repeated, repeats * len(working_set), rounds),
         "first sight (general walk)": best_per_key(first_sight, count // 10, rounds),
     }
 

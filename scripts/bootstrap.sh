@@ -13,7 +13,7 @@ say() { echo "bootstrap: $*" >&2; }
 
 install_packages() {
     local pkgs=(python3-bpfcc python3-venv python3-pip gcc make libc6-dev systemtap-sdt-dev
-                tshark libpcap-dev binutils procps man-db "$@")
+                tshark libpcap-dev binutils procps man-db tmux "$@")
     local missing=()
     for p in "${pkgs[@]}"; do
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")

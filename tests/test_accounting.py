@@ -26,7 +26,8 @@ from upcall_capture.upcall_blocks import UpcallBlocks
 
 MIXED = REPLAY_DIR / "mixed.upc"
 SUMMARY = re.compile(
-    r"(\d+) upcalls captured, (\d+) lost(?:, (\d+) filtered out)? \((\d+) fired\)")
+    r"(\d+) upcalls captured(?:, \d+ without key text)?, (\d+) lost(?:, (\d+) filtered out)? "
+    r"\((\d+) fired\)")
 FIRED = 200_000
 
 

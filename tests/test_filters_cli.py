@@ -22,7 +22,8 @@ from upcall_capture.view import clock_time
 
 MIXED = REPLAY_DIR / "mixed.upc"
 RECORDS = upcalls.read_records(MIXED)
-SUMMARY = re.compile(r"(\d+) upcalls captured, (\d+) lost, (\d+) filtered out \((\d+) fired\)")
+SUMMARY = re.compile(r"(\d+) upcalls captured(?:, \d+ without key text)?, (\d+) lost, "
+                     r"(\d+) filtered out \((\d+) fired\)")
 
 
 def captured(path) -> Counter:
@@ -99,3 +100,20 @@ def test_bad_filters_fail_before_attaching(replay, args, message):
     assert message in done.stderr
     assert len(done.stderr.strip().splitlines()) == 1
     assert "listening" not in done.stderr and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--filter", "foo=bar"], "unknown field 'foo'"),
+    (["tcp", "port", "eighty"], "eighty"),
+    (["--stats", "--stats-by", "nosuch"], "unknown field 'nosuch'"),
+    (["--stats-by", "in_port"], "--stats-by needs --stats or --top"),
+    (["--top"], "--top needs a terminal"),  # standard output is a pipe here
+    (["--top", "-w", "-"], "--top needs the terminal: not with -w -"),
+])
+@pytest.mark.parametrize("pid", ["1", "4000000"])  # pid 1 has no probe; 4000000 is no pid
+def test_options_are_checked_before_the_target(args, message, pid):
+    done = subprocess.run([*Tool.command(), "-p", pid, *args],
+                          capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert done.returncode == 2
+    assert message in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr

@@ -529,20 +529,20 @@ def test_key_cache_serves_repeats_and_stays_bounded() -> None:
     cache = KeyCache(maxsize=100)
     keys = [k.u32(k.IN_PORT, n) + k.u32(k.SKB_MARK, n) for n in range(1000)]
     for n, key in enumerate(keys):
-        assert cache.text(key) == f"in_port({n}),skb_mark({hx(n)})"
+        assert cache.get(key) == f"in_port({n}),skb_mark({hx(n)})"
         assert len(cache) <= 100
     last = keys[-1]
-    assert cache.text(last) is cache.text(last)  # served from the cache, not re-made
-    assert cache.text(keys[0]) == "in_port(0),skb_mark(0)"  # evicted, then made again
+    assert cache.get(last) is cache.get(last)  # served from the cache, not re-made
+    assert cache.get(keys[0]) == "in_port(0),skb_mark(0)"  # evicted, then made again
 
 
 def test_key_cache_keeps_truncated_and_whole_keys_apart() -> None:
     cache = KeyCache()
     key = k.u32(k.IN_PORT, 1)
-    assert cache.text(key) == "in_port(1)"
-    assert cache.text(key, 20) == "in_port(1),<key truncated: captured 8 of 20 bytes>"
-    assert cache.text(key, 8) == "in_port(1)"
-    assert cache.text(bytearray(key)) == "in_port(1)"
+    assert cache.get(key) == "in_port(1)"
+    assert cache.get(key, 20) == "in_port(1),<key truncated: captured 8 of 20 bytes>"
+    assert cache.get(key, 8) == "in_port(1)"
+    assert cache.get(bytearray(key)) == "in_port(1)"
 
 
 def test_key_cache_rejects_a_useless_size() -> None:

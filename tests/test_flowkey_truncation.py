@@ -93,7 +93,7 @@ def test_marker_names_the_real_length() -> None:
     assert format_key(cut, 640).endswith(",<key truncated: captured 100 of 640 bytes>")
     assert format_key(cut, 641).endswith(",<key truncated: captured 100 of 641 bytes>")
     cache = KeyCache()
-    assert cache.text(cut, 640) != cache.text(cut, 641)
+    assert cache.get(cut, 640) != cache.get(cut, 641)
 
 
 def test_nothing_captured() -> None:

@@ -62,6 +62,6 @@ def test_public_decode_and_cache_match_ovs(vectors: list[tuple[int, bytes, str]]
     failures = [
         f"line {n}: {want}"
         for n, data, want in vectors
-        if decode_key(data).text != want or cache.text(data) != want or cache.text(data) != want
+        if decode_key(data).text != want or cache.get(data) != want or cache.get(data) != want
     ]
     assert not failures, _report(failures)

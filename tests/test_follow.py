@@ -20,7 +20,8 @@ from upcall_capture import pcapng
 from upcall_capture.target import VSWITCHD, is_alive
 
 BASIC = REPLAY_DIR / "basic.upc"
-SUMMARY = re.compile(r"(\d+) upcalls captured, (\d+) lost .*; (\d+) restarts? followed")
+SUMMARY = re.compile(r"(\d+) upcalls captured(?:, \d+ without key text)?, (\d+) lost .*; "
+                     r"(\d+) restarts? followed")
 GAP_NOTE = re.compile(r"after a gap: ovs-vswitchd pid (\d+) exited at \d\d:\d\d:\d\d\.\d{3}, "
                       r"pid (\d+) attached at \d\d:\d\d:\d\d\.\d{3}")
 

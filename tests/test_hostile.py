@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import upcalls  # samples/replay/upcalls.py
-from conftest import REPLAY_DIR, ROOT, Replay, Tool
+from conftest import REPLAY_DIR, ROOT, SUMMARY, Replay, Tool
 
 from upcall_capture import pcapng
 from upcall_capture.flowkey import format_key
@@ -24,7 +24,6 @@ from upcall_capture.flowkey import format_key
 pytestmark = pytest.mark.capture
 
 BASIC = REPLAY_DIR / "basic.upc"
-SUMMARY = re.compile(r"(\d+) upcalls captured, (\d+) lost")
 # upcall-replay.c's -B upcall: 60 readable bytes of packet and 40 of key (copied from the
 # first record), then a PROT_NONE page; it claims 1514 and 640 bytes.
 HOSTILE_PACKET_SIZE, HOSTILE_PACKET_READABLE = 1514, 60

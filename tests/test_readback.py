@@ -147,7 +147,7 @@ def test_not_a_capture(tmp_path):
 @pytest.mark.parametrize("fmt", ["json", "text"])
 def test_stats(tmp_path, fmt):
     capture = write_capture(tmp_path / "c.pcapng")
-    done = run_cli("-r", str(capture), "--stats", "--stats-format", fmt, "--top", "3",
+    done = run_cli("-r", str(capture), "--stats", "--stats-format", fmt, "--stats-top", "3",
                    "-w", str(tmp_path / "discard.pcapng"))
     assert done.returncode == 0, done.stderr
     types = Counter(("miss", "action")[r.type] for r in RECORDS)
@@ -157,7 +157,8 @@ def test_stats(tmp_path, fmt):
         assert report["upcalls"] == len(RECORDS)
         assert report["by_type"] == dict(types)
         assert report["by_dpif"] == dict(Counter(r.dpif for r in RECORDS))
-        assert sum(report["by_port"].values()) == len(RECORDS)
+        ports = next(group for group in report["groups"] if group["name"] == "in_port")
+        assert ports["with"] == len(RECORDS) and ports["without"] == 0
         assert [k["count"] for k in report["top_keys"]] == [count for _, count in keys]
         assert report["top_keys"][0]["key"] == format_key(keys[0][0])
         assert sum(s["upcalls"] for s in report["rate_per_second"]) == len(RECORDS)

@@ -11,12 +11,11 @@ import time
 import zlib
 
 import pytest
-from conftest import REPLAY_DIR, ROOT, Tool, start_capture
+from conftest import REPLAY_DIR, ROOT, SUMMARY, Tool, start_capture
 
 from upcall_capture import pcapng
 
 MIXED = REPLAY_DIR / "mixed.upc"
-SUMMARY = re.compile(r"(\d+) upcalls captured, (\d+) lost")
 
 
 def assert_valid(path):
@@ -26,6 +25,14 @@ def assert_valid(path):
                           capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     return [b for b in pcapng.iter_blocks(data) if isinstance(b, pcapng.Packet)]
+
+
+def handles(pid: int, signum: int) -> bool:
+    """Whether the process has a handler for signum (SigCgt in /proc/PID/status)."""
+    for line in open(f"/proc/{pid}/status"):
+        if line.startswith("SigCgt:"):
+            return bool(int(line.split()[1], 16) >> (signum - 1) & 1)
+    return False
 
 
 def one_line_error(stderr: str, needle: str) -> None:
@@ -62,6 +69,7 @@ def test_second_sigint_while_closing_keeps_the_file_valid(replay, tmp_path):
     tool.proc.send_signal(signal.SIGINT)
     status, stderr = tool.wait()
     assert status == 0, stderr
+    assert SUMMARY.search(stderr), stderr
     assert len(assert_valid(out)) == int(SUMMARY.search(stderr).group(1))
 
 
@@ -70,7 +78,10 @@ def test_signal_before_attach_leaves_a_valid_empty_file(replay, tmp_path):
     out = tmp_path / "out.pcapng"
     source = replay(MIXED, "-n", "10")
     tool = Tool("-p", str(source.pid), "-w", str(out))
-    time.sleep(0.3)  # checking and compiling: not yet listening
+    # Once the tool handles SIGTERM it is about to compile and attach: it stops at once.
+    deadline = time.monotonic() + 30
+    while not handles(tool.proc.pid, signal.SIGTERM) and time.monotonic() < deadline:
+        time.sleep(0.005)
     tool.proc.send_signal(signal.SIGTERM)
     status, stderr = tool.wait()
     assert status == 0, stderr

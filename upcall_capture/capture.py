@@ -121,6 +121,9 @@ class UserspaceFiltered:
     def stop(self) -> list[bytes]:
         return self._select(self.probe.stop())
 
+    def peak_fill(self) -> float:
+        return self.probe.peak_fill()
+
     def counters(self) -> Counters:
         counters = self.probe.counters()
         return Counters(counters.fired, counters.filtered + self.filtered, counters.lost)

@@ -3,13 +3,26 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import shlex
 import signal
 import sys
+import threading
+import time
 from collections.abc import Iterable, Iterator
 
-from upcall_capture import __version__, pcapng, privileges, readback, target, tuning, workers
+from upcall_capture import (
+    __version__,
+    groups,
+    pcapng,
+    privileges,
+    readback,
+    target,
+    top,
+    tuning,
+    workers,
+)
 from upcall_capture.capture import (
     Capture,
     InlineBlocks,
@@ -60,8 +73,14 @@ examples:
   {PROG} -w x.pcapng -G 3600
   # read a capture back with the keys, action upcalls only
   {PROG} -r x.pcapng -v --filter type=action
-  # what an upcall storm was made of
+  # what an upcall storm was made of: ports, sources, protocols, handlers...
   {PROG} -r x.pcapng --stats
+  # ...counted by source /16 and destination port together
+  {PROG} -r x.pcapng --stats --stats-by ipv4.src/16,tp_dst
+  # watch a storm live, full screen (q quits), writing it to a file too
+  {PROG} --top -w x.pcapng
+  # replay a capture's storm in that view
+  {PROG} -r x.pcapng --top
   # print a netlink flow key (from a log) as OVS does
   {PROG} --decode-key 0800030001000000
 """
@@ -83,6 +102,13 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str):
         # One line, like every other error, instead of argparse's usage block.
         self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+def _group(text: str) -> groups.Group:
+    try:
+        return groups.parse_group(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("--stats-by: ")) from None
 
 
 def _positive_float(text: str) -> float:
@@ -149,12 +175,30 @@ def build_parser() -> argparse.ArgumentParser:
                         help="print scapy's full dissection of each packet")
     output.add_argument(
         "--stats", action="store_true",
-        help="at the end, print counts by type, datapath and port, the top flow keys and the "
-             "upcall rate per second")
+        help="at the end, print counts by type and datapath, the top values of field groups "
+             "(in_port, eth_type, IPv4 and IPv6 addresses and their /24 and /64 prefixes, "
+             "proto with tp_dst, tunnel id and remote, recirc_id, ct_state, handler "
+             "thread) with their shares, the top flow keys and the upcall rate per second; "
+             "counts stay in bounded memory, and a table that had to drop values says how "
+             "far off its counts may be")
+    output.add_argument(
+        "--stats-by", action="append", metavar="FIELD[,FIELD]", type=_group,
+        help="with --stats or --top, count by these groups instead of the default ones: a "
+             "field --filter knows (and tunnel.tun_id, tunnel.src, tunnel.dst), an address "
+             "with /PREFIX, or fields counted together, e.g. ipv4.src/16 or "
+             "ipv4.src,tp_dst; may be repeated")
     output.add_argument("--stats-format", choices=("text", "json"), default="text",
                         help="text (default) or json, for scripts")
-    output.add_argument("--top", type=_ranged(1, 10000, "--top"), default=10, metavar="N",
-                        help="how many flow keys --stats lists (default 10)")
+    output.add_argument("--stats-top", type=_ranged(1, 10000, "--stats-top"), default=10,
+                        metavar="N",
+                        help="how many values of each group and flow keys --stats lists "
+                             "(default 10)")
+    output.add_argument(
+        "--top", action="store_true",
+        help="a live full-screen view on the terminal, refreshed every second: the upcall "
+             "rate by type and datapath, the top values of the field groups over the last "
+             f"{top.WINDOW_S} seconds, the capture's own losses and the ring's fill; q "
+             "quits. With -r, the file is played at the pace of its own time")
 
     capture = parser.add_argument_group("capture")
     capture.add_argument(
@@ -269,10 +313,14 @@ def capture(args: argparse.Namespace, argv: list[str]) -> int:
     if args.follow and user is not None:
         raise UsageError("--follow cannot be used with -Z: attaching to a new "
                          f"{target.VSWITCHD} needs root")
+    _check_views(args)
+    # Every option is checked before the target is looked up, but port=NAME asks it.
+    find_target = functools.cache(
+        lambda: target.process(args.pid) if args.pid else target.find_vswitchd())
+    spec = _compile_filters(args, lambda: dpctl_show(find_target().pid))
     loader.check_environment()
-    process = target.process(args.pid) if args.pid else target.find_vswitchd()
+    process = find_target()
     target.check_probe(process)
-    spec = _compile_filters(args, lambda: dpctl_show(process.pid))
 
     # Asked of the process traced at the time: with --follow, the successor.
     port_name = no_port_names if args.no_port_names else \
@@ -286,9 +334,19 @@ def capture(args: argparse.Namespace, argv: list[str]) -> int:
     if _prints_lines(args):
         outputs.append(ConsoleOutput(_printer(args), clock_offset_ns=offset,
                                      port_name=port_name))
-    stats = UpcallStats() if args.stats else None
+    def to_captured(record: bytes):
+        return from_record(record, offset, port_name)
+
+    group_list = args.stats_by or groups.DEFAULT_GROUPS
+    stats = UpcallStats(group_list) if args.stats else None
     if stats is not None:
-        outputs.append(StatsOutput(stats, lambda record: from_record(record, offset, port_name)))
+        outputs.append(StatsOutput(stats, to_captured))
+    top_view = None
+    if args.top:
+        window = top.TopWindow(group_list)
+        outputs.append(top.TopOutput(window, to_captured))
+        top_view = top.TopView(window, f"{PROG} --top: {process.comm} (pid {process.pid})",
+                               lambda: time.time_ns() // top.NS_PER_S, args.stats_top)
 
     def make_probe(pid: int) -> loader.RecvUpcallProbe | UserspaceFiltered:
         probe = loader.RecvUpcallProbe(
@@ -300,14 +358,22 @@ def capture(args: argparse.Namespace, argv: list[str]) -> int:
 
     probe = make_probe(process.pid)
     status = StatusLine(sys.stderr, outputs) if sink is not None and sink.truncatable \
-        and sys.stderr.isatty() else None
+        and sys.stderr.isatty() and top_view is None else None
+
+    def say(text: str) -> None:
+        if top_view is not None:
+            top_view.notes.append(text)  # stderr would scribble over the screen
+        else:
+            print(f"{PROG}: {text}", file=sys.stderr, flush=True)
+
     follower = Follower(
-        process, same_exe=args.pid is not None, make_probe=make_probe,
-        say=lambda text: print(f"{PROG}: {text}", file=sys.stderr, flush=True),
+        process, same_exe=args.pid is not None, make_probe=make_probe, say=say,
         attached=tuning.after_attach,
     ) if args.follow else None
+    progress = status if top_view is None else \
+        top.LiveStatus(top_view, lambda: run.probe.peak_fill())
     run = Capture(probe, outputs, target_pid=process.pid, count=args.count,
-                  duration=args.duration, progress=status, follower=follower,
+                  duration=args.duration, progress=progress, follower=follower,
                   max_pending=2 * workers.DECODE_BACKLOG if args.workers else 8192)
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, lambda signum, frame: run.request_stop(
@@ -346,9 +412,15 @@ def capture(args: argparse.Namespace, argv: list[str]) -> int:
         print(f"{PROG}: listening on {target.PROBE_PROVIDER}:{target.PROBE_NAME} in "
               f"{process.comm} (pid {process.pid}), snapshot length {args.snaplen} bytes, "
               f"key size {args.key_size} bytes", file=sys.stderr, flush=True)
+        screen = None
+        if top_view is not None:
+            screen = top.TopScreen(top_view.lines, lambda: run.request_stop("q pressed"))
+            screen.start()
         try:
             summary = run.run()
         finally:
+            if screen is not None:
+                screen.close()
             if pool is not None:
                 pool.close()
         if status is not None:
@@ -443,14 +515,29 @@ def _rotation(args: argparse.Namespace) -> Rotation | None:
     )
 
 
+def _check_views(args: argparse.Namespace) -> None:
+    """--stats-by, --top and --print: what they need and what they exclude."""
+    if args.stats_by and not (args.stats or args.top):
+        raise UsageError("--stats-by needs --stats or --top")
+    if not args.top:
+        return
+    if args.write == "-":
+        raise UsageError("--top needs the terminal: not with -w -")
+    if args.print_lines:
+        raise UsageError("--top and --print both need the terminal")
+    top.check_terminal(sys.stdout)
+
+
 def read_back(args: argparse.Namespace, argv: list[str]) -> int:
+    _check_views(args)
     spec = _compile_filters(args, None)
     sink = None
     if args.write is not None:
         sink = open_stdout() if args.write == "-" else open_file(args.write,
                                                                  overwrite=args.overwrite)
         sink.write(_section_header(argv))
-    stats = UpcallStats() if args.stats else None
+    group_list = args.stats_by or groups.DEFAULT_GROUPS
+    stats = UpcallStats(group_list) if args.stats else None
     consumers = [_printer(args).show] if _prints_lines(args) else []
     if stats is not None:
         consumers.append(stats.add)
@@ -461,9 +548,13 @@ def read_back(args: argparse.Namespace, argv: list[str]) -> int:
         return spec.matches(upcall, None if upcall.key else
                             item.linktype == pcapng.LINKTYPE_ETHERNET)
 
-    done = readback.read_back(readback.read_upcalls(args.read),
-                              keep=keep if spec is not None else None, sink=sink,
-                              consumers=consumers, limit=args.count)
+    def read(items) -> readback.ReadBackDone:
+        return readback.read_back(items, keep=keep if spec is not None else None, sink=sink,
+                                  consumers=consumers, limit=args.count)
+
+    items = readback.read_upcalls(args.read)
+    done = read(items) if not args.top else _read_back_on_top(args, items, group_list,
+                                                              consumers, read)
     if sink is not None:
         sink.close()
         decoded = f", {done.decoded} keys decoded now" if done.decoded else ""
@@ -473,10 +564,31 @@ def read_back(args: argparse.Namespace, argv: list[str]) -> int:
     return 0
 
 
+def _read_back_on_top(args: argparse.Namespace, items, group_list, consumers: list,
+                      read) -> readback.ReadBackDone:
+    """-r with --top: the file played into the view at the pace of its own time; at its
+    end the view stays until q."""
+    replay = top.Replay()
+    stopped = threading.Event()
+    window = top.TopWindow(group_list)
+    consumers.append(window.add)
+    view = top.TopView(window, f"{PROG} --top: {args.read}", replay.now_s, args.stats_top)
+    view.status = [f"playing {args.read} at the pace of its own time"]
+    screen = top.TopScreen(view.lines, stopped.set)
+    screen.start()
+    try:
+        done = read(replay.paced(items, stopped))
+        view.status = [f"end of {args.read}: {done.count:,} upcalls read"]
+        stopped.wait()
+    finally:
+        screen.close()
+    return done
+
+
 def _prints_lines(args: argparse.Namespace) -> bool:
-    """One line per upcall: without -w (and without --stats, which replaces them), or
-    with --print."""
-    return args.print_lines or (args.write is None and not args.stats)
+    """One line per upcall: without -w (and without --stats or --top, which replace
+    them), or with --print."""
+    return args.print_lines or (args.write is None and not args.stats and not args.top)
 
 
 def _printer(args: argparse.Namespace) -> ConsolePrinter:
@@ -485,7 +597,7 @@ def _printer(args: argparse.Namespace) -> ConsolePrinter:
 
 
 def _print_stats(stats: UpcallStats, args: argparse.Namespace) -> None:
-    report = stats.report(args.top)
+    report = stats.report(args.stats_top)
     text = as_json(report) if args.stats_format == "json" else as_text(report)
     # With -w - the pcapng owns standard output.
     print(text, file=sys.stderr if args.write == "-" else sys.stdout)

@@ -1,40 +1,103 @@
 """--stats: what an upcall storm is made of.
 
-Counts by type, datapath and port, the flow keys seen most (as OVS text), and the
-upcall rate second by second. Keys are counted by their raw bytes and decoded only
-for the report, so collecting costs a dictionary update per upcall.
+Counts by type and datapath, by field groups (port, addresses and prefixes, protocol
+and port, tunnel, recirc_id, ct_state, handler: see groups.py), the flow keys seen
+most (as OVS text), and the upcall rate second by second. Every table is bounded
+(counting.HeavyHitters), so a 10-million-upcall storm of new flows fits in memory; a
+table that had to drop values says how far off its counts may be.
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
-from upcall_capture.flowkey import format_key
-from upcall_capture.view import CapturedUpcall, clock_time
+from upcall_capture.counting import DistinctCount, HeavyHitters
+from upcall_capture.flowkey import KeyCache, decode_key, format_key
+from upcall_capture.flowkey.layouts import Fields
+from upcall_capture.groups import DEFAULT_GROUPS, Group
+from upcall_capture.view import clock_time
+
+if TYPE_CHECKING:
+    from upcall_capture.view import CapturedUpcall
 
 NS_PER_S = 1_000_000_000
+GROUP_CAPACITY = 1000  # values a group's table keeps exactly (twice that before pruning)
+KEY_CAPACITY = 5000
+
+
+def key_fields_cache() -> KeyCache:
+    """The decoded fields of keys, served from a cache in a storm of repeated keys."""
+    return KeyCache(maxsize=16384, describe=lambda key, size: decode_key(key, size).fields)
+
+
+def fields_of(items: Sequence[CapturedUpcall], cache: KeyCache) -> list[Fields]:
+    """Each item's key fields: decoded already (a live capture), or through `cache`."""
+    empty: Fields = {}
+    return [item.fields if item.fields is not None else
+            cache.get(item.upcall.key, item.upcall.key_size) if item.upcall.key else empty
+            for item in items]
+
+
+class GroupCounts:
+    """One group's table: its values' counts and the upcalls that had none."""
+
+    def __init__(self, group: Group, capacity: int = GROUP_CAPACITY) -> None:
+        self.group = group
+        self.table = HeavyHitters(capacity)
+        self.without = 0
+
+    def add(self, items: Sequence[CapturedUpcall], fields: Sequence[Fields]) -> None:
+        values = self.group.values(items, fields)
+        present = [value for value in values if value is not None]
+        self.without += len(values) - len(present)
+        self.table.update(present)
+
+    def merge(self, other: GroupCounts) -> None:
+        self.table.merge(other.table)
+        self.without += other.without
+
+    def report(self, total: int, top: int) -> dict:
+        return {
+            "name": self.group.name,
+            "with": self.table.total,
+            "without": self.without,
+            "approximate": not self.table.exact,
+            "max_error": self.table.error,
+            "top": [{"value": self.group.label(value), "count": count,
+                     "share": count / total if total else 0.0}
+                    for value, count in self.table.most_common(top)],
+        }
 
 
 class UpcallStats:
-    def __init__(self) -> None:
+    def __init__(self, groups: Sequence[Group] = DEFAULT_GROUPS, *,
+                 group_capacity: int = GROUP_CAPACITY, key_capacity: int = KEY_CAPACITY
+                 ) -> None:
         self.types: Counter[str] = Counter()
         self.dpifs: Counter[str] = Counter()
-        self.ports: Counter[str] = Counter()
-        self.keys: Counter[tuple[bytes, int]] = Counter()
+        self.groups = [GroupCounts(group, group_capacity) for group in groups]
+        self.keys = HeavyHitters(key_capacity)
+        self.distinct_keys = DistinctCount()
         self.seconds: Counter[int] = Counter()
         self.lost = 0
+        self._fields = key_fields_cache()
 
     def add(self, items: Iterable[CapturedUpcall]) -> None:
+        items = list(items)
         for item in items:
             upcall = item.upcall
             self.types[upcall.type_name if upcall.type >= 0 else "unknown"] += 1
             self.dpifs[upcall.dpif or "unknown"] += 1
-            self.ports[item.interface] += 1
-            if upcall.key:
-                self.keys[(upcall.key, upcall.key_size)] += 1
             self.seconds[item.wall_ns // NS_PER_S] += 1
+        fields = fields_of(items, self._fields)
+        for group in self.groups:
+            group.add(items, fields)
+        keys = [(item.upcall.key, item.upcall.key_size) for item in items if item.upcall.key]
+        self.keys.update(keys)
+        self.distinct_keys.update(keys)
 
     def report(self, top: int = 10) -> dict:
         total = sum(self.types.values())
@@ -44,8 +107,11 @@ class UpcallStats:
             "lost": self.lost,
             "by_type": dict(self.types.most_common()),
             "by_dpif": dict(self.dpifs.most_common()),
-            "by_port": dict(self.ports.most_common()),
-            "distinct_keys": len(self.keys),
+            "groups": [group.report(total, top) for group in self.groups],
+            "distinct_keys": self.distinct_keys.value(),
+            "distinct_keys_approximate": not self.distinct_keys.exact,
+            "top_keys_approximate": not self.keys.exact,
+            "top_keys_max_error": self.keys.error,
             "top_keys": [
                 {"count": count, "key": format_key(key, size)}
                 for (key, size), count in self.keys.most_common(top)
@@ -62,15 +128,40 @@ def as_json(report: dict) -> str:
     return json.dumps(report, indent=2)
 
 
+def _approximate(error: int) -> str:
+    return f" (approximate: each count may be low by up to {error})" if error else ""
+
+
+def _none_frequent(error: int) -> str:
+    # What is left when every value was rare: a scan's sources, a storm's new keys.
+    return f"  (every one rare: none seen more than {error} times)"
+
+
+def group_lines(group: dict) -> list[str]:
+    """A group's title and its top values, with counts and shares of all upcalls."""
+    without = f", {group['without']} upcalls without it" if group["without"] else ""
+    lines = [f"by {group['name']}{without}{_approximate(group['max_error'])}:"]
+    lines.extend(f"  {entry['count']:>10} {entry['share']:>6.1%}  {entry['value']}"
+                 for entry in group["top"])
+    if not group["top"]:
+        lines.append(_none_frequent(group["max_error"]))
+    return lines
+
+
 def as_text(report: dict) -> str:
+    about = "about " if report["distinct_keys_approximate"] else ""
     lines = [f"{report['upcalls']} upcalls, {report['lost']} lost, "
-             f"{report['distinct_keys']} distinct keys"]
-    for title, name in (("by type", "by_type"), ("by datapath", "by_dpif"),
-                        ("by port", "by_port")):
+             f"{about}{report['distinct_keys']} distinct keys"]
+    for title, name in (("by type", "by_type"), ("by datapath", "by_dpif")):
         lines.append(f"{title}:")
         lines.extend(f"  {count:>10}  {label}" for label, count in report[name].items())
-    lines.append(f"top {len(report['top_keys'])} flow keys:")
+    for group in report["groups"]:
+        if group["with"]:  # a group no upcall had a value for (no IPv6, say) says nothing
+            lines.extend(group_lines(group))
+    lines.append(f"top flow keys{_approximate(report['top_keys_max_error'])}:")
     lines.extend(f"  {entry['count']:>10}  {entry['key']}" for entry in report["top_keys"])
+    if not report["top_keys"] and report["distinct_keys"]:
+        lines.append(_none_frequent(report["top_keys_max_error"]))
     lines.append("upcalls per second:")
     lines.extend(
         f"  {clock_time(entry['time'] * NS_PER_S)[:8]}  {entry['upcalls']:>10}"

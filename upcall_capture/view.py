@@ -16,6 +16,7 @@ import dpkt
 
 from upcall_capture import comment, pcapng
 from upcall_capture.flowkey import KeyCache, decode_key
+from upcall_capture.flowkey.layouts import Fields
 from upcall_capture.probe.record import Upcall, parse
 from upcall_capture.upcall_blocks import interface_name
 
@@ -33,6 +34,7 @@ class CapturedUpcall:
     port: int | None
     port_name: str | None
     packet_block: pcapng.Packet | None = None  # when read back from our own pcapng
+    fields: Fields | None = None  # the key's, when they were decoded already
 
 
 def from_record(record: bytes, clock_offset_ns: int, port_name: PortNamer) -> CapturedUpcall:
@@ -42,7 +44,7 @@ def from_record(record: bytes, clock_offset_ns: int, port_name: PortNamer) -> Ca
     name = port_name(upcall.dpif, port) if port is not None else None
     return CapturedUpcall(upcall, upcall.ktime_ns + clock_offset_ns,
                           comment.linktype("eth.src" in fields, upcall.key),
-                          interface_name(upcall.dpif, port, name), port, name)
+                          interface_name(upcall.dpif, port, name), port, name, fields=fields)
 
 
 def packet_summary(packet: bytes, linktype: int) -> str:
@@ -129,7 +131,7 @@ class ConsolePrinter:
         self.hexdump = hexdump
         self.dissect = dissect
         # -v in an upcall storm prints the same few thousand keys over and over.
-        self._key_text = KeyCache(maxsize=8192).text
+        self._key_text = KeyCache(maxsize=8192).get
 
     def lines(self, item: CapturedUpcall) -> list[str]:
         upcall = item.upcall

@@ -41,7 +41,9 @@ keeps a scan of new flows cheap.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from upcall_capture.flowkey.layouts import Fields, FieldValue
 from upcall_capture.flowkey.shapes import ShapeCache
@@ -90,36 +92,39 @@ def shape_port_and_eth(data: bytes) -> tuple[int | None, bool] | None:
 
 
 class KeyCache:
-    """Key text by key bytes, bounded to about `maxsize` entries.
+    """What `describe` makes of a key (its text, by default), by key bytes, bounded to
+    about `maxsize` entries.
 
     Two generations: hits are served from the recent one, or promoted from the older
     one; when the recent one fills up it becomes the older one and the previous older
     one is dropped. That is LRU-like eviction at the cost of one dict look-up per hit.
     """
 
-    def __init__(self, maxsize: int = 65536) -> None:
+    def __init__(self, maxsize: int = 65536,
+                 describe: Callable[[bytes, int | None], Any] = format_key) -> None:
         if maxsize < 2:
             raise ValueError("KeyCache maxsize must be at least 2")
         self.maxsize = maxsize
+        self._describe = describe
         self._generation = maxsize // 2
-        self._recent: dict[object, str] = {}
-        self._older: dict[object, str] = {}
+        self._recent: dict[object, Any] = {}
+        self._older: dict[object, Any] = {}
 
     def __len__(self) -> int:
         return len(self._recent) + len(self._older)
 
-    def text(self, data: bytes, full_len: int | None = None) -> str:
+    def get(self, data: bytes, full_len: int | None = None) -> Any:
         if type(data) is not bytes:
             data = bytes(data)
         key: object = data if full_len is None or full_len == len(data) else (data, full_len)
-        text = self._recent.get(key)
-        if text is not None:
-            return text
-        text = self._older.get(key)
-        if text is None:
-            text = format_key(data, full_len)
+        found = self._recent.get(key)
+        if found is not None:
+            return found
+        found = self._older.get(key)
+        if found is None:
+            found = self._describe(data, full_len)
         if len(self._recent) >= self._generation:
             self._older = self._recent
             self._recent = {}
-        self._recent[key] = text
-        return text
+        self._recent[key] = found
+        return found

@@ -127,6 +127,10 @@ class RecvUpcallProbe:
             self._buffer.wait(timeout_ms)
         return self._buffer.read()
 
+    def peak_fill(self) -> float:
+        """The ring's fullest, as a share, at a drain since the last call."""
+        return self._buffer.peak_fill()
+
     def counters(self) -> Counters:
         table = self._bpf["counters"]
         fired, filtered, lost = (int(table.sum(ctypes.c_int(i)).value) for i in range(3))

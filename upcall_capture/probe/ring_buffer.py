@@ -82,6 +82,12 @@ class RingReader:
         self._mask = size - 1
         self._position = self._consumer_position.load()
         self.backlog = False  # the last read left finished records behind
+        self._peak_fill = 0  # bytes: the most the ring held at a read since peak_fill()
+
+    def peak_fill(self) -> float:
+        """The largest share of the ring that held records at a read since the last call."""
+        peak, self._peak_fill = self._peak_fill, 0
+        return peak / (self._mask + 1)
 
     def release(self) -> None:
         self._consumer_position.release()
@@ -94,6 +100,7 @@ class RingReader:
         # Records are whole below the producer position: it moves past a record when the
         # record is reserved.
         available = self._producer_position.load() - position
+        self._peak_fill = max(self._peak_fill, available)
         length = min(available, limit)
         self.backlog = False
         if length < _HEADER.size:
