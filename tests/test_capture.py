@@ -261,6 +261,7 @@ def test_gzip_output_opens_in_tshark(replay, tmp_path):
 # constants, in pages the process never touches itself, which the probe cannot fault in.
 CONSTANT_DPIF_C = r"""
 #include <sys/sdt.h>
+#include <signal.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <time.h>
@@ -274,7 +275,12 @@ int main(int argc, char **argv) {
     static const unsigned char key[8] __attribute__((aligned(65536))) = {
         8, 0, 3, 0, 7, 0, 0, 0};  /* in_port(7) */
     struct timespec pause = {0, 200000};
-    sleep(2);
+    sigset_t start;  /* fire once the tool is listening, however long attaching took */
+    int sig;
+    sigemptyset(&start);
+    sigaddset(&start, SIGUSR1);
+    sigprocmask(SIG_BLOCK, &start, NULL);
+    sigwait(&start, &sig);
     for (int i = 0; i < n; i++) {
         unsigned type = i & 1;
         uint32_t size = sizeof(packet);
@@ -293,6 +299,7 @@ def test_constants_in_pages_the_probe_cannot_fault_in(tmp_path):
     out = tmp_path / "out.pcapng"
     tool = Tool("-p", str(emitter.pid), "-w", str(out))
     tool.wait_listening()
+    emitter.send_signal(signal.SIGUSR1)
     status, stderr = tool.wait()
     emitter.wait()
     assert status == 0, stderr

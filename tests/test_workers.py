@@ -166,7 +166,8 @@ def test_read_back_writes_in_the_text_of_every_key_not_decoded(tmp_path):
 
 
 def test_the_shape_tells_in_port_and_eth_as_the_text_does():
-    keys = [u.key for u in MIXED] + [key for key, _ in read_vectors()]
+    vectors = read_vectors()  # empty where the shared vectors are absent
+    keys = [u.key for u in MIXED] + [key for key, _ in vectors]
     checked = 0
     for key in keys:
         text = format_key(key)
@@ -175,4 +176,4 @@ def test_the_shape_tells_in_port_and_eth_as_the_text_does():
         if where is not None:
             assert where == port_and_eth(text), text
             checked += 1
-    assert checked > len(MIXED)
+    assert checked > len(MIXED) if vectors else checked == len(MIXED)
