@@ -65,3 +65,50 @@ def test_the_queue_is_bounded():
     blocked.join(10)
     assert not blocked.is_alive()
     thread.close()
+
+
+def test_idle_runs_once_the_queue_is_empty():
+    events = []
+    gate = threading.Event()
+
+    def handle(batch, dropped, prepared):
+        gate.wait()
+        events.append(batch[0])
+
+    thread = OutputThread(handle, idle=lambda: events.append("idle"), max_batch=1)
+    thread.put([1, 2, 3])  # three batches queued while the first one waits
+    gate.set()
+    thread.close()
+    # Not between batches that were waiting: only when there was nothing left.
+    assert events == [1, 2, 3, "idle"]
+
+
+def test_blocks_are_held_back_until_idle_or_a_megabyte(tmp_path):
+    import upcalls
+    from conftest import REPLAY_DIR
+    from probe_records import storm
+
+    from upcall_capture import capture, pcapng
+    from upcall_capture.upcall_blocks import UpcallBlocks
+
+    records = storm(upcalls.read_records(REPLAY_DIR / "mixed.upc"), 4000, unique=False)
+    path = tmp_path / "held.pcapng"
+    output = capture.PcapngOutput(
+        capture.InlineBlocks(lambda: UpcallBlocks(snaplen=9216, clock_offset_ns=0,
+                                                  port_name=lambda d, p: None)),
+        open_file(str(path)), pcapng.section_header(userappl="t", os="t", hardware="t"))
+    header = path.stat().st_size
+    output.packets(records[:10], 0, output.prepare(records[:10], 0))
+    assert path.stat().st_size == header and output.written == 0  # held back
+    output.flush()
+    assert output.written == 10 and path.stat().st_size > header
+    written_at = path.stat().st_size
+    for start in range(10, 4000, 100):  # about 3 MB in all
+        batch = records[start:start + 100]
+        output.packets(batch, 0, output.prepare(batch, 0))
+    # Written a megabyte or more at a time, the rest still held.
+    assert path.stat().st_size - written_at >= capture.COALESCE_BYTES
+    assert 10 < output.written < 4000 and (output.written - 10) % 100 == 0
+    output.finish(1, 0)
+    packets = [b for b in pcapng.iter_blocks(path.read_bytes()) if isinstance(b, pcapng.Packet)]
+    assert len(packets) == output.written == 4000

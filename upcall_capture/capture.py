@@ -35,6 +35,7 @@ from upcall_capture.target import is_alive, read_cstring
 from upcall_capture.upcall_blocks import UpcallBlocks
 from upcall_capture.workers import BlockSettings, WorkerPool
 
+COALESCE_BYTES = 1 << 20  # blocks written at once by PcapngOutput in a storm
 # How often to look whether the traced process is still there.
 LIVENESS_INTERVAL_NS = 250_000_000
 PROGRESS_INTERVAL_NS = 1_000_000_000
@@ -48,6 +49,7 @@ class Output(Protocol):
     def packets(self, records: Sequence[bytes], dropped: int, prepared: object) -> None: ...
     def finish(self, end_ktime_ns: int, start_ktime_ns: int) -> None: ...
     def gap(self, note: str) -> None: ...  # --follow resumed after the traced process exited
+    def flush(self) -> None: ...  # the output thread is idle: write what is held back
 
 
 def clock_offset_ns(samples: int = 5) -> int:
@@ -235,6 +237,10 @@ class PooledBlocks:
 class PcapngOutput:
     """pcapng sections: a header at once, packets as they come, statistics at the end.
 
+    Blocks are held back until COALESCE_BYTES of them are waiting or the output thread
+    has nothing more to do (flush()): in a storm, each write (and the GIL it waits for
+    afterwards) then carries several batches.
+
     With a Rotation, each file is a complete capture of its own: when one is full or
     old enough it gets its statistics and is closed, and the next starts with a new
     section header and its own interfaces. `builder` makes the blocks: InlineBlocks or
@@ -253,6 +259,9 @@ class PcapngOutput:
         self.written = 0  # upcalls in complete blocks in the output
         self.files = 0
         self._gap_note: str | None = None  # for the next packet, whichever file it goes to
+        self._held: list[bytes | bytearray] = []  # blocks not written yet
+        self._held_bytes = 0
+        self._held_upcalls = 0
         self._start(sink, first=True)
 
     def _start(self, sink: Sink, *, first: bool = False) -> None:
@@ -267,7 +276,8 @@ class PcapngOutput:
         rotation = self.rotation
         if rotation is None:
             return False
-        if rotation.max_bytes is not None and self.sink.good_bytes >= rotation.max_bytes:
+        if rotation.max_bytes is not None and \
+                self.sink.good_bytes + self._held_bytes >= rotation.max_bytes:
             return True
         return rotation.interval_ns is not None and \
             now_ns - self._file_start_ns >= rotation.interval_ns
@@ -286,19 +296,43 @@ class PcapngOutput:
         try:
             now_ns = time.monotonic_ns()
             if self._rotation_due(now_ns):
+                self._write_held()
                 self._write_statistics(now_ns)
                 self.sink.close()
                 self._start(self.open_next(self.files))
-            self.sink.write(self.builder.blocks(prepared))
+            blocks = self.builder.blocks(prepared)
+            self._held.append(blocks)
+            self._held_bytes += len(blocks)
+            self._held_upcalls += len(records)
+            if self._held_bytes >= COALESCE_BYTES:
+                self._write_held()
         except (CaptureError, UsageError) as err:
-            # The sink cut the file back to its last complete block: this batch is not in it.
-            self.error = CaptureError(str(err))
-            self.ended = str(err)
+            self._failed(err)
+
+    def flush(self) -> None:
+        """Write what is held back (the output thread is idle)."""
+        if not self.ended:
+            try:
+                self._write_held()
+            except CaptureError as err:
+                self._failed(err)
+
+    def _write_held(self) -> None:
+        if not self._held:
             return
+        held = self._held[0] if len(self._held) == 1 else b"".join(self._held)
+        upcalls = self._held_upcalls
+        self._held, self._held_bytes, self._held_upcalls = [], 0, 0
+        self.sink.write(held)
         if self.sink.closed_by_reader:
             self.ended = "the output's reader went away"
         else:
-            self.written += len(records)
+            self.written += upcalls
+
+    def _failed(self, err: CaptureError | UsageError) -> None:
+        # The sink cut the file back to its last complete block: what was held is not in it.
+        self.error = CaptureError(str(err))
+        self.ended = str(err)
 
     def gap(self, note: str) -> None:
         """The capture resumed after a gap: the next packet carries `note`."""
@@ -311,6 +345,7 @@ class PcapngOutput:
     def finish(self, end_ktime_ns: int, start_ktime_ns: int) -> None:
         if not self.ended:
             try:
+                self._write_held()
                 self._write_statistics(end_ktime_ns, final=True)
             except CaptureError as err:
                 self.error = err
@@ -395,6 +430,10 @@ class Capture:
     def _prepare(self, records: Sequence[bytes], dropped: int) -> list:
         return [output.prepare(records, dropped) for output in self.outputs]
 
+    def _flush(self) -> None:
+        for output in self.outputs:
+            output.flush()
+
     def _handle(self, records: Sequence[bytes], dropped: int, prepared: list) -> None:
         for output, ready in zip(self.outputs, prepared, strict=True):
             output.packets(records, dropped, ready)
@@ -405,6 +444,7 @@ class Capture:
         # The outputs build and write blocks in a thread of their own: writing releases
         # the GIL, so it overlaps with reading the next batch from the ring.
         self._output_thread = OutputThread(self._handle, prepare=self._prepare,
+                                           idle=self._flush,
                                            max_pending=self.max_pending)
         self._lost_seen = 0
         exited = False

@@ -226,15 +226,19 @@ class OutputThread:
     handed on as `prepared`. The queue is bounded by the number of records waiting (not
     batches): when the output falls behind, `put` blocks, the reader stops draining, and
     the probe's ring holds the backlog (locked kernel memory that is there anyway) rather
-    than our heap. An exception in `handle` ends the thread and is raised again by the
-    next `put` or by `close`.
+    than our heap. `idle()` runs in the thread whenever it has handled batches and finds
+    the queue empty (outputs that hold blocks back to write them in larger pieces write
+    them then). An exception in `handle` or `idle` ends the thread and is raised again
+    by the next `put` or by `close`.
     """
 
     def __init__(self, handle: Callable[[Sequence, int, object], None], *,
                  prepare: Callable[[Sequence, int], object] = lambda batch, dropped: None,
+                 idle: Callable[[], None] = lambda: None,
                  max_pending: int = 8192, max_batch: int = 256) -> None:
         self.handle = handle
         self.prepare = prepare
+        self.idle = idle
         self.max_pending = max_pending
         self.max_batch = max_batch
         self._queue: deque[tuple[Sequence, int, object]] = deque()
@@ -277,15 +281,22 @@ class OutputThread:
 
     def _run(self) -> None:
         cond = self._cond
+        handled = False  # since the last idle()
         while True:
             with cond:
-                while not self._queue and not self._closing:
-                    cond.wait()
-                if not self._queue:
-                    return
-                batch, dropped, prepared = self._queue.popleft()
+                empty = not self._queue
             try:
+                if empty and handled:
+                    handled = False
+                    self.idle()
+                with cond:
+                    while not self._queue and not self._closing:
+                        cond.wait()
+                    if not self._queue:
+                        return
+                    batch, dropped, prepared = self._queue.popleft()
                 self.handle(batch, dropped, prepared)
+                handled = True
             except BaseException as err:  # handed to the reader's thread
                 with cond:
                     self._error = err

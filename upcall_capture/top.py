@@ -369,3 +369,6 @@ class TopOutput:
 
     def gap(self, note: str) -> None:
         pass
+
+    def flush(self) -> None:
+        pass  # nothing is held back

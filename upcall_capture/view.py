@@ -187,3 +187,6 @@ class ConsoleOutput:
 
     def finish(self, end_ktime_ns: int, start_ktime_ns: int) -> None:
         pass
+
+    def flush(self) -> None:
+        pass  # nothing is held back
