@@ -73,3 +73,23 @@ def test_full_disk_cuts_file_back_to_last_complete_block(small_disk):
     assert written > 0
     assert data == block * written
     assert sink.good_bytes == len(data)
+
+
+@pytest.mark.parametrize("name", ["c.pcapng", "c.pcapng.gz"])
+def test_pieces_that_fit_are_written_when_all_do_not(small_disk, name):
+    import random
+    import zlib
+
+    path = small_disk / name
+    sink = open_file(str(path))
+    rng = random.Random(7)  # incompressible: gzip fills the disk as fast
+    pieces = [bytes(rng.randrange(256) for _ in range(3000)) for _ in range(40)]  # 120 KB
+    with pytest.raises(CaptureError, match="No space left on device"):
+        sink.write_pieces(pieces)
+    sink.close()
+    kept = sink.pieces_written
+    assert 0 < kept < len(pieces)  # not all or nothing: what fitted is there
+    data = path.read_bytes()
+    if name.endswith(".gz"):
+        data = zlib.decompressobj(31).decompress(data)
+    assert data == b"".join(pieces[:kept])

@@ -259,9 +259,9 @@ class PcapngOutput:
         self.written = 0  # upcalls in complete blocks in the output
         self.files = 0
         self._gap_note: str | None = None  # for the next packet, whichever file it goes to
-        self._held: list[bytes | bytearray] = []  # blocks not written yet
+        self._held: list[bytes | bytearray] = []  # blocks not written yet, by batch
+        self._held_upcalls: list[int] = []  # the upcalls in each
         self._held_bytes = 0
-        self._held_upcalls = 0
         self._start(sink, first=True)
 
     def _start(self, sink: Sink, *, first: bool = False) -> None:
@@ -302,8 +302,8 @@ class PcapngOutput:
                 self._start(self.open_next(self.files))
             blocks = self.builder.blocks(prepared)
             self._held.append(blocks)
+            self._held_upcalls.append(len(records))
             self._held_bytes += len(blocks)
-            self._held_upcalls += len(records)
             if self._held_bytes >= COALESCE_BYTES:
                 self._write_held()
         except (CaptureError, UsageError) as err:
@@ -320,14 +320,14 @@ class PcapngOutput:
     def _write_held(self) -> None:
         if not self._held:
             return
-        held = self._held[0] if len(self._held) == 1 else b"".join(self._held)
-        upcalls = self._held_upcalls
-        self._held, self._held_bytes, self._held_upcalls = [], 0, 0
-        self.sink.write(held)
+        held, upcalls = self._held, self._held_upcalls
+        self._held, self._held_upcalls, self._held_bytes = [], [], 0
+        try:
+            self.sink.write_pieces(held)
+        finally:  # on a full disk, the batches that still fit are in the file
+            self.written += sum(upcalls[:self.sink.pieces_written])
         if self.sink.closed_by_reader:
             self.ended = "the output's reader went away"
-        else:
-            self.written += upcalls
 
     def _failed(self, err: CaptureError | UsageError) -> None:
         # The sink cut the file back to its last complete block: what was held is not in it.

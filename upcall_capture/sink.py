@@ -65,6 +65,31 @@ class Sink:
 
     def write(self, blocks: bytes) -> None:
         """Write complete blocks, or raise CaptureError with the file cut back to good_bytes."""
+        self.write_pieces([blocks])
+
+    def write_pieces(self, pieces: Sequence[bytes | bytearray]) -> int:
+        """Write pieces of complete blocks in one go; the number written, all of them
+        unless the reader left. On an error (a full disk) as many whole pieces as fit are
+        written, one by one, before CaptureError is raised: the file ends after the last
+        of them, and `pieces_written` says how many."""
+        self.pieces_written = 0
+        encoded = [self._encode(piece) for piece in pieces]
+        try:
+            self._write(encoded[0] if len(encoded) == 1 else b"".join(encoded))
+        except CaptureError:
+            if len(encoded) == 1:
+                raise
+            # What fits, piece by piece: raised again at the first that does not.
+            for chunk in encoded:
+                self._write(chunk)
+                self.pieces_written += 1
+        self.pieces_written = 0 if self.closed_by_reader else len(pieces)
+        return self.pieces_written
+
+    def _encode(self, piece: bytes | bytearray) -> bytes | bytearray:
+        return piece  # what goes to the file for a piece of blocks
+
+    def _write(self, blocks: bytes | bytearray) -> None:
         if not blocks or self.closed_by_reader:
             return
         try:
@@ -158,11 +183,13 @@ class GzipSink(Sink):
         self._zip = zlib.compressobj(1, zlib.DEFLATED, 31)  # 31: with a gzip header
         self._failed = False
 
-    def write(self, blocks: bytes) -> None:
-        if not blocks or self.closed_by_reader:
-            return
+    def _encode(self, piece: bytes | bytearray) -> bytes:
+        # Each piece sync-flushed: the stream decompresses up to the end of any of them.
+        return self._zip.compress(piece) + self._zip.flush(zlib.Z_SYNC_FLUSH)
+
+    def write_pieces(self, pieces: Sequence[bytes | bytearray]) -> int:
         try:
-            super().write(self._zip.compress(blocks) + self._zip.flush(zlib.Z_SYNC_FLUSH))
+            return super().write_pieces(pieces)
         except CaptureError:
             self._failed = True  # the compressor holds bytes the file does not: no trailer
             raise
@@ -170,7 +197,7 @@ class GzipSink(Sink):
     def close(self) -> None:
         if self.fd >= 0 and not self._failed and not self.closed_by_reader:
             try:
-                super().write(self._zip.flush(zlib.Z_FINISH))
+                self._write(self._zip.flush(zlib.Z_FINISH))
             except CaptureError:
                 pass  # the stream still decompresses; only the trailer is missing
         super().close()
