@@ -330,7 +330,7 @@ class PcapngOutput:
             self.ended = "the output's reader went away"
 
     def _failed(self, err: CaptureError | UsageError) -> None:
-        # The sink cut the file back to its last complete block: what was held is not in it.
+        # The sink cut the file back to the last batch that fitted: `written` counts them.
         self.error = CaptureError(str(err))
         self.ended = str(err)
 

@@ -337,7 +337,7 @@ def capture(args: argparse.Namespace, argv: list[str]) -> int:
     def to_captured(record: bytes):
         return from_record(record, offset, port_name)
 
-    group_list = args.stats_by or groups.DEFAULT_GROUPS
+    group_list = _groups(args)
     stats = UpcallStats(group_list) if args.stats else None
     if stats is not None:
         outputs.append(StatsOutput(stats, to_captured))
@@ -515,6 +515,11 @@ def _rotation(args: argparse.Namespace) -> Rotation | None:
     )
 
 
+def _groups(args: argparse.Namespace) -> tuple[groups.Group, ...]:
+    """What --stats and --top count by: --stats-by, or the default groups."""
+    return tuple(args.stats_by or groups.DEFAULT_GROUPS)
+
+
 def _check_views(args: argparse.Namespace) -> None:
     """--stats-by, --top and --print: what they need and what they exclude."""
     if args.stats_by and not (args.stats or args.top):
@@ -536,7 +541,7 @@ def read_back(args: argparse.Namespace, argv: list[str]) -> int:
         sink = open_stdout() if args.write == "-" else open_file(args.write,
                                                                  overwrite=args.overwrite)
         sink.write(_section_header(argv))
-    group_list = args.stats_by or groups.DEFAULT_GROUPS
+    group_list = _groups(args)
     stats = UpcallStats(group_list) if args.stats else None
     consumers = [_printer(args).show] if _prints_lines(args) else []
     if stats is not None:

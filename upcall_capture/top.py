@@ -23,12 +23,11 @@ from itertools import groupby
 
 from upcall_capture.errors import UsageError
 from upcall_capture.groups import Group
-from upcall_capture.stats import GroupCounts, fields_of, key_fields_cache
+from upcall_capture.stats import NS_PER_S, GroupCounts, fields_of, key_fields_cache
 from upcall_capture.view import CapturedUpcall, clock_time
 
 WINDOW_S = 10
 TALLY_CAPACITY = 200  # values each group's table keeps exactly, per second
-NS_PER_S = 1_000_000_000
 
 
 class _Tally:
