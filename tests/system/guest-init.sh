@@ -14,7 +14,8 @@ if [ "$0" != /tmp/guest-init.sh ]; then
     mount -t tmpfs tmpfs /tmp && cp "$0" /tmp/guest-init.sh && exec /bin/bash /tmp/guest-init.sh
 fi
 
-say() { echo "guest: $*"; }
+# Each line with the guest's uptime, so that a slow or stuck phase shows in the console.
+say() { echo "guest: [$(cut -d" " -f1 /proc/uptime)s] $*"; }
 
 power_off() {
     echo "$1" >"$RESULTS/status"
@@ -155,6 +156,7 @@ srv = socket.socket(socket.AF_INET6 if ":" in addr else socket.AF_INET, socket.S
 srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
 srv.bind((addr, port))
 srv.listen()
+srv.settimeout(120)  # a client that never came must not hang the guest
 conn, _ = srv.accept()
 conn.sendall(conn.recv(100))
 conn.close()
@@ -167,17 +169,20 @@ import socket
 import sys
 import time
 addr, port = sys.argv[1], int(sys.argv[2])
-for attempt in range(20):
+deadline = time.monotonic() + 60  # the server's python may start slowly under emulation
+while True:
     try:
         tcp = socket.create_connection((addr, port), timeout=10)
         break
     except ConnectionRefusedError:
+        if time.monotonic() > deadline:
+            raise
         time.sleep(0.5)
 tcp.sendall(b"upcall tcp")
 tcp.recv(100)
 tcp.close()
 CLIENT
-    wait "$server"
+    wait "$server" || say "the TCP server on $addr port $port saw no client"
 }
 
 # A few packets of each kind: OVS logs at most 600 dpif messages a minute. NORMAL's megaflows
@@ -229,7 +234,15 @@ for i in range(5):
     tcp_echo 10.0.0.2 7100
 }
 
+# The host kills a guest that runs too long and then learns nothing: fail first, with the
+# state saved and the phase it was in on the console.
+watchdog() {
+    sleep "$1"
+    fail "the guest's run took over $1 s (the console shows the phase it was in)"
+}
+
 say "started"
+watchdog "${GUEST_WATCHDOG_S:-900}" &
 mount_filesystems
 start_ovs
 make_namespace ns-a veth-a 10.0.0.1 fd00::1
