@@ -18,9 +18,12 @@ from typing import Protocol
 from upcall_capture.errors import CaptureError, UsageError
 from upcall_capture.follow import Follower
 from upcall_capture.interfaces import InterfaceTable, adopt_batch
+from upcall_capture.kernel_side import KernelSide
+from upcall_capture.kernel_side import report as kernel_report
 from upcall_capture.probe.loader import Counters, RecvUpcallProbe
 from upcall_capture.probe.record import (
     F_DPIF_UNREADABLE,
+    F_FAILED,
     FLAGS_OFFSET,
     PID_OFFSET,
     U32,
@@ -176,8 +179,10 @@ class InlineBlocks:
             self.current.note_next(note)
         return self.current.packets(records, dropped)
 
-    def statistics(self, end_ktime_ns: int, start_ktime_ns: int, *, final: bool) -> bytes:
-        return self.current.statistics(end_ktime_ns, start_ktime_ns=start_ktime_ns)
+    def statistics(self, end_ktime_ns: int, start_ktime_ns: int, *, final: bool,
+                   datapath_comments: dict[str, str] | None = None) -> bytes:
+        return self.current.statistics(end_ktime_ns, start_ktime_ns=start_ktime_ns,
+                                       datapath_comments=datapath_comments)
 
 
 class PooledBlocks:
@@ -222,7 +227,8 @@ class PooledBlocks:
             self._last = mapping[last]
         return blocks
 
-    def statistics(self, end_ktime_ns: int, start_ktime_ns: int, *, final: bool) -> bytes:
+    def statistics(self, end_ktime_ns: int, start_ktime_ns: int, *, final: bool,
+                   datapath_comments: dict[str, str] | None = None) -> bytes:
         table = self._section[1]
         if final and self._pending_drops:
             if not table.charge_after_last(self._pending_drops, self._last):
@@ -231,7 +237,8 @@ class PooledBlocks:
         offset = self.settings.clock_offset_ns
         return table.statistics(end_ktime_ns + offset, start_ns=start_ktime_ns + offset,
                                 end_ns=end_ktime_ns + offset,
-                                filtered=bool(self.settings.if_filter))
+                                filtered=bool(self.settings.if_filter),
+                                datapath_comments=datapath_comments)
 
 
 class PcapngOutput:
@@ -244,13 +251,16 @@ class PcapngOutput:
     With a Rotation, each file is a complete capture of its own: when one is full or
     old enough it gets its statistics and is closed, and the next starts with a new
     section header and its own interfaces. `builder` makes the blocks: InlineBlocks or
-    PooledBlocks.
+    PooledBlocks. `datapath_comments`, asked at the end, gives the last file's ISBs a
+    comment for each datapath (the kernel side's lost: counters).
     """
 
     def __init__(self, builder: InlineBlocks | PooledBlocks, sink: Sink,
                  section_header: bytes, *, rotation: Rotation | None = None,
-                 open_next: Callable[[int], Sink] | None = None) -> None:
+                 open_next: Callable[[int], Sink] | None = None,
+                 datapath_comments: Callable[[], dict[str, str]] | None = None) -> None:
         self.builder = builder
+        self.datapath_comments = datapath_comments
         self.section_header = section_header
         self.rotation = rotation
         self.open_next = open_next
@@ -352,7 +362,9 @@ class PcapngOutput:
         self.sink.close()
 
     def _write_statistics(self, end_ktime_ns: int, *, final: bool = False) -> None:
-        self.sink.write(self.builder.statistics(end_ktime_ns, self._file_start_ns, final=final))
+        comments = self.datapath_comments() if final and self.datapath_comments else None
+        self.sink.write(self.builder.statistics(end_ktime_ns, self._file_start_ns, final=final,
+                                                datapath_comments=comments))
 
 
 @dataclass
@@ -364,6 +376,7 @@ class Summary:
     stop_reason: str
     restarts: int | None = None  # of the traced process, followed (--follow)
     undecoded: int = 0  # written without their key's text: the capture was overloaded
+    kernel: list[str] | None = None  # the kernel side's lines (kernel_side.report)
 
     def line(self) -> str:
         text = f"{self.captured} upcalls captured"
@@ -390,7 +403,8 @@ class Capture:
     def __init__(self, probe: RecvUpcallProbe, outputs: list[Output], *, target_pid: int,
                  count: int | None = None, duration: float | None = None,
                  progress: Callable[[int, Counters, float], None] | None = None,
-                 follower: Follower | None = None, max_pending: int = 8192) -> None:
+                 follower: Follower | None = None, max_pending: int = 8192,
+                 kernel: KernelSide | None = None) -> None:
         self.probe = probe  # the current one: --follow replaces it
         self.progress = progress  # called about once a second: captured, counters, elapsed
         self.outputs = outputs
@@ -398,7 +412,9 @@ class Capture:
         self.count = count
         self.duration = duration
         self.stop_reason: str | None = None
-        self.captured = 0
+        self.captured = 0  # upcalls handed to the outputs, failed ones included
+        self.failed = 0  # of them, failed upcalls (the kernel side's)
+        self.kernel = kernel
         self.follower = follower
         self.max_pending = max_pending  # records the outputs may have in hand
         self._merger = TimeMerger()
@@ -420,11 +436,14 @@ class Capture:
         for output in self.outputs:
             output.finish(end_ns, start_ns)
         totals = self._earlier
+        kernel = self.kernel
         return Summary(
-            captured=self.captured, lost=totals.lost, filtered=totals.filtered,
+            captured=self.captured - self.failed, lost=totals.lost, filtered=totals.filtered,
             fired=totals.fired, stop_reason=self.stop_reason,
             restarts=None if self.follower is None else self.follower.restarts,
             undecoded=sum(getattr(output, "undecoded", 0) for output in self.outputs),
+            kernel=None if kernel is None else kernel_report(
+                kernel.lost, self.failed, kernel.counters(), kernel.filtered, kernel.matcher),
         )
 
     def _prepare(self, records: Sequence[bytes], dropped: int) -> list:
@@ -454,8 +473,10 @@ class Capture:
         while self.stop_reason is None and not exited:
             drain_start = time.monotonic_ns()
             self._merger.add(self._dpif_names.resolve(self.probe.drain()))
+            if self.kernel is not None:  # after recv_upcall's ring: see kernel_side.py
+                self._merger.add(self.kernel.drain())
             counters = self.probe.counters()
-            self._deliver(self._merger.release(drain_start), counters)
+            self._deliver(self._annotated(self._merger.release(drain_start)), counters)
             now = time.monotonic_ns()
             if self.progress is not None and now >= next_progress:
                 next_progress = now + PROGRESS_INTERVAL_NS
@@ -472,8 +493,11 @@ class Capture:
         # Stop the probe first: after that the ring holds all that it submitted, and
         # its counters agree exactly with what was received.
         self._merger.add(self._dpif_names.resolve(self.probe.stop()))
+        if self.kernel is not None:  # it outlives a followed process: stopped at the end
+            self._merger.add(self.kernel.drain() if self.stop_reason is None
+                             else self.kernel.stop())
         counters = self.probe.counters()
-        self._deliver(self._merger.release_all(), counters)
+        self._deliver(self._annotated(self._merger.release_all()), counters)
         # Every batch is written before a gap note can be given to the outputs.
         self._output_thread.close()
         self._earlier = _sum(self._earlier, counters)
@@ -496,6 +520,9 @@ class Capture:
             output.gap(followed.note)
         return True
 
+    def _annotated(self, records: list) -> list:
+        return records if self.kernel is None else self.kernel.annotate(records)
+
     def _deliver(self, records: list[bytes], counters: Counters) -> None:
         if self.count is not None:
             room = self.count - self.captured
@@ -508,6 +535,9 @@ class Capture:
             return
         self._output_thread.put(records, dropped)
         self.captured += len(records)
+        if self.kernel is not None:
+            self.failed += sum(1 for record in records
+                               if U32.unpack_from(record, FLAGS_OFFSET)[0] & F_FAILED)
         for output in self.outputs:
             if output.ended:
                 self.request_stop(output.ended)

@@ -37,8 +37,9 @@ from upcall_capture.errors import CaptureError, UsageError
 from upcall_capture.filters import FilterSpec, compile_filters
 from upcall_capture.flowkey import format_key
 from upcall_capture.follow import Follower
+from upcall_capture.kernel_side import KernelSide
 from upcall_capture.ports import PortNames, dpctl_show, no_port_names, parse_dpctl_show
-from upcall_capture.probe import loader
+from upcall_capture.probe import kernel_probe, loader
 from upcall_capture.probe.record import (
     DEFAULT_KEY_CAP,
     DEFAULT_SNAPLEN,
@@ -234,6 +235,17 @@ def build_parser() -> argparse.ArgumentParser:
              "and at least one); 0 does it all in one process. When they fall "
              "behind, upcalls are written without their key's text, which the comment "
              "says, rather than lost; -r FILE -w NEW writes the text in")
+    kernel = capture.add_mutually_exclusive_group()
+    kernel.add_argument(
+        "--kernel", action="store_true",
+        help="require the kernel side: failed upcalls (the datapath's lost: counter) in the "
+             "capture, and each upcall's queueing delay. By default it is used where the "
+             "kernel has it (the openvswitch module's ovs_dp_upcall tracepoint, Linux 5.14 "
+             "and later), and one line says when it is not")
+    kernel.add_argument(
+        "--no-kernel", action="store_true",
+        help="capture only the upcalls ovs-vswitchd received (recv_upcall), not the "
+             "kernel side")
     capture.add_argument(
         "--buffer-pages", type=_ranged(1, 1 << 20, "buffer pages"), metavar="PAGES",
         default=loader.DEFAULT_BUFFER_PAGES,
@@ -249,6 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
     selection.add_argument(
         "--filter", action="append", metavar="EXPR",
         help="name=value terms: dpif=, type=miss|action|N, in_port=N, port=NAME, pid=, tid=, "
+             "result=ok|failed|any|ERRNO (failed upcalls are the kernel side's), "
              "thread=, and key fields recirc_id, eth_type, proto, tp_src, tp_dst (numbers take "
              "/MASK), ipv4.src, ipv4.dst, ipv6.src, ipv6.dst (with /PREFIX), ct_state (N[/M] "
              "or flags like +trk+est-new)")
@@ -322,9 +335,11 @@ def capture(args: argparse.Namespace, argv: list[str]) -> int:
     process = find_target()
     target.check_probe(process)
 
-    # Asked of the process traced at the time: with --follow, the successor.
+    # Asked of the process traced at the time: with --follow, the successor. Asked once
+    # now, while it answers: upcalls fail when ovs-vswitchd is stuck, and then it does not.
+    known_ports = "" if args.no_port_names else dpctl_show(process.pid)
     port_name = no_port_names if args.no_port_names else \
-        PortNames(lambda: dpctl_show(run.target_pid)).name
+        PortNames(lambda: dpctl_show(run.target_pid), known=known_ports).name
     offset = clock_offset_ns()
     outputs = []
     sink = None
@@ -381,6 +396,7 @@ def capture(args: argparse.Namespace, argv: list[str]) -> int:
     tuning.before_attach()
     try:
         probe.attach()
+        run.kernel = _kernel_side(args, spec, lambda: dpctl_show(run.target_pid), say)
     except UsageError:
         if sink is not None:
             sink.discard()
@@ -394,14 +410,16 @@ def capture(args: argparse.Namespace, argv: list[str]) -> int:
             if args.workers:
                 pool = workers.WorkerPool(args.workers, workers.BlockSettings(
                     snaplen=args.snaplen, clock_offset_ns=offset, if_filter=if_filter,
-                    port_names=not args.no_port_names))
+                    port_names=not args.no_port_names,
+                    known_ports=(process.pid, known_ports)))
                 builder = PooledBlocks(pool, pool.settings, lambda: run.target_pid)
             else:
                 builder = InlineBlocks(lambda: UpcallBlocks(
                     snaplen=args.snaplen, clock_offset_ns=offset, port_name=port_name,
                     if_filter=if_filter))
             outputs.insert(0, PcapngOutput(
-                builder, sink, _section_header(argv), rotation=rotation,
+                builder, sink, _section_header(argv, run.kernel), rotation=rotation,
+                datapath_comments=lambda: _datapath_comments(run.kernel),
                 open_next=lambda index: open_file(
                     rotated_name(args.write, index, args.file_count),
                     # A ring reuses the names this run made.
@@ -431,6 +449,39 @@ def capture(args: argparse.Namespace, argv: list[str]) -> int:
         return work() if user is None else privileges.run_as(*user, work)
     finally:
         run.probe.close()  # with --follow, the last one attached
+        if run.kernel is not None:
+            run.kernel.close()
+
+
+def _kernel_side(args: argparse.Namespace, spec: FilterSpec | None, show, say
+                 ) -> KernelSide | None:
+    """The kernel side, attached; or None, said in one line (an error with --kernel)."""
+    if args.no_kernel:
+        return None
+    reason = kernel_probe.unavailable()
+    if reason is None:
+        kernel = KernelSide(kernel_probe.KernelProbe(), show,
+                            keep=(lambda upcall: spec.matches(upcall, True)) if spec else None)
+        try:
+            kernel.attach()
+            return kernel
+        except UsageError as err:
+            reason = str(err)
+    if args.kernel:
+        raise UsageError(f"--kernel: the kernel side is unavailable: {reason}")
+    say(f"kernel side unavailable ({reason}): capturing the upcalls ovs-vswitchd receives, "
+        "without failed upcalls or queueing delays")
+    return None
+
+
+def _datapath_comments(kernel: KernelSide | None) -> dict[str, str]:
+    """The ISBs' comments: each datapath's lost: counter at the start and the end."""
+    if kernel is None:
+        return {}
+    return {lost.dpif: f"datapath {lost.dpif} lost: {lost.start} at the start of the "
+                       f"capture, " + (f"{lost.end} at its end" if lost.end is not None
+                                       else "unreadable at its end")
+            for lost in kernel.lost}
 
 
 def _report(summary, run: Capture, outputs: list, stats: UpcallStats | None,
@@ -446,6 +497,8 @@ def _report(summary, run: Capture, outputs: list, stats: UpcallStats | None,
     if pool is not None:
         line += f"; {_workers_busy(pool)}"
     print(f"{PROG}: {line}", file=sys.stderr)
+    for kernel_line in summary.kernel or ():
+        print(f"{PROG}: {kernel_line}", file=sys.stderr)
     if stats is not None:
         _print_stats(stats, args)
     return failed[0].error.exit_status if failed else 0
@@ -608,11 +661,15 @@ def _print_stats(stats: UpcallStats, args: argparse.Namespace) -> None:
     print(text, file=sys.stderr if args.write == "-" else sys.stdout)
 
 
-def _section_header(argv: list[str]) -> bytes:
+def _section_header(argv: list[str], kernel: KernelSide | None = None) -> bytes:
     uname = os.uname()
+    comment = shlex.join([PROG, *argv])
+    if kernel is not None:
+        comment += "".join(f"\ndatapath {dpif} lost: {lost} at the start of the capture"
+                           for dpif, lost in sorted(kernel.lost_at_start.items()))
     return pcapng.section_header(
         userappl=f"{PROG} {__version__}",
         os=f"{uname.sysname} {uname.release}",
         hardware=uname.machine,
-        comment=shlex.join([PROG, *argv]),
+        comment=comment,
     )

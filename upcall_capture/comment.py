@@ -8,6 +8,11 @@ Pure text. The comment's lines, in order:
    writes the text in);
 3. maybe `truncated: packet C of N bytes, key C of N bytes`;
 4. maybe `probe could not read: ...`.
+With the kernel side on, a received upcall has a second comment of its own, ENQUEUE_LINE:
+how long it waited in the kernel (kept apart so that the first one, which repeats in a
+storm, stays cached). A failed upcall, which ovs-vswitchd never received, has one comment:
+`upcall failed: EAGAIN (handler socket full) miss dpif=.. in_port=2(veth-a) portid=..
+cpu=..`, then the key fields the kernel's tracepoint gives, then maybe `truncated: ...`.
 
 The link-type rule lives here too, since the comment's in_port and the packet's interface
 come from the same reading of the key: a key without an eth() attribute is an L3 upcall,
@@ -20,7 +25,8 @@ import re
 from dataclasses import dataclass
 
 from upcall_capture import pcapng
-from upcall_capture.probe.record import FLAG_NAMES, UPCALL_TYPES, Upcall
+from upcall_capture.probe.kernel_record import errno_number, errno_text
+from upcall_capture.probe.record import FLAG_NAMES, UPCALL_TYPES, Enqueue, Upcall
 
 NOT_DECODED = ("key not decoded: the capture was overloaded "
                "(the raw key is kept; upcall-capture -r FILE -w NEW adds the text)")
@@ -31,12 +37,30 @@ _HEAD = re.compile(
     r" pid=(?P<pid>\d+) tid=(?P<tid>\d+) thread=(?P<thread>\S*) cpu=(?P<cpu>\d+)"
 )
 _KEY_CUT = re.compile(r"\bkey (\d+) of (\d+) bytes")
+_FAILED_HEAD = re.compile(
+    r"^upcall failed: (?P<errno>E[A-Z0-9]+|error -?\d+)(?: \([^)]*\))? (?P<type>\S+) "
+    r"dpif=(?P<dpif>\S*)(?: in_port=(?P<port>\d+)(?:\((?P<name>[^)]*)\))?)?"
+    r"(?: device=(?P<device>\S+))? portid=(?P<portid>\d+|\?)(?: mru=(?P<mru>\d+))?"
+    r" cpu=(?P<cpu>\d+)"
+)
+TRACEPOINT_KEY = "tracepoint key fields (not a full key): "
+ENQUEUE_PREFIX = "kernel: "
+_QUEUED = re.compile(r"^kernel: queued (?P<ms>\d+\.\d{6}) ms in (?P<device>\S*) "
+                     r"portid=(?P<portid>\d+)(?: mru=(?P<mru>\d+))?")
+UNMATCHED_LINE = ("kernel: queueing delay unknown: no enqueue by the datapath matched this "
+                  "upcall's packet")
 
 
 def linktype(has_eth: bool, key: bytes) -> int:
     """Ethernet, or raw IP for an L3 upcall (a key without eth(); an empty key is taken
     for Ethernet, as nothing says otherwise)."""
     return pcapng.LINKTYPE_ETHERNET if has_eth or not key else pcapng.LINKTYPE_RAW
+
+
+def upcall_linktype(upcall: Upcall, has_eth: bool) -> int:
+    """linktype() for an upcall: a failed upcall's key (the tracepoint's fields) has no
+    eth(), but its packet is a frame all the same."""
+    return pcapng.LINKTYPE_ETHERNET if upcall.failed else linktype(has_eth, upcall.key)
 
 
 def head(upcall: Upcall, port: int | None, port_name: str | None) -> str:
@@ -62,6 +86,55 @@ def text(upcall: Upcall, key_text: str, port: int | None, port_name: str | None)
     return "\n".join(lines)
 
 
+def failed_head(upcall: Upcall, port: int | None, port_name: str | None) -> str:
+    """The first line of a failed upcall's comment."""
+    enqueue = upcall.enqueue
+    if port is not None:
+        where = f" in_port={port}({port_name or enqueue.device})"
+    else:
+        where = f" device={enqueue.device or '?'}"
+    mru = f" mru={enqueue.mru}" if enqueue.mru else ""
+    return (f"upcall failed: {errno_text(enqueue.result)} {upcall.type_name} "
+            f"dpif={upcall.dpif}{where} portid={_or_unknown(enqueue.portid)}{mru} "
+            f"cpu={upcall.cpu}")
+
+
+def _or_unknown(value: int | None) -> str:
+    return "?" if value is None else str(value)
+
+
+def failed_text(upcall: Upcall, key_text: str, port: int | None,
+                port_name: str | None) -> str:
+    lines = [failed_head(upcall, port, port_name), TRACEPOINT_KEY + key_text]
+    if len(upcall.packet) < upcall.pkt_size:
+        lines.append(f"truncated: packet {len(upcall.packet)} of {upcall.pkt_size} bytes "
+                     "(the linear part of the kernel's skb)")
+    return "\n".join(lines)
+
+
+def enqueue_line(enqueue: Enqueue) -> str:
+    """A received upcall's second comment: its wait in the kernel, ovs_dp_upcall() to
+    recv_upcall, and the socket it waited in."""
+    if enqueue.queued_ns is None:
+        return UNMATCHED_LINE
+    mru = f" mru={enqueue.mru}" if enqueue.mru else ""
+    return (f"kernel: queued {enqueue.queued_ns / 1e6:.6f} ms in {enqueue.device} "
+            f"portid={enqueue.portid}{mru} (ovs_dp_upcall to recv_upcall)")
+
+
+def parse_enqueue(comment: str) -> Enqueue | None:
+    """A received upcall's ENQUEUE comment read back, or None for another text."""
+    if comment == UNMATCHED_LINE:
+        return Enqueue(queued_ns=None, result=0, portid=None, device="", mru=0)
+    found = _QUEUED.match(comment)
+    if found is None:
+        return None
+    whole, fraction = found["ms"].split(".")
+    return Enqueue(queued_ns=int(whole) * 1_000_000 + int(fraction), result=0,
+                   portid=int(found["portid"]), device=found["device"],
+                   mru=int(found["mru"] or 0))
+
+
 @dataclass(frozen=True, slots=True)
 class CommentFields:
     """What one of our comments says, read back."""
@@ -76,6 +149,7 @@ class CommentFields:
     cpu: int
     key_size: int | None  # the key's real length, when the comment says it was cut
     decoded: bool  # False: the key line is NOT_DECODED
+    failure: Enqueue | None = None  # a failed upcall's errno, portid, device, MRU
 
 
 def parse(comment: str) -> CommentFields | None:
@@ -83,7 +157,7 @@ def parse(comment: str) -> CommentFields | None:
     lines = comment.split("\n")
     found = _HEAD.match(lines[0])
     if found is None:
-        return None
+        return _parse_failed(lines[0])
     fields = found.groupdict()
     kind = fields["type"]
     cut = next((m for line in lines[2:] if line.startswith("truncated: ")
@@ -95,6 +169,26 @@ def parse(comment: str) -> CommentFields | None:
         thread=fields["thread"], cpu=int(fields["cpu"]),
         key_size=int(cut.group(2)) if cut else None,
         decoded=len(lines) < 2 or lines[1] != NOT_DECODED,
+    )
+
+
+def _parse_failed(first_line: str) -> CommentFields | None:
+    found = _FAILED_HEAD.match(first_line)
+    if found is None:
+        return None
+    fields = found.groupdict()
+    code = errno_number(fields["errno"]) if fields["errno"][0] == "E" else \
+        int(fields["errno"].split()[1])
+    kind = fields["type"]
+    return CommentFields(
+        upcall_type=_TYPE_NUMBERS.get(kind, int(kind) if kind.isdigit() else -1),
+        dpif=fields["dpif"], port=int(fields["port"]) if fields["port"] else None,
+        port_name=fields["name"], pid=0, tid=0, thread="", cpu=int(fields["cpu"]),
+        key_size=None, decoded=True,
+        failure=Enqueue(queued_ns=None, result=-(code or 0),
+                        portid=None if fields["portid"] == "?" else int(fields["portid"]),
+                        device=fields["device"] or fields["name"] or "",
+                        mru=int(fields["mru"] or 0)),
     )
 
 

@@ -8,6 +8,7 @@ say how far off they may be once they do not.
 from __future__ import annotations
 
 import heapq
+import math
 from collections import Counter
 from collections.abc import Hashable, Iterable, Sequence
 
@@ -103,3 +104,32 @@ class DistinctCount:
         registers = self._registers
         m = len(registers)
         return round(0.7213 / (1 + 1.079 / m) * m * m / sum(2.0 ** -r for r in registers))
+
+
+class Quantiles:
+    """Quantiles of positive numbers (nanoseconds), in bounded memory: counts by
+    logarithmic bucket, each 1% wide, so that a quantile is off by at most 1%; the maximum
+    is exact."""
+
+    RATIO = 1.01
+
+    def __init__(self) -> None:
+        self.buckets: Counter[int] = Counter()
+        self.count = 0
+        self.maximum = 0
+        self._log_ratio = math.log(self.RATIO)
+
+    def add(self, value: int) -> None:
+        self.buckets[int(math.log(max(value, 1)) / self._log_ratio)] += 1
+        self.count += 1
+        self.maximum = max(self.maximum, value)
+
+    def quantile(self, q: float) -> float:
+        """The q-quantile (0 < q <= 1): the upper edge of the bucket that holds it."""
+        rank = q * self.count
+        seen = 0
+        for bucket in sorted(self.buckets):
+            seen += self.buckets[bucket]
+            if seen >= rank:
+                return min(self.RATIO ** (bucket + 1), self.maximum)
+        return float(self.maximum)

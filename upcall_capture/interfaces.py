@@ -51,14 +51,19 @@ class InterfaceTable:
         return True
 
     def statistics(self, timestamp_ns: int, *, start_ns: int | None = None,
-                   end_ns: int | None = None, filtered: bool = False) -> bytes:
+                   end_ns: int | None = None, filtered: bool = False,
+                   datapath_comments: dict[str, str] | None = None) -> bytes:
         """One ISB per interface. `filtered`: a filter was applied, and every packet an
-        interface received passed it."""
+        interface received passed it. `datapath_comments`: a comment for the ISBs of each
+        datapath's interfaces (an identity starts with its dpif)."""
+        comments = datapath_comments or {}
         return b"".join(
             pcapng.interface_statistics(
                 if_id, timestamp_ns, received=interface.received, dropped=interface.dropped,
                 filter_accept=interface.received if filtered else None,
-                start_ns=start_ns, end_ns=end_ns)
+                start_ns=start_ns, end_ns=end_ns,
+                comment=comments.get(interface.identity[0]) if isinstance(
+                    interface.identity, tuple) and interface.identity else None)
             for if_id, interface in enumerate(self.interfaces))
 
 

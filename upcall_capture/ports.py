@@ -17,6 +17,7 @@ from pathlib import Path
 
 _DATAPATH = re.compile(r"^(\S+@\S+):\s*$")
 _PORT = re.compile(r"^\s+port (\d+): (\S+)")
+_LOST = re.compile(r"^\s+lookups:.*\blost:(\d+)")
 _VIA_PROC_FD = re.compile(r"^/proc/self/fd/\d+/([^/]+)$")
 _DEFAULT_RUN_DIRECTORIES = ("/var/run/openvswitch", "/run/openvswitch")
 
@@ -33,6 +34,19 @@ def parse_dpctl_show(text: str) -> PortMap:
         elif dpif and (m := _PORT.match(line)):
             ports[(dpif, int(m.group(1)))] = m.group(2)
     return ports
+
+
+def parse_datapath_lost(text: str) -> dict[str, int]:
+    """{dpif: its `lost:` counter} from `ovs-appctl dpctl/show` output: the upcalls the
+    datapath failed to deliver since it was created."""
+    lost = {}
+    dpif = None
+    for line in text.splitlines():
+        if m := _DATAPATH.match(line):
+            dpif = m.group(1)
+        elif dpif and (m := _LOST.match(line)):
+            lost[dpif] = int(m.group(1))
+    return lost
 
 
 def control_socket(pid: int) -> str | None:
@@ -114,15 +128,18 @@ def dpctl_show(pid: int) -> str:
 
 
 class PortNames:
-    """Names ports, asking the vswitchd again on an unknown port at most every few seconds."""
+    """Names ports, asking the vswitchd again on an unknown port at most every few seconds.
+
+    `known`: dpctl/show text read at the start. A stuck ovs-vswitchd (the moment upcalls
+    fail) answers nothing, so the names are best learnt while it still answers."""
 
     def __init__(self, fetch: Callable[[], str], refresh_interval: float = 5.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, known: str = "") -> None:
         self._fetch = fetch
         self._interval = refresh_interval
         self._clock = clock
-        self._ports: PortMap = {}
-        self._fetched_at: float | None = None
+        self._ports: PortMap = parse_dpctl_show(known)
+        self._fetched_at: float | None = clock() if self._ports else None
 
     def name(self, dpif: str, port: int) -> str | None:
         found = self._ports.get((dpif, port))

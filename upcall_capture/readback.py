@@ -16,7 +16,7 @@ from upcall_capture import comment, pcapng
 from upcall_capture.errors import UsageError
 from upcall_capture.flowkey import format_key
 from upcall_capture.interfaces import InterfaceTable
-from upcall_capture.probe.record import Upcall
+from upcall_capture.probe.record import F_FAILED, F_KERNEL, Upcall
 from upcall_capture.view import CapturedUpcall
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -60,11 +60,15 @@ def _upcall_from_block(block: pcapng.Packet, interface: pcapng.InterfaceDescript
     said = comment.parse(block.comments[0]) if block.comments else None
     key = block.key or b""
     if said:
+        enqueue = said.failure or next(
+            (found for text in block.comments[1:] if (found := comment.parse_enqueue(text))),
+            None)
         upcall = Upcall(
             ktime_ns=0, pid=said.pid, tid=said.tid, cpu=said.cpu, type=said.upcall_type,
-            dpif=said.dpif, thread=said.thread, flags=0,
+            dpif=said.dpif, thread=said.thread,
+            flags=F_FAILED | F_KERNEL if said.failure else F_KERNEL if enqueue else 0,
             key=key, key_size=said.key_size or len(key),
-            packet=block.data, pkt_size=block.orig_len,
+            packet=block.data, pkt_size=block.orig_len, enqueue=enqueue,
         )
         port, name = said.port, said.port_name
     else:

@@ -14,10 +14,11 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from upcall_capture.counting import DistinctCount, HeavyHitters
+from upcall_capture.counting import DistinctCount, HeavyHitters, Quantiles
 from upcall_capture.flowkey import KeyCache, decode_key, format_key
 from upcall_capture.flowkey.layouts import Fields
 from upcall_capture.groups import DEFAULT_GROUPS, Group
+from upcall_capture.probe.kernel_record import errno_text
 from upcall_capture.view import clock_time
 
 if TYPE_CHECKING:
@@ -83,10 +84,18 @@ class UpcallStats:
         self.distinct_keys = DistinctCount()
         self.seconds: Counter[int] = Counter()
         self.lost = 0
+        # The kernel side's: failed upcalls, by errno, port and handler socket; and each
+        # handler's queueing delays.
+        self.failures: dict[str, Counter[str]] = {
+            "errno": Counter(), "port": Counter(), "portid": Counter()}
+        self.delays: dict[str, Quantiles] = {}
+        self.delay_unknown = 0
         self._fields = key_fields_cache()
 
     def add(self, items: Iterable[CapturedUpcall]) -> None:
         items = list(items)
+        if any(item.upcall.enqueue is not None for item in items):
+            items = self._kernel_side(items)
         for item in items:
             upcall = item.upcall
             self.types[upcall.type_name if upcall.type >= 0 else "unknown"] += 1
@@ -98,6 +107,38 @@ class UpcallStats:
         keys = [(item.upcall.key, item.upcall.key_size) for item in items if item.upcall.key]
         self.keys.update(keys)
         self.distinct_keys.update(keys)
+
+    def _kernel_side(self, items: list[CapturedUpcall]) -> list[CapturedUpcall]:
+        """Count what the kernel side says; the received upcalls, for everything else."""
+        received = []
+        for item in items:
+            enqueue = item.upcall.enqueue
+            if enqueue is None:
+                received.append(item)
+            elif enqueue.result:
+                self.failures["errno"][errno_text(enqueue.result)] += 1
+                self.failures["port"][item.interface] += 1
+                self.failures["portid"][str(enqueue.portid)] += 1
+            else:
+                received.append(item)
+                if enqueue.queued_ns is None:
+                    self.delay_unknown += 1
+                else:
+                    handler = item.upcall.thread or "unknown"
+                    self.delays.setdefault(handler, Quantiles()).add(enqueue.queued_ns)
+        return received
+
+    def _kernel_report(self) -> dict:
+        return {
+            "failed": sum(self.failures["errno"].values()),
+            **{f"failed_by_{name}": dict(counts.most_common())
+               for name, counts in self.failures.items()},
+            "queueing_delay_unknown": self.delay_unknown,
+            "queueing_delay_ms": [
+                {"handler": handler, "upcalls": q.count, "median": q.quantile(0.5) / 1e6,
+                 "p99": q.quantile(0.99) / 1e6, "max": q.maximum / 1e6}
+                for handler, q in sorted(self.delays.items())],
+        }
 
     def report(self, top: int = 10) -> dict:
         total = sum(self.types.values())
@@ -121,6 +162,7 @@ class UpcallStats:
                 {"time": second, "upcalls": self.seconds.get(second, 0)}
                 for second in range(first, last + 1)
             ],
+            "kernel": self._kernel_report(),
         }
 
 
@@ -162,12 +204,34 @@ def as_text(report: dict) -> str:
     lines.extend(f"  {entry['count']:>10}  {entry['key']}" for entry in report["top_keys"])
     if not report["top_keys"] and report["distinct_keys"]:
         lines.append(_none_frequent(report["top_keys_max_error"]))
+    lines.extend(_kernel_lines(report["kernel"]))
     lines.append("upcalls per second:")
     lines.extend(
         f"  {clock_time(entry['time'] * NS_PER_S)[:8]}  {entry['upcalls']:>10}"
         for entry in report["rate_per_second"]
     )
     return "\n".join(lines)
+
+
+def _kernel_lines(kernel: dict) -> list[str]:
+    """The kernel side's part: failed upcalls and queueing delays (when it had any)."""
+    lines = []
+    if kernel["failed"]:
+        lines.append(f"{kernel['failed']} failed upcalls (never received by ovs-vswitchd):")
+        for title in ("errno", "port", "portid"):
+            lines.append(f"  by {'handler socket portid' if title == 'portid' else title}:")
+            lines.extend(f"    {count:>10}  {label}"
+                         for label, count in kernel[f"failed_by_{title}"].items())
+    if kernel["queueing_delay_ms"]:
+        unknown = kernel["queueing_delay_unknown"]
+        lines.append("queueing delay in the kernel, ms (within 1%)" +
+                     (f", {unknown} upcalls not matched to their enqueue" if unknown else "")
+                     + ":")
+        lines.append(f"  {'handler':<16} {'upcalls':>10} {'median':>10} {'p99':>10} "
+                     f"{'max':>10}")
+        lines.extend(f"  {d['handler']:<16} {d['upcalls']:>10} {d['median']:>10.3f} "
+                     f"{d['p99']:>10.3f} {d['max']:>10.3f}" for d in kernel["queueing_delay_ms"])
+    return lines
 
 
 class StatsOutput:

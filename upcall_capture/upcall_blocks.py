@@ -30,12 +30,16 @@ from upcall_capture import comment, pcapng
 from upcall_capture.flowkey import decode_key, format_key, shape_port_and_eth
 from upcall_capture.interfaces import Interface, InterfaceTable
 from upcall_capture.probe.record import (
+    F_FAILED,
+    F_KERNEL,
     FLAGS_OFFSET,
     HEADER_SIZE,
     PID_OFFSET,
+    UNREADABLE,
     header_format,
     header_offset,
     parse,
+    unpack_enqueue,
 )
 
 # ktime_ns, key_size, pid, tid, cpu, type, pkt_size, pkt_len, key_len, pkt_offset: the
@@ -82,6 +86,15 @@ def _find_attribute(text: str, name: str, *, last: bool) -> int:
 
 
 PortNamer = Callable[[str, int], "str | None"]
+U32_AT_FLAGS = struct.Struct("<I")
+
+
+def _enqueue_option(record: bytes | memoryview, described: _Described) -> bytes:
+    """A received upcall's second comment, its wait in the kernel, when it has one."""
+    if not described.enqueue:
+        return b""
+    return pcapng.packet_options(comment=comment.enqueue_line(unpack_enqueue(record)),
+                                 inbound=False)
 
 
 def interface_name(dpif: str, port: int | None, port_name: str | None) -> str:
@@ -107,7 +120,8 @@ class _Described:
     if_id: int
     interface: Interface
     tail: bytes
-    decoded: bool  # False: written without the key's text (not cached)
+    decoded: bool  # False: written without the key's text, or a failed upcall (not cached)
+    enqueue: bool = False  # the record has an enqueue (F_KERNEL): its own comment follows
 
 
 def _packet_apart(out: bytearray, described: _Described, timestamp: int,
@@ -232,9 +246,9 @@ class UpcallBlocks:
                     misses = 0
             described.interface.received += 1
             timestamp = ktime + offset
-            if dropped:
+            if dropped or described.enqueue:
                 _packet_apart(out, described, timestamp, record[packet_at:packet_end],
-                              pkt_size, dropped)
+                              pkt_size, dropped, _enqueue_option(record, described))
                 dropped = 0
                 continue
             pad = padding[pkt_len & 3]
@@ -263,7 +277,8 @@ class UpcallBlocks:
         described = self._describe(record, out)
         described.interface.received += 1
         _packet_apart(out, described, upcall.ktime_ns + self.clock_offset_ns, upcall.packet,
-                      max(upcall.pkt_size, len(upcall.packet)), dropped, extra_options)
+                      max(upcall.pkt_size, len(upcall.packet)), dropped,
+                      _enqueue_option(record, described) + extra_options)
         return described
 
     def _charge_to_last(self, dropped: int) -> None:
@@ -283,6 +298,7 @@ class UpcallBlocks:
         key = self._plain_key(record)
         if key is None:
             return self._describe_in_full(record, out)
+        enqueue = bool(U32_AT_FLAGS.unpack_from(record, FLAGS_OFFSET)[0] & F_KERNEL)
         key_text = format_key(key)
         port, has_eth = port_and_eth(key_text)
         if_id, head_text = self._head(record, port, comment.linktype(has_eth, key), out)
@@ -291,7 +307,7 @@ class UpcallBlocks:
             tail = pcapng.packet_tail(text, key)
         except ValueError:
             return self._describe_in_full(record, out)  # which says what is wrong
-        return _Described(if_id, self.table.interfaces[if_id], tail, True)
+        return _Described(if_id, self.table.interfaces[if_id], tail, True, enqueue)
 
     def _describe_undecoded(self, record: bytes | memoryview, out: bytearray) -> _Described:
         """As _describe, without the key's text; where the key's shape is not known yet,
@@ -304,7 +320,8 @@ class UpcallBlocks:
         if_id, head_text = self._head(record, port, comment.linktype(has_eth, key), out)
         self.undecoded += 1
         return _Described(if_id, self.table.interfaces[if_id],
-                          pcapng.packet_tail(head_text + _NOT_DECODED, key), False)
+                          pcapng.packet_tail(head_text + _NOT_DECODED, key), False,
+                          bool(U32_AT_FLAGS.unpack_from(record, FLAGS_OFFSET)[0] & F_KERNEL))
 
     def _describe_sampled(self, record: bytes | memoryview, out: bytearray) -> _Described:
         self._sampled += 1
@@ -314,10 +331,11 @@ class UpcallBlocks:
 
     @staticmethod
     def _plain_key(record: bytes | memoryview) -> bytes | None:
-        """The key of a record with nothing cut or unreadable, else None."""
+        """The key of a received upcall's record with nothing cut or unreadable, else
+        None."""
         (_, key_size, _, _, _, _, pkt_size, pkt_len, key_len, _,
          flags) = _DESCRIBE.unpack_from(record)
-        if flags or key_len != key_size or pkt_len != pkt_size:
+        if flags & (UNREADABLE | F_FAILED) or key_len != key_size or pkt_len != pkt_size:
             return None
         return bytes(record[HEADER_SIZE:HEADER_SIZE + key_len])
 
@@ -343,12 +361,17 @@ class UpcallBlocks:
         upcall = parse(record)
         decoded = decode_key(upcall.key, upcall.key_size)
         port = decoded.fields.get("in_port")
-        linktype = comment.linktype("eth.src" in decoded.fields, upcall.key)
+        linktype = comment.upcall_linktype(upcall, "eth.src" in decoded.fields)
         name = self.port_name(upcall.dpif, port) if port is not None else None
         if_id = self._interface(upcall.dpif, port, linktype, name, out)
-        text = comment.text(upcall, decoded.text, port, name)
+        if upcall.failed:
+            text = comment.failed_text(upcall, decoded.text, port, name)
+        else:
+            text = comment.text(upcall, decoded.text, port, name)
         options = pcapng.packet_options(comment=text, key=upcall.key)
-        return _Described(if_id, self.table.interfaces[if_id], options + pcapng.ENDOFOPT, True)
+        # A failed upcall's comment has its errno and portid: it is not cached.
+        return _Described(if_id, self.table.interfaces[if_id], options + pcapng.ENDOFOPT,
+                          not upcall.failed, upcall.enqueue is not None and not upcall.failed)
 
     def _interface(self, dpif: str, port: int | None, linktype: int, name: str | None,
                    out: bytearray) -> int:
@@ -364,12 +387,14 @@ class UpcallBlocks:
             out += description
         return if_id
 
-    def statistics(self, ktime_ns: int, *, start_ktime_ns: int) -> bytes:
+    def statistics(self, ktime_ns: int, *, start_ktime_ns: int,
+                   datapath_comments: dict[str, str] | None = None) -> bytes:
         """One ISB per interface, for the end of the section."""
         self.settle_drops()
         offset = self.clock_offset_ns
         return self.table.statistics(ktime_ns + offset, start_ns=start_ktime_ns + offset,
-                                     end_ns=ktime_ns + offset, filtered=bool(self.if_filter))
+                                     end_ns=ktime_ns + offset, filtered=bool(self.if_filter),
+                                     datapath_comments=datapath_comments)
 
     def settle_drops(self) -> None:
         """Losses that no packet came after to carry: the last packet's interface has them."""

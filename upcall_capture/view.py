@@ -17,6 +17,7 @@ import dpkt
 from upcall_capture import comment, pcapng
 from upcall_capture.flowkey import KeyCache, decode_key
 from upcall_capture.flowkey.layouts import Fields
+from upcall_capture.probe.kernel_record import errno_text
 from upcall_capture.probe.record import Upcall, parse
 from upcall_capture.upcall_blocks import interface_name
 
@@ -43,7 +44,7 @@ def from_record(record: bytes, clock_offset_ns: int, port_name: PortNamer) -> Ca
     port = fields.get("in_port")
     name = port_name(upcall.dpif, port) if port is not None else None
     return CapturedUpcall(upcall, upcall.ktime_ns + clock_offset_ns,
-                          comment.linktype("eth.src" in fields, upcall.key),
+                          comment.upcall_linktype(upcall, "eth.src" in fields),
                           interface_name(upcall.dpif, port, name), port, name, fields=fields)
 
 
@@ -137,10 +138,16 @@ class ConsolePrinter:
         upcall = item.upcall
         who = f" {upcall.thread}" if upcall.thread else ""
         kind = f" {upcall.type_name}" if upcall.type >= 0 else ""
+        if upcall.failed:
+            who = f" failed {errno_text(upcall.enqueue.result)}"
         lines = [f"{clock_time(item.wall_ns)}{kind} {item.interface}{who}: "
                  f"{packet_summary(upcall.packet, item.linktype)}"]
         if self.verbose and (upcall.key or upcall.type >= 0):
-            lines.append("\t" + self._key_text(upcall.key, upcall.key_size))
+            key_text = self._key_text(upcall.key, upcall.key_size)
+            lines.append("\t" + (comment.TRACEPOINT_KEY + key_text if upcall.failed
+                                 else key_text))
+        if self.verbose and upcall.enqueue is not None and not upcall.failed:
+            lines.append("\t" + comment.enqueue_line(upcall.enqueue))
         if self.hexdump:
             lines.extend(hex_dump(upcall.packet))
         if self.dissect:

@@ -66,6 +66,7 @@ class BlockSettings:
     clock_offset_ns: int
     if_filter: str | None
     port_names: bool  # ask the traced ovs-vswitchd for port names (dpctl/show)
+    known_ports: tuple[int, str] = (0, "")  # (pid, its dpctl/show text at the start)
 
 
 @dataclass(frozen=True)
@@ -260,7 +261,9 @@ class _Describer:
         if not self.settings.port_names:
             return no_port_names
         if pid not in self._names:
-            self._names = {pid: PortNames(lambda: dpctl_show(pid))}
+            known_pid, known = self.settings.known_ports
+            self._names = {pid: PortNames(lambda: dpctl_show(pid),
+                                          known=known if pid == known_pid else "")}
         return self._names[pid].name
 
     def _fresh(self, entries: list[tuple[Hashable, bytes]], pid: int) -> None:

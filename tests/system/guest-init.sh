@@ -116,33 +116,47 @@ check_upcalls_delivered() {
     fi
 }
 
-start_capture() {
-    python3 -m upcall_capture -w "$RESULTS/capture.pcapng" 2>"$RESULTS/tool.stderr" &
+# Starts the tool with the given options, writing NAME.pcapng with its stderr in
+# NAME.stderr, and waits for it to listen; TOOL_PID is its pid.
+start_tool() {
+    local name=$1
+    shift
+    python3 -m upcall_capture "$@" -w "$RESULTS/$name.pcapng" 2>"$RESULTS/$name.stderr" &
     TOOL_PID=$!
     local waited=0
-    until grep -q "listening on dpif_recv:recv_upcall" "$RESULTS/tool.stderr"; do
-        kill -0 "$TOOL_PID" 2>/dev/null || { cat "$RESULTS/tool.stderr"; fail "the tool exited early"; }
-        [ $waited -ge 600 ] && fail "the tool did not report listening in 600 s"
+    until grep -q "listening on dpif_recv:recv_upcall" "$RESULTS/$name.stderr"; do
+        kill -0 "$TOOL_PID" 2>/dev/null || { cat "$RESULTS/$name.stderr"; fail "the tool ($name) exited early"; }
+        [ $waited -ge 600 ] && fail "the tool ($name) did not report listening in 600 s"
         sleep 1
         waited=$((waited + 1))
     done
+    say "tool ($name) listening after ${waited}s"
+}
+
+# Stops the tool with SIGINT, as an operator would, and keeps its exit status in NAME.exit.
+stop_tool() {
+    local name=$1
+    kill -INT "$TOOL_PID"
+    local waited=0
+    while kill -0 "$TOOL_PID" 2>/dev/null; do
+        [ $waited -ge 120 ] && { kill -KILL "$TOOL_PID"; fail "the tool ($name) did not stop on SIGINT"; }
+        sleep 1
+        waited=$((waited + 1))
+    done
+    wait "$TOOL_PID"
+    echo $? >"$RESULTS/$name.exit"
+}
+
+start_capture() {
+    start_tool capture
     now >"$RESULTS/capture-start"
-    say "tool listening after ${waited}s"
 }
 
 stop_capture() {
     # A quiet moment, so that no upcall straddles the end of the window.
     sleep 2
     now >"$RESULTS/capture-stop"
-    kill -INT "$TOOL_PID"
-    local waited=0
-    while kill -0 "$TOOL_PID" 2>/dev/null; do
-        [ $waited -ge 120 ] && { kill -KILL "$TOOL_PID"; fail "the tool did not stop on SIGINT"; }
-        sleep 1
-        waited=$((waited + 1))
-    done
-    wait "$TOOL_PID"
-    echo $? >"$RESULTS/tool.exit"
+    stop_tool capture
 }
 
 # One TCP exchange: a server in ns-b echoes one message from a client in ns-a.
@@ -241,8 +255,65 @@ watchdog() {
     fail "the guest's run took over $1 s (the console shows the phase it was in)"
 }
 
+datapath_lost() { ovs-dpctl show | sed -n 's/.*lost:\([0-9]*\).*/\1/p' | head -1; }
+
+# Failed upcalls: with ovs-vswitchd stopped, 1,400-byte packets of new flows fill the
+# handler sockets and the datapath fails the rest (EAGAIN), counting them in lost:. A second
+# capture, with --kernel, must hold every one of them. The dpif debug log is off for it: it
+# could not keep up with thousands of upcalls anyway (600 messages a minute).
+capture_failed_upcalls() {
+    ovs-appctl vlog/set dpif:file:info
+    ovs-ofctl del-flows br0
+    ovs-ofctl add-flow br0 actions=normal
+    ovs-dpctl del-flows
+    start_tool failed --kernel
+    # A socket that never reads takes the flood in ns-b: no ICMP port unreachable goes
+    # back (which would make upcalls of its own), only drops when its buffer is full.
+    ip netns exec ns-b python3 -c '
+import socket, time
+sink = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+sink.bind(("10.0.0.2", 9000))
+time.sleep(3600)' &
+    local sink=$!
+    local vswitchd before sent=0
+    vswitchd=$(cat "$OVS_RUN/ovs-vswitchd.pid")
+    before=$(datapath_lost)
+    echo "$before" >"$RESULTS/failed-lost-before"
+    kill -STOP "$vswitchd"
+    now >"$RESULTS/failed-stop"
+    say "ovs-vswitchd stopped; datapath lost: $before"
+    while [ $(( $(datapath_lost) - before )) -lt 1000 ] && [ $sent -lt 20000 ]; do
+        ip netns exec ns-a python3 - "$sent" "$RESULTS/failed-first-send" <<'FLOOD'
+import socket
+import sys
+import time
+first = int(sys.argv[1])
+if first == 0:  # when the first packet, the one that waits longest, is sent
+    with open(sys.argv[2], "w") as stamp:
+        stamp.write(time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime()) +
+                    ".%03dZ" % (time.time() % 1 * 1000))
+for n in range(first, first + 1000):
+    # A new flow each (its own source port), and bytes that say which packet it was.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    sock.bind(("10.0.0.1", 20000 + n))
+    sock.sendto(b"upcall-failed %06d " % n + b"x" * 1379, ("10.0.0.2", 9000))
+    sock.close()
+FLOOD
+        sent=$((sent + 1000))
+    done
+    echo "$sent" >"$RESULTS/failed-sent"
+    sleep 2  # so that the packets still queued wait a measurable while
+    now >"$RESULTS/failed-cont"
+    kill -CONT "$vswitchd"
+    say "sent $sent packets; ovs-vswitchd continued; datapath lost: $(datapath_lost)"
+    sleep 5  # its handlers read what the sockets held
+    stop_tool failed
+    kill "$sink"
+    datapath_lost >"$RESULTS/failed-lost-after"
+}
+
 say "started"
-watchdog "${GUEST_WATCHDOG_S:-900}" &
+watchdog "${GUEST_WATCHDOG_S:-1500}" &
 mount_filesystems
 start_ovs
 make_namespace ns-a veth-a 10.0.0.1 fd00::1
@@ -256,5 +327,6 @@ sleep 1
 send_traffic
 stop_capture
 save_state
+capture_failed_upcalls
 say "done"
 power_off 0

@@ -9,7 +9,7 @@ HERE=$(cd "$(dirname "$0")" && pwd)
 PROJECT=$(cd "$HERE/../.." && pwd)
 GUEST=$1
 OUT=$2
-TIMEOUT=${UPCALL_SYSTEM_TIMEOUT:-1200}
+TIMEOUT=${UPCALL_SYSTEM_TIMEOUT:-1800}
 say() { echo "run-guest: $*" >&2; }
 
 rm -rf "$OUT"

@@ -17,9 +17,12 @@ import shutil
 import subprocess
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+
+from upcall_capture import pcapng
 
 pytestmark = pytest.mark.system
 
@@ -28,7 +31,8 @@ HERE = Path(__file__).resolve().parent
 RUN_DIR = Path(os.environ.get("UPCALL_SYSTEM_RUN_DIR", "/tmp/upcall-capture-system"))
 _TAILS = (
     ("guest console", "serial.log", 60),
-    ("upcall-capture stderr", "results/tool.stderr", 30),
+    ("upcall-capture stderr", "results/capture.stderr", 30),
+    ("upcall-capture --kernel stderr", "results/failed.stderr", 30),
     ("ovs-vswitchd.log", "results/ovs-vswitchd.log", 30),
 )
 
@@ -377,7 +381,7 @@ def guest() -> GuestRun:
         logged_outside=logged_outside,
         captured=captured,
         tshark_complaints=complaints,
-        tool_stderr=(results / "tool.stderr").read_text(errors="replace"),
+        tool_stderr=(results / "capture.stderr").read_text(errors="replace"),
         ports=parse_dpctl_show((results / "dpctl-show.txt").read_text()),
         vswitchd_pid=int((results / "ovs-vswitchd.pid").read_text()),
     )
@@ -413,7 +417,7 @@ def test_tool_reports_every_upcall_and_none_lost(guest: GuestRun) -> None:
     assert summary, f"no summary line in the tool's stderr:\n{guest.tool_stderr}"
     assert int(summary[2]) == 0
     assert int(summary[1]) == len(guest.captured)
-    assert (guest.results / "tool.exit").read_text().strip() == "0"
+    assert (guest.results / "capture.exit").read_text().strip() == "0"
 
 
 def test_every_logged_upcall_is_captured_and_nothing_else(matching: Matching) -> None:
@@ -476,3 +480,117 @@ def _listing(problems: list[str], limit: int = 10) -> str:
     """The first few problems, one a line, and how many more there are."""
     more = [f"... and {len(problems) - limit} more"] if len(problems) > limit else []
     return "\n".join(problems[:limit] + more)
+
+
+# ---------------------------------------------------------------------------------------------
+# The kernel side. The first capture ran with it on by default (the guest's kernel has the
+# tracepoint); the second (--kernel) while ovs-vswitchd was stopped, so that the datapath
+# failed upcalls, which guest-init.sh counted in the datapath's lost: counter.
+
+_QUEUED = re.compile(r"^kernel: queued (\d+\.\d{6}) ms in (\S+) portid=(\d+)")
+_FAILED = re.compile(
+    r"^upcall failed: EAGAIN \(handler socket full\) miss dpif=system@ovs-system "
+    r"in_port=(\d+)\(veth-a\) portid=(\d+) cpu=\d+\n"
+    r"tracepoint key fields \(not a full key\): recirc_id\(0\),in_port\((\d+)\),"
+    r"eth_type\(0x0800\)$")
+_FLOOD_PAYLOAD = re.compile(rb"upcall-failed (\d{6}) x{1379}")
+
+
+def read_packets(path: Path) -> list[tuple[pcapng.Packet, str]]:
+    """Our own reader: every comment of each packet (tshark's JSON gives the first)."""
+    packets, names = [], []
+    for block in pcapng.iter_blocks(path.read_bytes()):
+        if isinstance(block, pcapng.InterfaceDescription):
+            names.append(block.name)
+        elif isinstance(block, pcapng.Packet):
+            packets.append((block, names[block.interface_id]))
+    return packets
+
+
+def _wall(stamp: str) -> float:
+    return datetime.strptime(stamp.strip(), "%Y-%m-%dT%H:%M:%S.%fZ").replace(
+        tzinfo=UTC).timestamp()
+
+
+@dataclass
+class FailedRun:
+    results: Path
+    packets: list[tuple[pcapng.Packet, str]]
+    lost_grown: int
+    longest_wait_s: float  # from the first packet sent to ovs-vswitchd's SIGCONT
+    stderr: str
+    veth_a: int  # its datapath port number
+
+
+@pytest.fixture(scope="module")
+def failed_run(guest: GuestRun) -> FailedRun:
+    results = guest.results
+    lost = [int((results / f"failed-lost-{when}").read_text()) for when in ("before", "after")]
+    (dpif_ports,) = guest.ports.values()
+    return FailedRun(
+        results=results, packets=read_packets(results / "failed.pcapng"),
+        lost_grown=lost[1] - lost[0],
+        longest_wait_s=_wall((results / "failed-cont").read_text())
+        - _wall((results / "failed-first-send").read_text()),
+        stderr=(results / "failed.stderr").read_text(errors="replace"),
+        veth_a=next(number for number, name in dpif_ports.items() if name == "veth-a"))
+
+
+def test_received_upcalls_carry_their_queueing_delay(guest: GuestRun) -> None:
+    packets = read_packets(guest.results / "capture.pcapng")
+    assert packets
+    for packet, _ in packets:
+        assert len(packet.comments) == 2, packet.comments
+        found = _QUEUED.match(packet.comments[1])
+        assert found, f"no matched enqueue: {packet.comments}"
+        assert 0 < float(found[1]) < 10_000
+        assert found[2] in ("veth-a", "veth-b")
+
+
+def test_every_failed_upcall_is_in_the_file(failed_run: FailedRun) -> None:
+    # The guest sent until the counter had grown by 1,000 or more.
+    assert failed_run.lost_grown >= 1000
+    failed = [(p, name) for p, name in failed_run.packets
+              if p.comments and p.comments[0].startswith("upcall failed: ")]
+    assert len(failed) == failed_run.lost_grown
+    numbers = []
+    for packet, interface in failed:
+        found = _FAILED.match(packet.comments[0])
+        assert found, packet.comments[0]
+        assert int(found[1]) == int(found[3]) == failed_run.veth_a
+        assert interface == "veth-a (system@ovs-system)"
+        # Exactly the frame sent: Ethernet, IPv4 10.0.0.1 -> 10.0.0.2, UDP, the payload.
+        data = packet.data
+        assert len(data) == packet.orig_len == 14 + 20 + 8 + 1400
+        assert data[12:14] == b"\x08\x00" and data[26:34] == bytes([10, 0, 0, 1, 10, 0, 0, 2])
+        payload = _FLOOD_PAYLOAD.fullmatch(data[42:])
+        assert payload, data[42:80]
+        number = int(payload[1])
+        assert int.from_bytes(data[34:36], "big") == 20000 + number
+        assert int.from_bytes(data[36:38], "big") == 9000
+        numbers.append(number)
+    assert len(set(numbers)) == len(numbers), "a packet was captured as failed twice"
+
+
+def test_failed_capture_summary_matches_the_datapath(failed_run: FailedRun) -> None:
+    grown = failed_run.lost_grown
+    assert (f"datapath lost {grown} upcalls during the capture; {grown} failed upcalls "
+            "captured\n") in failed_run.stderr, failed_run.stderr
+    assert re.search(r"\b0 lost\b", failed_run.stderr), failed_run.stderr
+    assert (failed_run.results / "failed.exit").read_text().strip() == "0"
+
+
+def test_upcalls_queued_while_stopped_waited_about_the_stop(failed_run: FailedRun) -> None:
+    delays = []
+    for packet, _ in failed_run.packets:
+        if packet.comments[0].startswith("upcall miss") and \
+                _FLOOD_PAYLOAD.fullmatch(packet.data[42:]):
+            found = _QUEUED.match(packet.comments[1])
+            assert found, packet.comments
+            delays.append(float(found[1]) / 1000)
+    assert delays, "no flood packet got through once ovs-vswitchd continued"
+    # The first packet sent waited longest: from its send (a millisecond before its
+    # enqueue) until a handler read it, soon after SIGCONT.
+    longest = failed_run.longest_wait_s
+    assert longest - 0.5 < max(delays) < longest + 2, (max(delays), longest)
+    assert longest > 5  # the stop was long enough to tell from ordinary delays

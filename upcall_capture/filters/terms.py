@@ -1,8 +1,10 @@
 """`--filter EXPR`: comma-separated name=value terms that must all match.
 
-A term tests either the upcall's metadata (dpif, type, pid, tid, thread), which the probe
-has before it copies anything, or a field of the flow key (keywalk.FIELDS), as
-(value & mask) == wanted. A key field the key does not have never matches.
+A term tests either the upcall's metadata (dpif, type, pid, tid, thread, result), which
+the probe has before it copies anything, or a field of the flow key (keywalk.FIELDS), as
+(value & mask) == wanted. A key field the key does not have never matches. `result` tells
+upcalls ovs-vswitchd received (ok) from those the datapath failed to deliver (failed, or
+one errno such as EAGAIN), which only the kernel side captures.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from typing import Protocol
 
 from upcall_capture.filters import keywalk
 from upcall_capture.filters.errors import FilterError
+from upcall_capture.probe.kernel_record import errno_number
 
 DPIF_NAME_MAX = 63  # the probe's dpif[64], NUL included
 THREAD_NAME_MAX = 15  # the kernel's comm[16]
@@ -39,6 +42,7 @@ class Upcall(Protocol):
     key: bytes
     packet: bytes
     pkt_size: int
+    enqueue: object  # probe.record.Enqueue | None: its `result` is 0 or -errno
 
 
 @dataclass(frozen=True)
@@ -52,6 +56,9 @@ class Term:
         return self.name in keywalk.FIELDS
 
     def matches(self, upcall: Upcall, fields: dict[str, int]) -> bool:
+        if self.name == "result":
+            result = 0 if upcall.enqueue is None else upcall.enqueue.result
+            return result != 0 if self.value == "failed" else result == self.value
         if self.name in _META_STRINGS:
             return getattr(upcall, self.name) == self.value
         have = fields.get(self.name) if self.in_key else getattr(upcall, self.name)
@@ -60,6 +67,8 @@ class Term:
     def c_condition(self) -> str:
         """A C condition over `rec`, the record, for a metadata term."""
         assert not self.in_key
+        if self.name == "result":
+            return "1" if self.value == 0 else "0"  # recv_upcall sees no failed upcall
         if self.name in _META_STRINGS:
             raw = str(self.value).encode() + b"\0"
             member = _META_STRINGS[self.name]
@@ -169,7 +178,7 @@ def _key_term(name: str, text: str) -> Term:
     return Term(name, value, mask)
 
 
-META_NAMES = ("dpif", "type", "in_port", "port", "pid", "tid", "thread")
+META_NAMES = ("dpif", "type", "in_port", "port", "pid", "tid", "thread", "result")
 KEY_NAMES = tuple(name for name in keywalk.FIELDS if name not in (keywalk.ETH, "in_port"))
 NAMES = META_NAMES + KEY_NAMES
 
@@ -187,6 +196,8 @@ def parse_term(text: str, port_lookup: PortLookup | None) -> list[Term]:
         return [Term(name, _meta_number(value, name, UPCALL_TYPES), 0xFFFFFFFF)]
     if name in ("pid", "tid"):
         return [Term(name, _meta_number(value, name), 0xFFFFFFFF)]
+    if name == "result":
+        return _result_terms(value)
     if name == "port":
         if port_lookup is None:
             raise ValueError("port=NAME needs the datapath's port names, which are not "
@@ -199,6 +210,21 @@ def parse_term(text: str, port_lookup: PortLookup | None) -> list[Term]:
     if name in keywalk.FIELDS and name != keywalk.ETH:
         return [_key_term(name, value)]
     raise ValueError(f"unknown field {name!r} (fields: {', '.join(NAMES)})")
+
+
+def _result_terms(text: str) -> list[Term]:
+    """result=ok|failed|any, or an errno name (a failed upcall with that error)."""
+    if text == "any":
+        return []
+    if text == "ok":
+        return [Term("result", 0)]
+    if text == "failed":
+        return [Term("result", "failed")]
+    code = errno_number(text)
+    if code is None:
+        raise ValueError(f"result must be ok, failed, any or an errno name such as EAGAIN, "
+                         f"not {text!r}")
+    return [Term("result", -code)]
 
 
 def parse_expression(expression: str, port_lookup: PortLookup | None = None) -> list[Term]:

@@ -20,6 +20,15 @@ from upcall_capture.probe.usdt_args import args_reader
 from upcall_capture.target import PROBE_NAME, PROBE_PROVIDER, recv_upcall_sites
 
 SOURCE = Path(__file__).with_name("recv_upcall.c")
+COMMON = SOURCE.with_name("probe_common.h")
+# Put in place of the #include: bcc rewrites map calls (counters.lookup) in the program's
+# own text only, not in the headers it includes.
+_INCLUDE_COMMON = '#include "probe_common.h"'
+
+
+def program_text(source: Path) -> str:
+    """A BPF program's C, with probe_common.h in it."""
+    return source.read_text().replace(_INCLUDE_COMMON, COMMON.read_text())
 ARGS_MARKER = "/* ARGS: the loader puts read_upcall_args() here, or defines BCC_READARG. */"
 FILTER_MARKER = "/* FILTERS: the loader puts meta_match() and packet_match() here. */"
 MATCH_ALL = """
@@ -51,7 +60,7 @@ def check_environment() -> None:
     """Fail early, in one line, on what would otherwise be a bcc traceback."""
     if os.geteuid() != 0:
         raise UsageError("must be run as root (attaching eBPF to a USDT probe needs it)")
-    _import_bcc()
+    import_bcc()
     release = os.uname().release
     if not Path(f"/lib/modules/{release}/build/include").exists() and not Path(
         "/sys/kernel/kheaders.tar.xz"
@@ -68,7 +77,7 @@ def check_environment() -> None:
         )
 
 
-def _import_bcc():
+def import_bcc():
     try:
         import bcc
     except ImportError:
@@ -79,7 +88,35 @@ def _import_bcc():
     return bcc
 
 
-class RecvUpcallProbe:
+class RingProbe:
+    """A loaded BPF program with a `control` switch and one ring: how it stops and is
+    freed."""
+
+    _bpf = None
+    _buffer: RingBuffer | None = None
+
+    def stop(self) -> list[memoryview]:
+        """Stop counting and submitting, and return the records still in the ring.
+
+        After this, the counters agree exactly with what was read and returned.
+        """
+        self._bpf["control"][ctypes.c_int(0)] = ctypes.c_uint32(1)
+        time.sleep(0.01)  # a probe already past the stop check finishes its submit
+        records = self._buffer.read()
+        while self._buffer.backlog:
+            records += self._buffer.read()
+        return records
+
+    def close(self) -> None:
+        if self._bpf is not None:
+            self._bpf.cleanup()
+            self._bpf = None
+        if self._buffer is not None:
+            self._buffer.close()
+            self._buffer = None
+
+
+class RecvUpcallProbe(RingProbe):
     """The BPF program attached to one process's dpif_recv:recv_upcall."""
 
     def __init__(self, pid: int, *, snaplen: int, key_cap: int, buffer_pages: int,
@@ -93,7 +130,7 @@ class RecvUpcallProbe:
         self._buffer: RingBuffer | None = None
 
     def attach(self) -> None:
-        bcc = _import_bcc()
+        bcc = import_bcc()
         usdt = bcc.USDT(pid=self.pid)
         try:
             usdt.enable_probe(probe=f"{PROBE_PROVIDER}:{PROBE_NAME}", fn_name="trace_recv_upcall")
@@ -101,7 +138,7 @@ class RecvUpcallProbe:
             raise UsageError(f"cannot enable the USDT probe in pid {self.pid}: {err}") from None
         reader = args_reader([site.args for site in recv_upcall_sites(self.pid)],
                              platform.machine())
-        text = (SOURCE.read_text().replace(ARGS_MARKER, reader or "")
+        text = (program_text(SOURCE).replace(ARGS_MARKER, reader or "")
                 .replace(FILTER_MARKER, self.filter_c))
         cflags = [f"-DKEY_CAP={self.key_cap}", f"-DSNAPLEN={self.snaplen}",
                   f"-DPKT_GAP_MAX={PKT_GAP_MAX}",
@@ -136,22 +173,3 @@ class RecvUpcallProbe:
         fired, filtered, lost = (int(table.sum(ctypes.c_int(i)).value) for i in range(3))
         return Counters(fired, filtered, lost)
 
-    def stop(self) -> list[memoryview]:
-        """Stop counting and submitting, and return the records still in the ring.
-
-        After this, counters() agree exactly with what drain() and stop() returned.
-        """
-        self._bpf["control"][ctypes.c_int(0)] = ctypes.c_uint32(1)
-        time.sleep(0.01)  # a probe already past the stop check finishes its submit
-        records = self._buffer.read()
-        while self._buffer.backlog:
-            records += self._buffer.read()
-        return records
-
-    def close(self) -> None:
-        if self._bpf is not None:
-            self._bpf.cleanup()
-            self._bpf = None
-        if self._buffer is not None:
-            self._buffer.close()
-            self._buffer = None

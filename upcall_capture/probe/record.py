@@ -44,6 +44,10 @@ F_ARG_UNREADABLE = 1
 F_DPIF_UNREADABLE = 2
 F_KEY_UNREADABLE = 4
 F_PKT_UNREADABLE = 8
+UNREADABLE = F_ARG_UNREADABLE | F_DPIF_UNREADABLE | F_KEY_UNREADABLE | F_PKT_UNREADABLE
+# Flags the capture sets when the kernel side is on (kernel_record.py makes such records):
+F_KERNEL = 16  # an ENQUEUE trailer follows the packet: what the kernel side saw of it
+F_FAILED = 32  # a failed upcall, made from the kernel's event: ovs-vswitchd never saw it
 FLAG_NAMES = {
     F_ARG_UNREADABLE: "probe arguments unreadable",
     F_DPIF_UNREADABLE: "dpif name unreadable",
@@ -79,10 +83,54 @@ class Upcall:
     key_size: int  # real length; len(key) is what was captured
     packet: bytes
     pkt_size: int  # real length; len(packet) is what was captured
+    enqueue: Enqueue | None = None  # the kernel side's view (F_KERNEL), if it was on
 
     @property
     def type_name(self) -> str:
         return UPCALL_TYPES.get(self.type, str(self.type))
+
+    @property
+    def failed(self) -> bool:
+        """A failed upcall (F_FAILED), made from the kernel side's event."""
+        return bool(self.flags & F_FAILED) and self.enqueue is not None
+
+
+@dataclass(frozen=True, slots=True)
+class Enqueue:
+    """What the kernel side saw of an upcall: its queueing to the handler's socket."""
+
+    queued_ns: int | None  # from ovs_dp_upcall() to recv_upcall; None: not matched
+    result: int  # ovs_dp_upcall()'s return: 0, or -errno for a failed upcall
+    portid: int | None  # the handler socket's netlink portid; None: not matched
+    device: str  # the device the packet came in on ("" if not matched)
+    mru: int  # the upcall's MRU (fragments reassembled by conntrack), 0 if none
+
+
+# The ENQUEUE trailer of an F_KERNEL record, after the packet: queued_ns (-1: not matched),
+# result, portid (-1 as u32: not matched), mru, device name.
+ENQUEUE_TRAILER = struct.Struct("<qiIH2x16s")
+_UNMATCHED_PORTID = 0xFFFFFFFF
+
+
+def pack_enqueue(enqueue: Enqueue) -> bytes:
+    return ENQUEUE_TRAILER.pack(
+        -1 if enqueue.queued_ns is None else enqueue.queued_ns, enqueue.result,
+        _UNMATCHED_PORTID if enqueue.portid is None else enqueue.portid, enqueue.mru,
+        enqueue.device.encode()[:15])
+
+
+def unpack_enqueue(record: bytes | memoryview) -> Enqueue:
+    queued, result, portid, mru, device = ENQUEUE_TRAILER.unpack_from(
+        record, len(record) - ENQUEUE_TRAILER.size)
+    return Enqueue(None if queued < 0 else queued, result,
+                   None if portid == _UNMATCHED_PORTID else portid, cstring(device), mru)
+
+
+def with_enqueue(record: bytes | memoryview, enqueue: Enqueue) -> bytes:
+    """The record with the kernel side's view of it after its packet (flag F_KERNEL)."""
+    flags = U32.unpack_from(record, FLAGS_OFFSET)[0] | F_KERNEL
+    return b"".join((record[:FLAGS_OFFSET], U32.pack(flags), record[FLAGS_OFFSET + 4:],
+                     pack_enqueue(enqueue)))
 
 
 # Control characters in a name would reach the operator's terminal (escape sequences) or
@@ -131,6 +179,7 @@ def parse(record: bytes | memoryview) -> Upcall:
         dpif=cstring(dpif), thread=cstring(comm), flags=flags,
         key=bytes(record[HEADER_SIZE:HEADER_SIZE + key_len]), key_size=key_size,
         packet=bytes(record[packet_at:packet_at + pkt_len]), pkt_size=pkt_size,
+        enqueue=unpack_enqueue(record) if flags & F_KERNEL else None,
     )
 
 

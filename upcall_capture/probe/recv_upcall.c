@@ -70,18 +70,7 @@ BPF_ARRAY(control, u32, 1);
 /* One ring for all CPUs, which never wakes the reader: it polls (probe/ring_buffer.py). */
 BPF_RINGBUF_OUTPUT(events, RING_PAGES);
 
-/* min(len, cap) in a form the verifier can follow: the clamp is done in 64 bits on one
- * register (the empty asm keeps the compiler from splitting it into a select over a
- * zero-extended copy), so every copy provably stays inside the record. */
-#define CLAMP(len, cap) ({ u64 __v = (len); asm volatile("" : "+r"(__v)); \
-                           if (__v > (cap)) __v = (cap); __v; })
-
-static __always_inline void count(u32 which)
-{
-    u64 *value = counters.lookup(&which);
-    if (value)
-        (*value)++;
-}
+#include "probe_common.h"   /* CLAMP(), count() */
 
 /* ARGS: the loader puts read_upcall_args() here, or defines BCC_READARG. */
 
