@@ -578,6 +578,14 @@ def test_failed_capture_summary_matches_the_datapath(failed_run: FailedRun) -> N
             "captured\n") in failed_run.stderr, failed_run.stderr
     assert re.search(r"\b0 lost\b", failed_run.stderr), failed_run.stderr
     assert (failed_run.results / "failed.exit").read_text().strip() == "0"
+    # The counter at both ends is in the file too: the section header and the ISBs.
+    blocks = list(pcapng.iter_blocks((failed_run.results / "failed.pcapng").read_bytes()))
+    start = int((failed_run.results / "failed-lost-before").read_text())
+    assert blocks[0].comments[0].endswith(
+        f"\ndatapath system@ovs-system lost: {start} at the start of the capture")
+    ends = {b.comments[0] for b in blocks if isinstance(b, pcapng.InterfaceStatistics)}
+    assert ends == {f"datapath system@ovs-system lost: {start} at the start of the capture, "
+                    f"{start + grown} at its end"}
 
 
 def test_upcalls_queued_while_stopped_waited_about_the_stop(failed_run: FailedRun) -> None:
