@@ -391,3 +391,48 @@ def test_match_key_leaves_out_an_ipv4_tcp_or_udp_checksum():
     tcp_done = bytearray(tcp)
     tcp_done[50:52] = b"\xab\xcd"
     assert match_key(0, tcp) == match_key(0, tcp_done)
+
+
+# ---------------------------------------------------------------------------------------------
+# The command line where the kernel side is not available (as on the machine the tests run
+# on day to day: the system test covers the other case, in its guest).
+
+needs_no_kernel_side = pytest.mark.skipif(
+    kernel_probe.unavailable() is None, reason="this kernel has the kernel side's tracepoint")
+
+
+@pytest.mark.capture
+@needs_no_kernel_side
+def test_without_the_kernel_side_one_line_says_so_and_the_capture_goes_on(replay, tmp_path):
+    from conftest import REPLAY_DIR, start_capture, tshark_count
+
+    out = tmp_path / "out.pcapng"
+    source, tool = start_capture(replay, REPLAY_DIR / "basic.upc", out, tool_args=("-c", "10"))
+    source.wait()
+    status, stderr = tool.wait()
+    assert status == 0, stderr
+    said = [line for line in stderr.splitlines() if "kernel side" in line]
+    assert len(said) == 1 and said[0].startswith("upcall-capture: kernel side unavailable (")
+    assert "datapath lost" not in stderr  # no kernel side, no counter beside it
+    assert tshark_count(out) == 10
+
+
+@pytest.mark.capture
+@needs_no_kernel_side
+def test_kernel_makes_it_required(replay, tmp_path):
+    from conftest import REPLAY_DIR, Tool
+
+    source = replay(REPLAY_DIR / "basic.upc")
+    out = tmp_path / "out.pcapng"
+    status, stderr = Tool("-p", str(source.pid), "--kernel", "-w", str(out)).wait()
+    assert status == 2
+    assert stderr.startswith("upcall-capture: --kernel: the kernel side is unavailable: ")
+    assert len(stderr.splitlines()) == 1 and "Traceback" not in stderr
+    assert not out.exists()  # nothing half-written is left behind
+
+
+def test_kernel_and_no_kernel_exclude_each_other():
+    from conftest import Tool
+
+    status, stderr = Tool("--kernel", "--no-kernel", "-w", "/tmp/x.pcapng").wait()
+    assert status == 2 and "not allowed with argument" in stderr
