@@ -4,13 +4,16 @@
 #              scapy, dpkt and Open vSwitch 3.1.0 built from Debian's openvswitch-source
 #              with --enable-usdt-probes (in /usr/local)
 #   vmlinuz, initrd.img   the guest's kernel and initramfs, for qemu -kernel/-initrd
-# The directory is keyed by a hash of this file: change the recipe, get a new guest.
+#   ovs-format  ovs-format.c built against the same OVS tree, on the host: OVS's own text
+#               for actions and megaflows, the oracle of the actions decoder's tests
+# The directory is keyed by a hash of this file and ovs-format.c: change the recipe, get
+# a new guest.
 # Runs as root; installs what the host needs with apt-get.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 CACHE_ROOT=${UPCALL_SYSTEM_CACHE:-/var/cache/upcall-capture}
 MIRROR=${UPCALL_SYSTEM_MIRROR:-http://deb.debian.org/debian}
-RECIPE_HASH=$(sha256sum "$HERE/build-guest.sh" | cut -c1-16)
+RECIPE_HASH=$(cat "$HERE/build-guest.sh" "$HERE/ovs-format.c" | sha256sum | cut -c1-16)
 OUT=$CACHE_ROOT/system-$RECIPE_HASH
 say() { echo "build-guest: $*" >&2; }
 
@@ -64,6 +67,19 @@ build_ovs() {
         { tail -n 30 "$WORK/ovs-make.log" >&2; exit 1; }
     readelf -n "$tree/vswitchd/ovs-vswitchd" | grep -q recv_upcall ||
         { say "ovs-vswitchd has no dpif_recv:recv_upcall USDT note"; exit 1; }
+    # The oracle, linked with the static library ovs-vswitchd was built from, and what
+    # libtool says that library needs.
+    # (A libtool archive among them is linked as the static library it stands for.)
+    local needs=() word
+    for word in $(sed -n "s/^dependency_libs='\(.*\)'$/\1/p" "$tree/lib/libopenvswitch.la"); do
+        case $word in
+            *.la) needs+=("$(dirname "$word")/.libs/$(basename "$word" .la).a") ;;
+            *) needs+=("$word") ;;
+        esac
+    done
+    gcc -O1 -I"$tree" -I"$tree/include" -I"$tree/lib" -o "$WORK/ovs-format" \
+        "$HERE/ovs-format.c" "$tree/lib/.libs/libopenvswitch.a" "${needs[@]}" ||
+        { say "ovs-format did not build"; exit 1; }
 }
 
 install_ovs() {
@@ -149,7 +165,7 @@ cp "$ROOTFS"/boot/initrd.img-* "$WORK/initrd.img"
 chmod 644 "$WORK/vmlinuz" "$WORK/initrd.img"
 mkfs.ext4 -q -L upcall-root -d "$ROOTFS" "$WORK/root.img" 3G >&2
 mkdir "$WORK/out"
-mv "$WORK/root.img" "$WORK/vmlinuz" "$WORK/initrd.img" "$WORK/out/"
+mv "$WORK/root.img" "$WORK/vmlinuz" "$WORK/initrd.img" "$WORK/ovs-format" "$WORK/out/"
 touch "$WORK/out/complete"
 rm -rf "$OUT"
 mv "$WORK/out" "$OUT"
