@@ -57,6 +57,23 @@ def test_items_of_a_file_count_in_their_own_seconds():
     assert [(e["value"], e["count"]) for e in snapshot.groups[0]["top"]] == ports
 
 
+def test_failed_upcalls_have_a_rate_of_their_own():
+    import errno
+
+    from upcall_capture.probe.kernel_record import KernelEvent, failed_record
+
+    frame = SENT[0].packet
+    failed = KernelEvent(ktime_ns=1, kind=2, result=-errno.EAGAIN, cpu=0, portid=5,
+                         pkt_size=len(frame), recirc_id=0, eth_type=0x0800, ct_state=0,
+                         cmd=1, mru=0, datapath="ovs-system", device="veth-a", packet=frame)
+    window = TopWindow(groups.DEFAULT_GROUPS, seconds=3)
+    base = T0 // NS
+    window.add(items_at(0, 7) + [from_record(failed_record(failed, 2), T0, lambda d, p: None)]
+               * 3, base)
+    types = dict(window.snapshot(base + 1, top=5).types)
+    assert types["miss failed"] == 3 and sum(types.values()) == 10
+
+
 def test_what_the_view_had_no_time_for_is_said():
     window = TopWindow(groups.DEFAULT_GROUPS, seconds=2)
     base = T0 // NS

@@ -97,7 +97,9 @@ class TopWindow:
                 tally.examined += len(batch)
                 for item in batch:
                     upcall = item.upcall
-                    tally.types[upcall.type_name if upcall.type >= 0 else "unknown"] += 1
+                    kind = upcall.type_name if upcall.type >= 0 else "unknown"
+                    # The kernel side's failed upcalls: the ones an operator watches for.
+                    tally.types[f"{kind} failed" if upcall.failed else kind] += 1
                     tally.dpifs[upcall.dpif or "unknown"] += 1
                 for counts in tally.groups:
                     counts.add(batch, fields)
