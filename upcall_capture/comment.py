@@ -117,9 +117,20 @@ def enqueue_line(enqueue: Enqueue) -> str:
     recv_upcall, and the socket it waited in."""
     if enqueue.queued_ns is None:
         return UNMATCHED_LINE
+    return queued_line(enqueue.queued_ns, enqueue_where(enqueue)).decode(
+        "utf-8", "backslashreplace")
+
+
+def enqueue_where(enqueue: Enqueue) -> bytes:
+    """What follows the time in enqueue_line(): the same for every upcall of a socket."""
     mru = f" mru={enqueue.mru}" if enqueue.mru else ""
-    return (f"kernel: queued {enqueue.queued_ns / 1e6:.6f} ms in {enqueue.device} "
-            f"portid={enqueue.portid}{mru} (ovs_dp_upcall to recv_upcall)")
+    return (f"{enqueue.device} portid={enqueue.portid}{mru} "
+            "(ovs_dp_upcall to recv_upcall)").encode("utf-8", "backslashreplace")
+
+
+def queued_line(queued_ns: int, where: bytes) -> bytes:
+    """enqueue_line() of a matched upcall, from its parts (the hot path makes it so)."""
+    return b"kernel: queued %d.%06d ms in " % divmod(queued_ns, 1_000_000) + where
 
 
 def parse_enqueue(comment: str) -> Enqueue | None:

@@ -19,14 +19,18 @@ from dataclasses import dataclass
 
 from upcall_capture.ports import parse_datapath_lost, parse_dpctl_show
 from upcall_capture.probe.kernel_probe import KernelCounters, KernelProbe
-from upcall_capture.probe.kernel_record import EV_ENQUEUE, failed_record, parse_event
+from upcall_capture.probe.kernel_record import (
+    CMD_TO_TYPE,
+    EV_ENQUEUE,
+    EVENT_HEAD,
+    failed_record,
+    parse_event,
+)
 from upcall_capture.probe.record import (
     F_FAILED,
-    FLAGS_OFFSET,
     HEADER_SIZE,
-    U32,
     Upcall,
-    header_offset,
+    header_format,
     parse,
     with_enqueue,
 )
@@ -35,9 +39,8 @@ from upcall_capture.queueing import EnqueueMatcher
 # An unknown device asks dpctl/show again at most this often: each time may cost the loop
 # the 5 s timeout of ovs-appctl when ovs-vswitchd is stuck, which is when upcalls fail.
 PORTS_REFRESH_S = 30.0
-_TYPE_AT = header_offset("type")
-_PACKET_PLACE = struct.Struct("<III")  # pkt_len, key_len, pkt_offset
-_PACKET_PLACE_AT = header_offset("pkt_len")
+# What annotate() reads of a record: its numbers and flags.
+_NUMBERS = struct.Struct(header_format("comm"))
 
 
 @dataclass(frozen=True)
@@ -102,11 +105,15 @@ class KernelSide:
     def _take(self, events: Sequence[bytes | memoryview]) -> list[bytes]:
         records = []
         matcher = self.matcher
+        add, unpack, head = matcher.add_enqueue, EVENT_HEAD.unpack_from, EVENT_HEAD.size
         for raw in events:
-            event = parse_event(raw)
-            if event.kind == EV_ENQUEUE:
-                matcher.add(event)
+            (ktime, kind, _, _, portid, _, pkt_len, _, _, _, cmd, mru, _,
+             device) = unpack(raw)
+            if kind == EV_ENQUEUE:  # every upcall's: the common case, kept short
+                add(ktime, CMD_TO_TYPE.get(cmd, cmd), raw[head:head + pkt_len], portid, mru,
+                    device.split(b"\0", 1)[0])
                 continue
+            event = parse_event(raw)
             matcher.forget(event)
             record = failed_record(event, self._port(event.dpif, event.device))
             if self.keep is not None and not self.keep(parse(record)):
@@ -118,17 +125,16 @@ class KernelSide:
 
     def annotate(self, records: Sequence[bytes | memoryview]) -> list[bytes | memoryview]:
         """Records in time order, each received upcall with its enqueue."""
-        match = self.matcher.match
+        match = self.matcher.match_packed
         out = []
         for record in records:
-            if U32.unpack_from(record, FLAGS_OFFSET)[0] & F_FAILED:
+            (ktime, _, _, _, _, type_, _, pkt_len, _, pkt_offset,
+             flags) = _NUMBERS.unpack_from(record)
+            if flags & F_FAILED:
                 out.append(record)
                 continue
-            pkt_len, _, pkt_offset = _PACKET_PLACE.unpack_from(record, _PACKET_PLACE_AT)
             at = HEADER_SIZE + pkt_offset
-            enqueue = match(U32.unpack_from(record, _TYPE_AT)[0], record[at:at + pkt_len],
-                            struct.unpack_from("<Q", record)[0])
-            out.append(with_enqueue(record, enqueue))
+            out.append(with_enqueue(record, match(type_, record[at:at + pkt_len], ktime)))
         return out
 
     def counters(self) -> KernelCounters:

@@ -190,6 +190,12 @@ def packet_options(
     return b"".join(parts)
 
 
+def comment_option(comment: bytes) -> bytes:
+    """An opt_comment of UTF-8 bytes, padded: one more comment for a packet's options."""
+    return b"".join((_pack_option_head(OPT_COMMENT, len(comment)), comment,
+                     _PADDING[len(comment) & 3]))
+
+
 def packet_tail(comment: bytes, key: bytes) -> bytes:
     """A commented, inbound packet's options with its key, closed by opt_endofopt: what
     follows the packet and its padding. `comment` is UTF-8 already. The same bytes as

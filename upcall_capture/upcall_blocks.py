@@ -30,6 +30,7 @@ from upcall_capture import comment, pcapng
 from upcall_capture.flowkey import decode_key, format_key, shape_port_and_eth
 from upcall_capture.interfaces import Interface, InterfaceTable
 from upcall_capture.probe.record import (
+    ENQUEUE_TRAILER,
     F_FAILED,
     F_KERNEL,
     FLAGS_OFFSET,
@@ -89,12 +90,30 @@ PortNamer = Callable[[str, int], "str | None"]
 U32_AT_FLAGS = struct.Struct("<I")
 
 
+_UNMATCHED_OPTION = pcapng.comment_option(comment.UNMATCHED_LINE.encode())
+_QUEUED = struct.Struct("<q")
+# The part of the enqueue comment after the time, by the trailer's bytes after the time:
+# one entry per handler socket, device and MRU.
+_WHERE: dict[bytes, bytes] = {}
+MAX_CACHED_WHERE = 1024
+
+
 def _enqueue_option(record: bytes | memoryview, described: _Described) -> bytes:
-    """A received upcall's second comment, its wait in the kernel, when it has one."""
+    """A received upcall's second comment, its wait in the kernel, when it has one: this
+    runs for every upcall while the kernel side is on."""
     if not described.enqueue:
         return b""
-    return pcapng.packet_options(comment=comment.enqueue_line(unpack_enqueue(record)),
-                                 inbound=False)
+    at = len(record) - ENQUEUE_TRAILER.size
+    queued = _QUEUED.unpack_from(record, at)[0]
+    if queued < 0:
+        return _UNMATCHED_OPTION
+    rest = bytes(record[at + _QUEUED.size:])
+    where = _WHERE.get(rest)
+    if where is None:
+        if len(_WHERE) >= MAX_CACHED_WHERE:
+            _WHERE.clear()
+        where = _WHERE[rest] = comment.enqueue_where(unpack_enqueue(record))
+    return pcapng.comment_option(comment.queued_line(queued, where))
 
 
 def interface_name(dpif: str, port: int | None, port_name: str | None) -> str:
@@ -246,13 +265,15 @@ class UpcallBlocks:
                     misses = 0
             described.interface.received += 1
             timestamp = ktime + offset
-            if dropped or described.enqueue:
+            if dropped:
                 _packet_apart(out, described, timestamp, record[packet_at:packet_end],
                               pkt_size, dropped, _enqueue_option(record, described))
                 dropped = 0
                 continue
             pad = padding[pkt_len & 3]
             tail = described.tail
+            if described.enqueue:  # the kernel side's second comment, before opt_endofopt
+                tail = b"".join((tail[:-4], _enqueue_option(record, described), tail[-4:]))
             total = fixed + pkt_len + len(pad) + len(tail)
             out += pack_head(pcapng.BLOCK_EPB, total, described.if_id, timestamp >> 32,
                              timestamp & 0xFFFFFFFF, pkt_len, pkt_size)

@@ -137,6 +137,9 @@ _MATCHED = MATCH_BYTES - 4  # bytes of an untagged frame that the match compares
 _L4_CHECKSUM_AT = {6: 16, 17: 6}  # TCP, UDP: where the checksum is in the L4 header
 
 
+_TAGS = (b"\x81\x00", b"\x88\xa8")
+
+
 def match_key(upcall_type: int, packet: bytes | memoryview) -> tuple[int, bytes]:
     """What an upcall's two sides both know of it: its type and the first bytes of its
     packet, with two differences taken out:
@@ -145,10 +148,13 @@ def match_key(upcall_type: int, packet: bytes | memoryview) -> tuple[int, bytes]
     - the TCP or UDP checksum over IPv4: a locally sent packet's is only partial at the
       tracepoint, and queue_userspace_packet() completes it before the copy to userspace.
       (Over IPv6 it lies past the bytes compared.)"""
-    if len(packet) >= 16 and packet[12:14] in (b"\x81\x00", b"\x88\xa8"):
-        packet = bytes(packet[:12]) + bytes(packet[16:MATCH_BYTES])
-    compared = bytearray(packet[:_MATCHED])
-    if len(compared) >= 24 and compared[12:14] == b"\x08\x00" and compared[23] in _L4_CHECKSUM_AT:
+    compared = bytes(packet[:MATCH_BYTES])
+    if compared[12:14] in _TAGS:
+        compared = compared[:12] + compared[16:]
+    compared = compared[:_MATCHED]
+    if compared[12:14] == b"\x08\x00" and len(compared) >= 24 and \
+            compared[23] in _L4_CHECKSUM_AT:
         at = 14 + (compared[14] & 15) * 4 + _L4_CHECKSUM_AT[compared[23]]
-        compared[at:at + 2] = bytes(len(compared[at:at + 2]))
-    return upcall_type, bytes(compared)
+        if at < _MATCHED:
+            compared = compared[:at] + b"\0\0"[:_MATCHED - at] + compared[at + 2:]
+    return upcall_type, compared

@@ -126,11 +126,13 @@ def unpack_enqueue(record: bytes | memoryview) -> Enqueue:
                    None if portid == _UNMATCHED_PORTID else portid, cstring(device), mru)
 
 
-def with_enqueue(record: bytes | memoryview, enqueue: Enqueue) -> bytes:
-    """The record with the kernel side's view of it after its packet (flag F_KERNEL)."""
+def with_enqueue(record: bytes | memoryview, enqueue: Enqueue | bytes) -> bytes:
+    """The record with the kernel side's view of it after its packet (flag F_KERNEL);
+    `enqueue` may be packed already (pack_enqueue, ENQUEUE_TRAILER)."""
     flags = U32.unpack_from(record, FLAGS_OFFSET)[0] | F_KERNEL
+    trailer = enqueue if isinstance(enqueue, bytes) else pack_enqueue(enqueue)
     return b"".join((record[:FLAGS_OFFSET], U32.pack(flags), record[FLAGS_OFFSET + 4:],
-                     pack_enqueue(enqueue)))
+                     trailer))
 
 
 # Control characters in a name would reach the operator's terminal (escape sequences) or
