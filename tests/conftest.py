@@ -172,3 +172,27 @@ def start_capture(replay, records: Path, out: Path, *replay_args: str,
     tool.wait_listening()
     source.start()
     return source, tool
+
+
+@pytest.fixture(scope="session")
+def ovs_format() -> Path:
+    """OVS 3.1's own text for actions and megaflows: tests/system/ovs-format.c, which
+    build-guest.sh builds (once, cached) with the guest's OVS tree. Skipped without root,
+    which building needs; a build that fails is a failure."""
+    if os.geteuid() != 0:
+        pytest.skip("building OVS's formatter (tests/system/build-guest.sh) needs root")
+    done = subprocess.run(["bash", str(ROOT / "tests" / "system" / "build-guest.sh")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return Path(done.stdout.strip()) / "ovs-format"
+
+
+def ovs_texts(ovs_format: Path, requests: list[str]) -> list[str]:
+    """What ovs-format prints for each request line (`A hex`, `K key mask`, `k key`): one
+    run for them all."""
+    done = subprocess.run([str(ovs_format)], input="".join(r + "\n" for r in requests).encode(),
+                          capture_output=True, check=True, timeout=600)
+    # ct helper and timeout names are raw bytes in OVS's text: kept as surrogates.
+    lines = done.stdout.decode("utf-8", "surrogateescape").split("\n")[:-1]
+    assert len(lines) == len(requests)
+    return lines

@@ -1,4 +1,5 @@
-"""upcall-capture --decode-key: OVS's text for keys an operator holds."""
+"""upcall-capture --decode-key and --decode-actions: OVS's text for keys and actions an
+operator holds."""
 
 import subprocess
 import sys
@@ -38,3 +39,17 @@ def test_bad_hex_is_one_line_error():
     assert done.returncode == 2
     assert done.stdout == "in_port(1)\n"
     assert done.stderr.strip() == "upcall-capture: line 2: not a hex flow key: 'zz12'"
+
+
+def decode_actions(*args, stdin=None):
+    return subprocess.run([sys.executable, "-m", "upcall_capture", "--decode-actions", *args],
+                          input=stdin, capture_output=True, text=True, cwd=ROOT, timeout=120)
+
+
+def test_actions_as_argument_and_through_stdin():
+    # output:2, then recirc(0x5); an empty list is OVS's "drop".
+    assert decode_actions("08000100020000000800070005000000").stdout == "2,recirc(0x5)\n"
+    done = decode_actions("-", stdin="-\n0800010003000000\nzz\n")
+    assert done.returncode == 2
+    assert done.stdout == "drop\n3\n"
+    assert done.stderr.strip() == "upcall-capture: line 3: not a hex actions list: 'zz'"

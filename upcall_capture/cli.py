@@ -10,7 +10,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable
 
 from upcall_capture import (
     __version__,
@@ -23,6 +23,7 @@ from upcall_capture import (
     tuning,
     workers,
 )
+from upcall_capture.actions import format_actions
 from upcall_capture.capture import (
     Capture,
     InlineBlocks,
@@ -84,6 +85,8 @@ examples:
   {PROG} -r x.pcapng --top
   # print a netlink flow key (from a log) as OVS does
   {PROG} --decode-key 0800030001000000
+  # print a netlink actions list as OVS does
+  {PROG} --decode-actions 0800010002000000
 """
 
 
@@ -274,6 +277,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--decode-key", metavar="HEX",
         help="print the OVS text of a netlink flow key given in hex, and exit; '-' reads "
              "one key per line from standard input ('-' alone on a line is an empty key)")
+    tools.add_argument(
+        "--decode-actions", metavar="HEX",
+        help="print the OVS text of a netlink datapath actions list given in hex, and "
+             "exit; '-' reads one list per line ('-' alone on a line is an empty one: drop)")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     return parser
 
@@ -283,7 +290,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         if args.decode_key is not None:
-            return decode_keys(args.decode_key)
+            return decode_hex(args.decode_key, format_key, "flow key")
+        if args.decode_actions is not None:
+            return decode_hex(args.decode_actions, format_actions, "actions list")
         argv = argv if argv is not None else sys.argv[1:]
         if args.read is not None:
             return read_back(args, argv)
@@ -300,22 +309,18 @@ def main(argv: list[str] | None = None) -> int:
         return 0
 
 
-def decode_keys(source: str) -> int:
+def decode_hex(source: str, describe: Callable[[bytes], str], what: str) -> int:
+    """--decode-key, --decode-actions: hex in (or one per line from stdin), OVS text out."""
     lines: Iterable[str] = sys.stdin if source == "-" else [source]
-    for text in _key_texts(lines):
-        sys.stdout.write(text + "\n")
-    sys.stdout.flush()
-    return 0
-
-
-def _key_texts(lines: Iterable[str]) -> Iterator[str]:
     for number, line in enumerate(lines, 1):
         line = line.strip()
         try:
-            key = b"" if line == "-" else bytes.fromhex(line)
+            data = b"" if line == "-" else bytes.fromhex(line)
         except ValueError:
-            raise UsageError(f"line {number}: not a hex flow key: {line[:40]!r}") from None
-        yield format_key(key)
+            raise UsageError(f"line {number}: not a hex {what}: {line[:40]!r}") from None
+        sys.stdout.write(describe(data) + "\n")
+    sys.stdout.flush()
+    return 0
 
 
 def capture(args: argparse.Namespace, argv: list[str]) -> int:
