@@ -165,3 +165,21 @@ def test_stats(tmp_path, fmt):
     else:
         assert f"{len(RECORDS)} upcalls, 0 lost" in done.stdout
         assert format_key(keys[0][0]) in done.stdout
+
+
+def test_a_large_file_is_read_without_holding_it_in_memory(tmp_path):
+    import tracemalloc
+
+    path = write_capture(tmp_path / "large.pcapng", RECORDS * 100)  # 30,000 upcalls
+    size = path.stat().st_size
+    assert size > 10_000_000
+    tracemalloc.start()
+    try:
+        count = sum(1 for _ in read_upcalls(str(path)))
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert count == 30_000
+    # The file is mapped, not read into one bytes object: what Python holds at a time
+    # is one upcall and the interfaces, far less than the file.
+    assert peak < size // 10, (peak, size)

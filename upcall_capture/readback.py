@@ -7,6 +7,9 @@ files give packets only: their upcall fields are unknown (type -1, no key).
 
 from __future__ import annotations
 
+import contextlib
+import mmap
+import os
 import zlib
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -24,21 +27,31 @@ _PCAPNG_MAGIC = b"\x0a\x0d\x0d\x0a"
 
 
 def read_upcalls(path: str) -> Iterator[CapturedUpcall]:
+    """The upcalls of a file, as they come. A plain file is mapped, not read: a capture of
+    millions of upcalls does not have to fit in memory (the kernel pages it in and out).
+    A gzipped one is decompressed whole."""
     try:
         with open(path, "rb") as file:
-            data = file.read()
-        if data[:2] == _GZIP_MAGIC:
-            # Leniently: a capture cut short (a full disk) has no gzip trailer.
-            data = zlib.decompressobj(31).decompress(data)
+            data = file.read(2)
+            if data == _GZIP_MAGIC:
+                # Leniently: a capture cut short (a full disk) has no gzip trailer.
+                data = zlib.decompressobj(31).decompress(data + file.read())
+            elif os.fstat(file.fileno()).st_size:
+                data = mmap.mmap(file.fileno(), 0, access=mmap.ACCESS_READ)
     except (OSError, zlib.error) as err:
         raise UsageError(f"{path}: {getattr(err, 'strerror', None) or err}") from None
-    if data[:4] == _PCAPNG_MAGIC:
-        yield from _from_pcapng(path, data)
-    else:
-        yield from _from_pcap(path, data)
+    try:
+        if data[:4] == _PCAPNG_MAGIC:
+            yield from _from_pcapng(path, data)
+        else:
+            yield from _from_pcap(path, data)
+    finally:
+        if isinstance(data, mmap.mmap):
+            with contextlib.suppress(BufferError):  # a view still held: unmapped by GC
+                data.close()
 
 
-def _from_pcapng(path: str, data: bytes) -> Iterator[CapturedUpcall]:
+def _from_pcapng(path: str, data: bytes | mmap.mmap) -> Iterator[CapturedUpcall]:
     interfaces: list[pcapng.InterfaceDescription] = []
     try:
         for block in pcapng.iter_blocks(data):
@@ -79,14 +92,14 @@ def _upcall_from_block(block: pcapng.Packet, interface: pcapng.InterfaceDescript
                           interface.name or f"interface {block.interface_id}", port, name, block)
 
 
-def _from_pcap(path: str, data: bytes) -> Iterator[CapturedUpcall]:
+def _from_pcap(path: str, data: bytes | mmap.mmap) -> Iterator[CapturedUpcall]:
     # Classic pcap: scapy reads it (every link type and both timestamp precisions).
     import io
 
     from scapy.utils import RawPcapReader
 
     try:
-        reader = RawPcapReader(io.BytesIO(data))
+        reader = RawPcapReader(io.BytesIO(data) if isinstance(data, bytes) else path)
     except Exception as err:  # scapy raises Scapy_Exception for a bad magic
         raise UsageError(f"{path}: not a pcap or pcapng file ({err})") from None
     scale = 1 if getattr(reader, "nano", False) else 1000
