@@ -4,6 +4,7 @@
  * OVS's own library prints, one line per line read:
  *   A <hex>                 format_odp_actions() of the netlink actions
  *   K <key hex> <mask hex>  odp_flow_format() of a key with its mask (a megaflow)
+ *   V <key hex> <mask hex>  the same, verbose (as the dpif log prints flow puts)
  *   k <key hex>             odp_flow_format() of a key alone
  * Port names are not given (portno_names = NULL), as in OVS's dpif log.
  */
@@ -55,14 +56,15 @@ main(void)
         uint8_t *data = read_hex(&rest, &len), *mask = NULL;
         if (kind == 'A') {
             format_odp_actions(&text, (const struct nlattr *) data, len, NULL);
-        } else if (kind == 'K' || kind == 'k') {
-            if (kind == 'K') {
+        } else if (kind == 'K' || kind == 'V' || kind == 'k') {
+            if (kind != 'k') {
                 mask = read_hex(&rest, &mask_len);
             }
             odp_flow_format((const struct nlattr *) data, len,
-                            (const struct nlattr *) mask, mask_len, NULL, &text, false);
+                            (const struct nlattr *) mask, mask_len, NULL, &text,
+                            kind == 'V');
         } else {
-            ds_put_cstr(&text, "ovs-format: lines start with A, K or k");
+            ds_put_cstr(&text, "ovs-format: lines start with A, K, V or k");
         }
         puts(ds_cstr(&text));
         fflush(stdout);
