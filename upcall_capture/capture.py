@@ -403,8 +403,7 @@ class Capture:
     def __init__(self, probe: RecvUpcallProbe, outputs: list[Output], *, target_pid: int,
                  count: int | None = None, duration: float | None = None,
                  progress: Callable[[int, Counters, float], None] | None = None,
-                 follower: Follower | None = None, max_pending: int = 8192,
-                 kernel: KernelSide | None = None) -> None:
+                 follower: Follower | None = None, max_pending: int = 8192) -> None:
         self.probe = probe  # the current one: --follow replaces it
         self.progress = progress  # called about once a second: captured, counters, elapsed
         self.outputs = outputs
@@ -414,7 +413,9 @@ class Capture:
         self.stop_reason: str | None = None
         self.captured = 0  # upcalls handed to the outputs, failed ones included
         self.failed = 0  # of them, failed upcalls (the kernel side's)
-        self.kernel = kernel
+        # The kernel side, when attached (after the probe: see cli.py); it outlives a
+        # followed process.
+        self.kernel: KernelSide | None = None
         self.follower = follower
         self.max_pending = max_pending  # records the outputs may have in hand
         self._merger = TimeMerger()
