@@ -31,7 +31,15 @@ from upcall_capture.probe.kernel_record import (
     match_key,
     parse_event,
 )
-from upcall_capture.probe.record import F_FAILED, F_KERNEL, HEADER, Enqueue, parse, with_enqueue
+from upcall_capture.probe.record import (
+    F_FAILED,
+    F_KERNEL,
+    HEADER,
+    Enqueue,
+    parse,
+    unpack_enqueue,
+    with_enqueue,
+)
 from upcall_capture.queueing import EnqueueMatcher
 from upcall_capture.upcall_blocks import UpcallBlocks
 
@@ -184,43 +192,52 @@ def test_result_filter_errors_name_the_choices():
         compile_filters(["result=maybe"])
 
 
+def enqueue(matcher: EnqueueMatcher, ev: KernelEvent) -> None:
+    """An ENQUEUE event into the matcher, as KernelSide reads it from the ring."""
+    matcher.add(ev.ktime_ns, ev.upcall_type, ev.packet, ev.portid, ev.mru, ev.device.encode())
+
+
+def match(matcher: EnqueueMatcher, upcall_type: int, packet: bytes, ktime_ns: int) -> Enqueue:
+    return unpack_enqueue(matcher.match(upcall_type, packet, ktime_ns))
+
+
 def test_enqueues_match_in_order_vlan_tags_aside():
     matcher = EnqueueMatcher()
-    matcher.add(event(EV_ENQUEUE, ktime=100, result=0, packet=FRAME[:64], portid=1))
-    matcher.add(event(EV_ENQUEUE, ktime=200, result=0, packet=FRAME[:64], portid=2))
-    matcher.add(event(EV_ENQUEUE, ktime=300, result=0, packet=FRAME[:64], cmd=2, portid=3))
+    enqueue(matcher, event(EV_ENQUEUE, ktime=100, result=0, packet=FRAME[:64], portid=1))
+    enqueue(matcher, event(EV_ENQUEUE, ktime=200, result=0, packet=FRAME[:64], portid=2))
+    enqueue(matcher, event(EV_ENQUEUE, ktime=300, result=0, packet=FRAME[:64], cmd=2, portid=3))
     # The same bytes: the oldest first; an action upcall does not take a miss's.
-    assert matcher.match(1, FRAME, 1_000).portid == 3
-    assert matcher.match(0, VLAN_FRAME, 1_000) == Enqueue(900, 0, 1, "veth-a", 0)
-    assert matcher.match(0, FRAME, 1_000).queued_ns == 800
-    assert matcher.match(0, FRAME, 1_000).queued_ns is None
+    assert match(matcher, 1, FRAME, 1_000).portid == 3
+    assert match(matcher, 0, VLAN_FRAME, 1_000) == Enqueue(900, 0, 1, "veth-a", 0)
+    assert match(matcher, 0, FRAME, 1_000).queued_ns == 800
+    assert match(matcher, 0, FRAME, 1_000).queued_ns is None
     assert (matcher.matched, matcher.unmatched, len(matcher)) == (3, 1, 0)
 
 
 def test_an_upcall_never_takes_a_later_enqueue():
     matcher = EnqueueMatcher()
-    matcher.add(event(EV_ENQUEUE, ktime=500, result=0))
-    assert matcher.match(0, FRAME, 400).queued_ns is None
-    assert matcher.match(0, FRAME, 600).queued_ns == 100
+    enqueue(matcher, event(EV_ENQUEUE, ktime=500, result=0))
+    assert match(matcher, 0, FRAME, 400).queued_ns is None
+    assert match(matcher, 0, FRAME, 600).queued_ns == 100
 
 
 def test_a_failed_upcalls_enqueue_is_forgotten():
     matcher = EnqueueMatcher()
-    matcher.add(event(EV_ENQUEUE, ktime=100, result=0))
-    matcher.add(event(EV_ENQUEUE, ktime=200, result=0))
+    enqueue(matcher, event(EV_ENQUEUE, ktime=100, result=0))
+    enqueue(matcher, event(EV_ENQUEUE, ktime=200, result=0))
     matcher.forget(event(EV_FAILED, ktime=100))
-    assert matcher.match(0, FRAME, 1_000).queued_ns == 800
+    assert match(matcher, 0, FRAME, 1_000).queued_ns == 800
     assert len(matcher) == 0
 
 
 def test_waiting_enqueues_are_bounded_in_number_and_age():
     matcher = EnqueueMatcher(capacity=100, max_age_ns=10_000)
     for n in range(250):
-        matcher.add(event(EV_ENQUEUE, ktime=n, result=0, packet=n.to_bytes(4, "big") * 16))
+        enqueue(matcher, event(EV_ENQUEUE, ktime=n, result=0, packet=n.to_bytes(4, "big") * 16))
     assert len(matcher) == 100 and matcher.expired == 150
-    assert matcher.match(0, (5).to_bytes(4, "big") * 16, 300).queued_ns is None  # evicted
-    assert matcher.match(0, (200).to_bytes(4, "big") * 16, 300).queued_ns == 100
-    matcher.match(0, b"other", 20_000)  # 10 us later: all the rest are too old
+    assert match(matcher, 0, (5).to_bytes(4, "big") * 16, 300).queued_ns is None  # evicted
+    assert match(matcher, 0, (200).to_bytes(4, "big") * 16, 300).queued_ns == 100
+    match(matcher, 0, b"other", 20_000)  # 10 us later: all the rest are too old
     assert len(matcher) == 0 and matcher.expired == 249
 
 

@@ -58,13 +58,11 @@ class DatapathLost:
 
 class KernelSide:
     def __init__(self, probe: KernelProbe, dpctl_show: Callable[[], str], *,
-                 keep: Callable[[Upcall], bool] | None = None,
-                 matcher: EnqueueMatcher | None = None) -> None:
+                 keep: Callable[[Upcall], bool] | None = None) -> None:
         self.probe = probe
         self.dpctl_show = dpctl_show
         self.keep = keep  # the whole --filter and packet filter, for failed upcalls
-        self.matcher = EnqueueMatcher() if matcher is None else matcher
-        self.captured = 0  # failed upcalls handed on
+        self.matcher = EnqueueMatcher()
         self.filtered = 0  # failed upcalls the filters rejected
         self._ports: dict[tuple[str, str], int] = {}  # (dpif, device) -> port number
         self._learnt_at = 0.0
@@ -105,7 +103,7 @@ class KernelSide:
     def _take(self, events: Sequence[bytes | memoryview]) -> list[bytes]:
         records = []
         matcher = self.matcher
-        add, unpack, head = matcher.add_enqueue, EVENT_HEAD.unpack_from, EVENT_HEAD.size
+        add, unpack, head = matcher.add, EVENT_HEAD.unpack_from, EVENT_HEAD.size
         for raw in events:
             (ktime, kind, _, _, portid, _, pkt_len, _, _, _, cmd, mru, _,
              device) = unpack(raw)
@@ -120,12 +118,11 @@ class KernelSide:
                 self.filtered += 1
                 continue
             records.append(record)
-        self.captured += len(records)
         return records
 
     def annotate(self, records: Sequence[bytes | memoryview]) -> list[bytes | memoryview]:
         """Records in time order, each received upcall with its enqueue."""
-        match = self.matcher.match_packed
+        match = self.matcher.match
         out = []
         for record in records:
             (ktime, _, _, _, _, type_, _, pkt_len, _, pkt_offset,

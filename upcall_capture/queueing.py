@@ -47,13 +47,9 @@ class EnqueueMatcher:
     def __len__(self) -> int:
         return len(self._order)
 
-    def add(self, event: KernelEvent) -> None:
-        """An ENQUEUE event."""
-        self.add_enqueue(event.ktime_ns, event.upcall_type, event.packet, event.portid,
-                         event.mru, event.device.encode())
-
-    def add_enqueue(self, ktime_ns: int, upcall_type: int, packet: bytes | memoryview,
-                    portid: int, mru: int, device: bytes) -> None:
+    def add(self, ktime_ns: int, upcall_type: int, packet: bytes | memoryview,
+            portid: int, mru: int, device: bytes) -> None:
+        """An ENQUEUE event's fields (read straight from the event: see kernel_side)."""
         key = match_key(upcall_type, packet)
         self._seq += 1
         entry = (ktime_ns, self._seq, portid, mru, device)
@@ -77,18 +73,9 @@ class EnqueueMatcher:
                 self._remove(key, i)
                 return
 
-    def match(self, upcall_type: int, packet: bytes | memoryview, ktime_ns: int) -> Enqueue:
-        """The enqueue of an upcall received at ktime_ns (calls in time order)."""
-        found = self._take(upcall_type, packet, ktime_ns)
-        if found is None:
-            return UNMATCHED
-        queued, portid, mru, device = found
-        return Enqueue(queued_ns=queued, result=0, portid=portid, device=device.decode(
-            "utf-8", "backslashreplace"), mru=mru)
-
-    def match_packed(self, upcall_type: int, packet: bytes | memoryview,
-                     ktime_ns: int) -> bytes:
-        """match(), as the trailer of the upcall's record (record.ENQUEUE_TRAILER)."""
+    def match(self, upcall_type: int, packet: bytes | memoryview, ktime_ns: int) -> bytes:
+        """The enqueue of an upcall received at ktime_ns (calls in time order), packed as
+        its record's trailer (record.ENQUEUE_TRAILER; record.unpack_enqueue reads it)."""
         found = self._take(upcall_type, packet, ktime_ns)
         if found is None:
             return UNMATCHED_TRAILER

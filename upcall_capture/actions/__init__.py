@@ -13,7 +13,10 @@ Types follow OVS 3.1's userspace numbering: 23 is tnl_push, 24 tnl_pop, 25 drop 
 `format_megaflow(key, mask)` prints a flow key with its mask as odp_flow_format() does
 with verbose off, the megaflow text of `ovs-dpctl dump-flows`: `ipv4(src=10.0.0.1/
 255.255.255.0,...)`, exact fields without a mask, wildcarded fields and attributes left
-out as OVS leaves them out.
+out as OVS leaves them out. `format_megaflow(key, mask, verbose=True)` is its verbose
+text, that of vswitchd's dpif:dbg log of flow puts: wildcarded fields and attributes
+printed with their zero mask (`dp_hash(0/0)`, `ipv6(src=::/::,...)`), ct_state as a
+number.
 
 Where OVS trusts a length it reads past an attribute (a set() key longer than the
 action, a short tnl_push), this reads the bytes that follow in `data`, as OVS does,
@@ -38,10 +41,10 @@ def format_actions(data: bytes) -> str:
         return f"<actions not decoded: {type(error).__name__}: {data.hex()}>"
 
 
-def format_megaflow(key: bytes, mask: bytes) -> str:
-    """OVS's odp_flow_format() text of a key with its mask (verbose off)."""
+def format_megaflow(key: bytes, mask: bytes, verbose: bool = False) -> str:
+    """OVS's odp_flow_format() text of a key with its mask."""
     key, mask = bytes(key), bytes(mask)
     try:
-        return flow_text(key, mask)
+        return flow_text(key, mask, verbose)
     except Exception as error:  # as in format_actions
         return f"<megaflow not decoded: {type(error).__name__}: {key.hex()} {mask.hex()}>"

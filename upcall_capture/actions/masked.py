@@ -4,6 +4,9 @@ as `value/mask`. `mask=None` is OVS's unmasked, non-verbose form (set_masked() o
 key too big to split), which still differs from the flowkey text: no tun_id, and
 empty ct_mark(), ct_zone() and ct_label().
 
+With `verbose` (odp_flow_format()'s verbose=true, vswitchd's dpif:dbg text) nothing
+is left out: a wildcarded field prints as `value/0`, a wildcarded attribute too.
+
 Works on payload bytes; nested keys (encap, tunnel, nsh) are walked within them.
 """
 
@@ -62,7 +65,8 @@ def _u32(data: bytes) -> int:
     return struct.unpack("<I", data)[0]
 
 
-# -- one field: formatter(name, key bytes, mask bytes or None) -> "name=...," or "" ----
+# -- one field: formatter(name, key bytes, mask bytes or None, verbose) -> "name=...,"
+# or "" (only without verbose, for a mask of zeros) --------------------------------
 
 def _shown(mask: Mask) -> bool:
     return mask is None or any(mask)
@@ -75,8 +79,8 @@ def _full(mask: Mask) -> bool:
 def _field(render: Callable[[bytes], str], mask_render: Callable[[bytes], str] | None = None):
     mask_render = mask_render or render
 
-    def field(name: str, key: bytes, mask: Mask) -> str:
-        if not _shown(mask):
+    def field(name: str, key: bytes, mask: Mask, verbose: bool) -> str:
+        if not (verbose or _shown(mask)):
             return ""
         text = f"{name}={render(key)}"
         if not _full(mask):
@@ -103,9 +107,9 @@ be16_field = _field(lambda b: str(_int(b)), lambda b: hex_int(_int(b)))
 be16x_field = _field(lambda b: hex_int(_int(b)))
 
 
-def be64_field(name: str, key: bytes, mask: Mask) -> str:
+def be64_field(name: str, key: bytes, mask: Mask, verbose: bool) -> str:
     # Without a mask OVS takes the mask as zero here, so verbose-off text omits it.
-    if mask is None or not any(mask):
+    if not verbose and (mask is None or not any(mask)):
         return ""
     text = f"{name}=0x{_int(key):x}"
     if not _full(mask):
@@ -113,8 +117,8 @@ def be64_field(name: str, key: bytes, mask: Mask) -> str:
     return text + ","
 
 
-def label_field(name: str, key: bytes, mask: Mask) -> str:
-    if mask is not None and not any(mask):
+def label_field(name: str, key: bytes, mask: Mask, verbose: bool) -> str:
+    if not verbose and mask is not None and not any(mask):
         return ""
     text = f"{name}={hex_int(_int(key))}"
     if mask is not None and _int(mask) & 0xFFFFF != 0xFFFFF:
@@ -122,7 +126,8 @@ def label_field(name: str, key: bytes, mask: Mask) -> str:
     return text + ","
 
 
-def frag_field(name: str, key: bytes, mask: Mask) -> str:
+def frag_field(name: str, key: bytes, mask: Mask, verbose: bool) -> str:
+    # OVS's format_frag() ignores verbose: a wildcarded frag is left out even then.
     if mask is not None and not mask[0]:
         return ""
     if mask is not None and mask[0] != 0xFF:
@@ -130,11 +135,12 @@ def frag_field(name: str, key: bytes, mask: Mask) -> str:
     return f"{name}={_FRAG[key[0]] if key[0] < 3 else '<error>'},"
 
 
-def nd_reserved_field(name: str, key: bytes, mask: Mask) -> str:
+def nd_reserved_field(name: str, key: bytes, mask: Mask, verbose: bool) -> str:
     return f"{name}=0x{_int(key):x},"  # OVS prints it as if fully masked
 
 
-Field = tuple[Callable[[str, bytes, Mask], str], str, int, int]
+FieldText = Callable[[str, bytes, Mask, bool], str]
+Field = tuple[FieldText, str, int, int]
 
 STRUCTS: dict[int, tuple[Field, ...]] = {
     ETHERNET: ((eth_field, "src", 0, 6), (eth_field, "dst", 6, 6)),
@@ -160,9 +166,9 @@ _PORTS = ((be16_field, "src", 0, 2), (be16_field, "dst", 2, 2))
 STRUCTS.update({TCP: _PORTS, UDP: _PORTS, SCTP: _PORTS, ICMPV6: STRUCTS[ICMP]})
 
 
-def fields_text(fields: tuple[Field, ...], key: bytes, mask: Mask) -> str:
+def fields_text(fields: tuple[Field, ...], key: bytes, mask: Mask, verbose: bool) -> str:
     return _chomp("".join(
-        f(name, key[o : o + n], None if mask is None else mask[o : o + n])
+        f(name, key[o : o + n], None if mask is None else mask[o : o + n], verbose)
         for f, name, o, n in fields))
 
 
@@ -212,24 +218,13 @@ def _length_error(attr_type: int, key: bytes, mask: Mask, lengths: tuple[int, ..
     return text + ")"
 
 
-def _inner_lengths(lengths: tuple[int, ...], attr_type: int) -> tuple[int, ...]:
-    if lengths is TUNNEL_LENGTHS:
-        return VXLAN_LENGTHS
-    return {TUNNEL: TUNNEL_LENGTHS, NSH: NSH_LENGTHS}.get(attr_type, lengths)
-
-
 def wildcard_mask(attr_type: int, key: bytes, lengths: tuple[int, ...]) -> bytes:
-    """generate_all_wildcard_mask(): zeros shaped like `key` (nested: each sub-attribute).
-    OVS's own walk of a nested key here strays past it; this is what it means to do."""
-    if attr_type >= len(lengths) or lengths[attr_type] != _NESTED:
-        return bytes(len(key))
-    inner_lengths = _inner_lengths(lengths, attr_type)
-    out = b""
-    for sub in walk(key, 0, len(key))[0]:
-        payload = wildcard_mask(sub.type, sub.payload(key), inner_lengths)
-        item = struct.pack("<HH", 4 + len(payload), sub.type) + payload
-        out += item + bytes(-len(item) % 4)
-    return out
+    """generate_all_wildcard_mask(): zeros as long as `key`; for a nested key, nothing.
+    (OVS walks the nested key from its own header, which is longer than its payload,
+    so the walk ends at once: an empty mask, which encap() prints as no mask at all.)"""
+    if attr_type < len(lengths) and lengths[attr_type] == _NESTED:
+        return b""
+    return bytes(len(key))
 
 
 # -- attribute bodies -----------------------------------------------------------------
@@ -239,12 +234,12 @@ def _u32_counter(key: bytes, mask: Mask, exact: bool) -> str:
     return text if exact else text + "/" + hex_int(_u32(mask))
 
 
-def _vlan_tci(tci: int, mask: int) -> str:
+def _vlan_tci(tci: int, mask: int, verbose: bool) -> str:
     parts = []
-    if tci & 0xFFF or mask & 0xFFF:
+    if verbose or tci & 0xFFF or mask & 0xFFF:
         parts.append(f"vid={tci & 0xFFF}" + ("" if mask & 0xFFF == 0xFFF else
                                              f"/0x{mask & 0xFFF:x}"))
-    if tci >> 13 or mask >> 13:
+    if verbose or tci >> 13 or mask >> 13:
         parts.append(f"pcp={tci >> 13}" + ("" if mask >> 13 == 7 else f"/0x{mask >> 13:x}"))
     if not tci & 0x1000:
         parts.append("cfi=0")
@@ -253,7 +248,7 @@ def _vlan_tci(tci: int, mask: int) -> str:
 
 def vlan_tci_text(tci: int, mask: int = 0xFFFF) -> str:
     """format_vlan_tci() with verbose off (push_vlan uses it too)."""
-    return _vlan_tci(tci, mask)
+    return _vlan_tci(tci, mask, verbose=False)
 
 
 def mpls_lse_text(lse: int) -> str:
@@ -273,26 +268,29 @@ def _mpls(key: bytes, mask: Mask, exact: bool) -> str | None:
         for k, m in zip(lses, masks, strict=True))
 
 
-def _u128(key: bytes, mask: Mask) -> str:
-    if mask is None or not any(mask):
+def _u128(key: bytes, mask: Mask, verbose: bool) -> str:
+    if not verbose and (mask is None or not any(mask)):
         return ""
     text = hex_int(int.from_bytes(key, "little"))
-    if any(b != 0xFF for b in mask):
+    if not _full(mask):
         text += "/" + hex_int(int.from_bytes(mask, "little"))
     return text
 
 
-def _ct_state(key: bytes, mask: Mask, exact: bool) -> str:
+def _ct_state(key: bytes, mask: Mask, exact: bool, verbose: bool) -> str:
+    if verbose:  # OVS prints verbose ct_state as numbers, not flag names
+        return _u32_counter(key, mask, exact)
     if exact:
         return flags_text(_u32(key), CT_STATE_NAMES)
     return masked_flags_text(_u32(key), _u32(mask) if any(mask) else 0, 0xFFFFFFFF,
                              CT_STATE_NAMES)
 
 
-def _packet_type(key: bytes, mask: Mask) -> str:
+def _packet_type(key: bytes, mask: Mask, verbose: bool) -> str:
     value, m = _int(key), 0xFFFFFFFF if mask is None else _int(mask)
-    return _chomp(be16_field("ns", (value >> 16).to_bytes(2, "big"), (m >> 16).to_bytes(2, "big"))
-                  + be16x_field("id", key[2:], (m & 0xFFFF).to_bytes(2, "big")))
+    return _chomp(be16_field("ns", (value >> 16).to_bytes(2, "big"),
+                             (m >> 16).to_bytes(2, "big"), verbose)
+                  + be16x_field("id", key[2:], (m & 0xFFFF).to_bytes(2, "big"), verbose))
 
 
 def _nsh(key: bytes, mask: Mask) -> str:
@@ -314,29 +312,29 @@ def _nsh(key: bytes, mask: Mask) -> str:
     return "".join(out)
 
 
-def _body(attr_type: int, key: bytes, mask: Mask) -> str | None:
+def _body(attr_type: int, key: bytes, mask: Mask, verbose: bool) -> str | None:
     """The text inside `name(...)`; None where OVS stops before the closing `)`."""
     exact = True if mask is None else mask_is(attr_type, mask, ones=True)
     if attr_type in STRUCTS:
-        return fields_text(STRUCTS[attr_type], key, mask)
+        return fields_text(STRUCTS[attr_type], key, mask, verbose)
     if attr_type in (PRIORITY, SKB_MARK, DP_HASH, RECIRC_ID):
         return _u32_counter(key, mask, exact)
     if attr_type in (CT_MARK, CT_ZONE):
-        if not _shown(mask) or mask is None:
+        if not verbose and (mask is None or not any(mask)):
             return ""
         value = _u32(key) if attr_type == CT_MARK else struct.unpack("<H", key)[0]
         masked = _u32(mask) if attr_type == CT_MARK else struct.unpack("<H", mask)[0]
         return hex_int(value) + ("" if exact else "/" + hex_int(masked))
     if attr_type == CT_STATE:
-        return _ct_state(key, mask, exact)
+        return _ct_state(key, mask, exact, verbose)
     if attr_type == CT_LABELS:
-        return _u128(key, mask)
+        return _u128(key, mask, verbose)
     if attr_type == IN_PORT:
         return str(_u32(key)) if exact else f"{_u32(key)}/{hex_int(_u32(mask))}"
     if attr_type == PACKET_TYPE:
-        return _packet_type(key, mask)
+        return _packet_type(key, mask, verbose)
     if attr_type == VLAN:
-        return _vlan_tci(_int(key), 0xFFFF if mask is None else _int(mask))
+        return _vlan_tci(_int(key), 0xFFFF if mask is None else _int(mask), verbose)
     if attr_type == ETHERTYPE:
         return f"0x{_int(key):04x}" + ("" if exact else f"/0x{_int(mask):04x}")
     if attr_type == TCP_FLAGS:
@@ -346,13 +344,13 @@ def _body(attr_type: int, key: bytes, mask: Mask) -> str | None:
     if attr_type == MPLS:
         return _mpls(key, mask, exact)
     if attr_type == TUNNEL:
-        return tunnel_text(key, mask)
+        return tunnel_text(key, mask, verbose)
     if attr_type == NSH:
         return _nsh(key, mask)
     if attr_type == ENCAP:
         if mask and key:
-            return flow_text(key, mask)
-        return flow_text(key, None) if key else ""
+            return flow_text(key, mask, verbose)
+        return flow_text(key, None, verbose) if key else ""
     text = spaced_hex(key)
     return text if exact else text + "/" + spaced_hex(mask)
 
@@ -361,9 +359,9 @@ def attr_name(attr_type: int) -> str:
     return KEY_NAMES[attr_type] if attr_type < len(KEY_NAMES) else f"key{attr_type}"
 
 
-def attr_body_text(attr_type: int, key: bytes, mask: Mask) -> str:
+def attr_body_text(attr_type: int, key: bytes, mask: Mask, verbose: bool) -> str:
     """format_odp_key_attr__(): lengths already checked."""
-    body = _body(attr_type, key, mask)
+    body = _body(attr_type, key, mask, verbose)
     if body is None:  # MPLS of a bad length
         return f"mpls((bad key length {len(key)})"
     return f"{attr_name(attr_type)}({body})"
@@ -372,12 +370,12 @@ def attr_body_text(attr_type: int, key: bytes, mask: Mask) -> str:
 def key_attr_text(attr_type: int, key: bytes, mask: Mask) -> str:
     """format_odp_key_attr(attr, mask, verbose=false)."""
     error = _length_error(attr_type, key, mask, KEY_LENGTHS, False)
-    return error if error is not None else attr_body_text(attr_type, key, mask)
+    return error if error is not None else attr_body_text(attr_type, key, mask, False)
 
 
 # -- tunnel --------------------------------------------------------------------------
 
-_TUN_FIELDS: dict[int, tuple[Callable[[str, bytes, Mask], str], str]] = {
+_TUN_FIELDS: dict[int, tuple[FieldText, str]] = {
     0: (be64_field, "tun_id"), 1: (ipv4_field, "src"), 2: (ipv4_field, "dst"),
     3: (u8x_field, "tos"), 4: (u8u_field, "ttl"), 9: (be16_field, "tp_src"),
     10: (be16_field, "tp_dst"), 12: (in6_field, "ipv6_src"), 13: (in6_field, "ipv6_dst"),
@@ -402,7 +400,7 @@ def _nested(key: bytes, mask: Mask, lengths: tuple[int, ...]):
                                                        True)
 
 
-def _vxlan(key: bytes, mask: Mask) -> str:
+def _vxlan(key: bytes, mask: Mask, verbose: bool) -> str:
     out = []
     for sub_type, value, sub_mask, error in _nested(key, mask, VXLAN_LENGTHS):
         if error is not None:
@@ -412,16 +410,16 @@ def _vxlan(key: bytes, mask: Mask) -> str:
             m = None if sub_mask is None else _u32(sub_mask)
             out.append("gbp(" + _chomp(
                 be16_field("id", (gbp & 0xFFFF).to_bytes(2, "big"),
-                           None if m is None else (m & 0xFFFF).to_bytes(2, "big"))
+                           None if m is None else (m & 0xFFFF).to_bytes(2, "big"), verbose)
                 + u8x_field("flags", bytes([gbp >> 16 & 0xFF]),
-                            None if m is None else bytes([m >> 16 & 0xFF]))) + "),")
+                            None if m is None else bytes([m >> 16 & 0xFF]), verbose)) + "),")
         else:
             out.append(unknown_key_text(sub_type, value, sub_mask))
     return _chomp("".join(out))
 
 
-def geneve_opts_text(opts: bytes, mask: Mask) -> str:
-    """format_geneve_opts() with verbose off."""
+def geneve_opts_text(opts: bytes, mask: Mask, verbose: bool = False) -> str:
+    """format_geneve_opts() (tnl_push's header uses it with verbose off)."""
     out, pos, left = [], 0, len(opts)
     while left > 0:
         if left < 4:
@@ -435,12 +433,12 @@ def geneve_opts_text(opts: bytes, mask: Mask) -> str:
             out.append(f"opt len {length} greater than remaining {left}")
             break
         len_mask = None if m is None else bytes([0xFF if m[3] & 0x1F == 0x1F else m[3] & 0x1F])
-        text = ("{" + be16x_field("class", opt[:2], None if m is None else m[:2])
-                + u8x_field("type", opt[2:3], None if m is None else m[2:3])
-                + u8u_field("len", bytes([data_len]), len_mask))
+        text = ("{" + be16x_field("class", opt[:2], None if m is None else m[:2], verbose)
+                + u8x_field("type", opt[2:3], None if m is None else m[2:3], verbose)
+                + u8u_field("len", bytes([data_len]), len_mask, verbose))
         value = read(opts, pos + 4, data_len)
         value_mask = None if mask is None else read(mask, pos + 4, data_len)
-        if data_len and (value_mask is None or any(value_mask)):
+        if data_len and (verbose or _shown(value_mask)):
             text += hex_int(_int(value))
             if value_mask is not None and not _full(value_mask):
                 text += "/" + hex_int(_int(value_mask))
@@ -452,17 +450,17 @@ def geneve_opts_text(opts: bytes, mask: Mask) -> str:
     return "".join(out)
 
 
-def _geneve(key: bytes, mask: Mask) -> str:
+def _geneve(key: bytes, mask: Mask, verbose: bool) -> str:
     if mask is not None and len(mask) != len(key):
         return f"value len {len(key)} different from mask len {len(mask)}"
-    return geneve_opts_text(key, mask)
+    return geneve_opts_text(key, mask, verbose)
 
 
-def _erspan(key: bytes, mask: Mask) -> str:
+def _erspan(key: bytes, mask: Mask, verbose: bool) -> str:
     opts = read(key, 0, 12)
     m = None if mask is None else read(mask, 0, 12)
     version = struct.unpack("<i", opts[:4])[0]
-    text = u8u_field("ver", opts[:1], None if m is None else m[:1])
+    text = u8u_field("ver", opts[:1], None if m is None else m[:1], verbose)
     if version == 1:
         text += f"idx={hex_int(_int(opts[4:8]))}"
         text += ("," if m is None else f"/{hex_int(_int(m[4:8]))},")
@@ -471,15 +469,15 @@ def _erspan(key: bytes, mask: Mask) -> str:
             return bytes([b[11] >> 3 & 1]), bytes([b[11] >> 4])
         d, h = dir_hwid(opts)
         dm, hm = dir_hwid(m) if m is not None else (None, None)
-        text += u8u_field("dir", d, dm) + u8x_field("hwid", h, hm)
+        text += u8u_field("dir", d, dm, verbose) + u8x_field("hwid", h, hm, verbose)
     return _chomp(text)
 
 
-def _gtpu(key: bytes, mask: Mask) -> str:
+def _gtpu(key: bytes, mask: Mask, verbose: bool) -> str:
     opts = read(key, 0, 2)
     m = None if mask is None else read(mask, 0, 2)
-    return _chomp(u8x_field("flags", opts[:1], None if m is None else m[:1])
-                  + u8u_field("msgtype", opts[1:], None if m is None else m[1:]))
+    return _chomp(u8x_field("flags", opts[:1], None if m is None else m[:1], verbose)
+                  + u8u_field("msgtype", opts[1:], None if m is None else m[1:], verbose))
 
 
 _TUN_OPTIONS = {_TUN_VXLAN: ("vxlan", _vxlan), _TUN_GENEVE: ("geneve", _geneve),
@@ -493,8 +491,8 @@ def _sub_mask(mask: Mask, attr_type: int, value: bytes, lengths: tuple[int, ...]
     return found.payload(mask) if found is not None else wildcard_mask(attr_type, value, lengths)
 
 
-def tunnel_text(key: bytes, mask: Mask) -> str:
-    """format_odp_tun_attr() with verbose off."""
+def tunnel_text(key: bytes, mask: Mask, verbose: bool) -> str:
+    """format_odp_tun_attr()."""
     out, flags, mask_flags = [], 0, 0
     for sub_type, value, sub_mask, error in _nested(key, mask, TUNNEL_LENGTHS):
         if error is not None:
@@ -502,10 +500,10 @@ def tunnel_text(key: bytes, mask: Mask) -> str:
             continue
         if sub_type in _TUN_FIELDS:
             formatter, name = _TUN_FIELDS[sub_type]
-            out.append(formatter(name, value, sub_mask))
+            out.append(formatter(name, value, sub_mask, verbose))
         elif sub_type in _TUN_OPTIONS:
-            name, formatter = _TUN_OPTIONS[sub_type]
-            out.append(f"{name}({formatter(value, sub_mask)}),")
+            name, option_text = _TUN_OPTIONS[sub_type]
+            out.append(f"{name}({option_text(value, sub_mask, verbose)}),")
         elif sub_type >= len(TUNNEL_LENGTHS):
             out.append(unknown_key_text(sub_type, value, sub_mask))
         flags |= _TUN_FLAG_OF_TYPE.get(sub_type, 0)
@@ -515,7 +513,7 @@ def tunnel_text(key: bytes, mask: Mask) -> str:
         for sub in walk(mask, 0, len(mask))[0]:
             if sub.type in (5, 6, 7):
                 mask_flags |= _TUN_FLAG_OF_TYPE[sub.type]
-        if mask_flags:
+        if mask_flags or verbose:
             out.append(f"flags({masked_flags_text(flags, mask_flags, 0xF, TUNNEL_FLAG_NAMES)}),")
     else:
         out.append(f"flags({flags_text(flags, TUNNEL_FLAG_NAMES)}),")
@@ -524,8 +522,8 @@ def tunnel_text(key: bytes, mask: Mask) -> str:
 
 # -- a whole key (inside encap) -------------------------------------------------------
 
-def flow_text(key: bytes, mask: Mask) -> str:
-    """odp_flow_format(key, mask, verbose=false)."""
+def flow_text(key: bytes, mask: Mask, verbose: bool = False) -> str:
+    """odp_flow_format(key, mask, verbose)."""
     if not key:
         return "<empty>"
     out: list[str] = []
@@ -544,12 +542,10 @@ def flow_text(key: bytes, mask: Mask) -> str:
         has_packet_type |= a.type == PACKET_TYPE
         nested = a.type < len(KEY_LENGTHS) and KEY_LENGTHS[a.type] == _NESTED
         wildcard = bool(mask) and (sub_mask is None or mask_is(a.type, sub_mask, ones=False))
-        if not wildcard or nested:
-            if wildcard and sub_mask is None and a.type != NSH:
-                # (For nsh, OVS's made-up wildcard mask holds no attributes, which its
-                # nsh formatter reads as no mask: all fields exact. So as mask=None.)
+        if verbose or not wildcard or nested:
+            if wildcard and sub_mask is None:
                 sub_mask = wildcard_mask(a.type, value, KEY_LENGTHS)
-            out.append(("" if first else ",") + attr_body_text(a.type, value, sub_mask))
+            out.append(("" if first else ",") + attr_body_text(a.type, value, sub_mask, verbose))
             first = False
         elif a.type == ETHERNET and not has_packet_type:
             out.append(("" if first else ",") + "eth()")  # sic: `first` stays as it was
