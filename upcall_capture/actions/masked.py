@@ -65,6 +65,10 @@ def _u32(data: bytes) -> int:
     return struct.unpack("<I", data)[0]
 
 
+def _u16(data: bytes) -> int:
+    return struct.unpack("<H", data)[0]
+
+
 # -- one field: formatter(name, key bytes, mask bytes or None, verbose) -> "name=...,"
 # or "" (only without verbose, for a mask of zeros) --------------------------------
 
@@ -255,12 +259,18 @@ def mpls_lse_text(lse: int) -> str:
     return f"label={lse >> 12},tc={lse >> 9 & 7},ttl={lse & 255},bos={lse >> 8 & 1}"
 
 
-def _mpls(key: bytes, mask: Mask, exact: bool) -> str | None:
+class _Unclosed(str):
+    """A body after which OVS returns without the closing `)` (an MPLS length error)."""
+
+
+def _mpls(key: bytes, mask: Mask, exact: bool) -> str:
     if not key or len(key) % 4:
-        return None
+        return _Unclosed(f"(bad key length {len(key)})")
     lses = struct.unpack(f">{len(key) // 4}I", key)
     if exact:
         return ",".join(mpls_lse_text(lse) for lse in lses)
+    if len(mask) != len(key):
+        return _Unclosed(f"(key length {len(key)} != mask length {len(mask)})")
     masks = struct.unpack(f">{len(key) // 4}I", mask)
     return ",".join(
         f"label={k >> 12}/0x{m >> 12:x},tc={k >> 9 & 7}/{m >> 9 & 7:x},"
@@ -312,8 +322,8 @@ def _nsh(key: bytes, mask: Mask) -> str:
     return "".join(out)
 
 
-def _body(attr_type: int, key: bytes, mask: Mask, verbose: bool) -> str | None:
-    """The text inside `name(...)`; None where OVS stops before the closing `)`."""
+def _body(attr_type: int, key: bytes, mask: Mask, verbose: bool) -> str:
+    """The text inside `name(...)`; an _Unclosed one where OVS stops before the `)`."""
     exact = True if mask is None else mask_is(attr_type, mask, ones=True)
     if attr_type in STRUCTS:
         return fields_text(STRUCTS[attr_type], key, mask, verbose)
@@ -322,9 +332,8 @@ def _body(attr_type: int, key: bytes, mask: Mask, verbose: bool) -> str | None:
     if attr_type in (CT_MARK, CT_ZONE):
         if not verbose and (mask is None or not any(mask)):
             return ""
-        value = _u32(key) if attr_type == CT_MARK else struct.unpack("<H", key)[0]
-        masked = _u32(mask) if attr_type == CT_MARK else struct.unpack("<H", mask)[0]
-        return hex_int(value) + ("" if exact else "/" + hex_int(masked))
+        number = _u32 if attr_type == CT_MARK else _u16
+        return hex_int(number(key)) + ("" if exact else "/" + hex_int(number(mask)))
     if attr_type == CT_STATE:
         return _ct_state(key, mask, exact, verbose)
     if attr_type == CT_LABELS:
@@ -362,9 +371,7 @@ def attr_name(attr_type: int) -> str:
 def attr_body_text(attr_type: int, key: bytes, mask: Mask, verbose: bool) -> str:
     """format_odp_key_attr__(): lengths already checked."""
     body = _body(attr_type, key, mask, verbose)
-    if body is None:  # MPLS of a bad length
-        return f"mpls((bad key length {len(key)})"
-    return f"{attr_name(attr_type)}({body})"
+    return f"{attr_name(attr_type)}({body}" + ("" if isinstance(body, _Unclosed) else ")")
 
 
 def key_attr_text(attr_type: int, key: bytes, mask: Mask) -> str:
