@@ -36,6 +36,7 @@ from upcall_capture.probe.record import (
     FLAGS_OFFSET,
     HEADER_SIZE,
     PID_OFFSET,
+    U32,
     UNREADABLE,
     header_format,
     header_offset,
@@ -87,7 +88,11 @@ def _find_attribute(text: str, name: str, *, last: bool) -> int:
 
 
 PortNamer = Callable[[str, int], "str | None"]
-U32_AT_FLAGS = struct.Struct("<I")
+
+
+def _has_enqueue(record: bytes | memoryview) -> bool:
+    """The record carries the kernel side's enqueue (F_KERNEL)."""
+    return bool(U32.unpack_from(record, FLAGS_OFFSET)[0] & F_KERNEL)
 
 
 _UNMATCHED_OPTION = pcapng.comment_option(comment.UNMATCHED_LINE.encode())
@@ -319,7 +324,7 @@ class UpcallBlocks:
         key = self._plain_key(record)
         if key is None:
             return self._describe_in_full(record, out)
-        enqueue = bool(U32_AT_FLAGS.unpack_from(record, FLAGS_OFFSET)[0] & F_KERNEL)
+        enqueue = _has_enqueue(record)
         key_text = format_key(key)
         port, has_eth = port_and_eth(key_text)
         if_id, head_text = self._head(record, port, comment.linktype(has_eth, key), out)
@@ -342,7 +347,7 @@ class UpcallBlocks:
         self.undecoded += 1
         return _Described(if_id, self.table.interfaces[if_id],
                           pcapng.packet_tail(head_text + _NOT_DECODED, key), False,
-                          bool(U32_AT_FLAGS.unpack_from(record, FLAGS_OFFSET)[0] & F_KERNEL))
+                          _has_enqueue(record))
 
     def _describe_sampled(self, record: bytes | memoryview, out: bytearray) -> _Described:
         self._sampled += 1
