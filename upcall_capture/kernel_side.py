@@ -13,11 +13,10 @@ ovs-vswitchd's dpctl/show, so that the summary can hold the two counts side by s
 from __future__ import annotations
 
 import struct
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from upcall_capture.ports import parse_datapath_lost, parse_dpctl_show
+from upcall_capture.ports import PortNames, parse_datapath_lost
 from upcall_capture.probe.kernel_probe import KernelCounters, KernelProbe
 from upcall_capture.probe.kernel_record import (
     CMD_TO_TYPE,
@@ -64,8 +63,7 @@ class KernelSide:
         self.keep = keep  # the whole --filter and packet filter, for failed upcalls
         self.matcher = EnqueueMatcher()
         self.filtered = 0  # failed upcalls the filters rejected
-        self._ports: dict[tuple[str, str], int] = {}  # (dpif, device) -> port number
-        self._learnt_at = 0.0
+        self._ports: PortNames | None = None  # devices to port numbers, from dpctl/show
         self.lost_at_start: dict[str, int] = {}
         self.lost: list[DatapathLost] = []
 
@@ -74,20 +72,7 @@ class KernelSide:
         # After the attach: every failure the counter shows from now on is also seen.
         text = self.dpctl_show()
         self.lost_at_start = parse_datapath_lost(text)
-        self._learn_ports(text)
-
-    def _learn_ports(self, text: str) -> None:
-        self._learnt_at = time.monotonic()
-        self._ports = {(dpif, name): number
-                       for (dpif, number), name in parse_dpctl_show(text).items()}
-
-    def _port(self, dpif: str, device: str) -> int | None:
-        """The device's datapath port; an unknown device asks again, every few seconds."""
-        number = self._ports.get((dpif, device))
-        if number is None and time.monotonic() - self._learnt_at >= PORTS_REFRESH_S:
-            self._learn_ports(self.dpctl_show())
-            number = self._ports.get((dpif, device))
-        return number
+        self._ports = PortNames(self.dpctl_show, PORTS_REFRESH_S, known=text)
 
     def drain(self) -> list[bytes]:
         """Failed upcalls, as records for the merge; enqueues go to the matcher."""
@@ -113,7 +98,7 @@ class KernelSide:
                 continue
             event = parse_event(raw)
             matcher.forget(event)
-            record = failed_record(event, self._port(event.dpif, event.device))
+            record = failed_record(event, self._ports.number(event.dpif, event.device))
             if self.keep is not None and not self.keep(parse(record)):
                 self.filtered += 1
                 continue

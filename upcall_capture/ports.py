@@ -12,7 +12,7 @@ import re
 import stat
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 _DATAPATH = re.compile(r"^(\S+@\S+):\s*$")
@@ -24,29 +24,27 @@ _DEFAULT_RUN_DIRECTORIES = ("/var/run/openvswitch", "/run/openvswitch")
 PortMap = dict[tuple[str, int], str]
 
 
-def parse_dpctl_show(text: str) -> PortMap:
-    """{(dpif, port number): name} from `ovs-appctl dpctl/show` output."""
-    ports: PortMap = {}
+def _datapath_lines(text: str) -> Iterator[tuple[str, str]]:
+    """(dpif, line) for each line of `ovs-appctl dpctl/show` output under a datapath."""
     dpif = None
     for line in text.splitlines():
         if m := _DATAPATH.match(line):
             dpif = m.group(1)
-        elif dpif and (m := _PORT.match(line)):
-            ports[(dpif, int(m.group(1)))] = m.group(2)
-    return ports
+        elif dpif:
+            yield dpif, line
+
+
+def parse_dpctl_show(text: str) -> PortMap:
+    """{(dpif, port number): name} from `ovs-appctl dpctl/show` output."""
+    return {(dpif, int(m.group(1))): m.group(2)
+            for dpif, line in _datapath_lines(text) if (m := _PORT.match(line))}
 
 
 def parse_datapath_lost(text: str) -> dict[str, int]:
     """{dpif: its `lost:` counter} from `ovs-appctl dpctl/show` output: the upcalls the
     datapath failed to deliver since it was created."""
-    lost = {}
-    dpif = None
-    for line in text.splitlines():
-        if m := _DATAPATH.match(line):
-            dpif = m.group(1)
-        elif dpif and (m := _LOST.match(line)):
-            lost[dpif] = int(m.group(1))
-    return lost
+    return {dpif: int(m.group(1))
+            for dpif, line in _datapath_lines(text) if (m := _LOST.match(line))}
 
 
 def control_socket(pid: int) -> str | None:
@@ -128,7 +126,8 @@ def dpctl_show(pid: int) -> str:
 
 
 class PortNames:
-    """Names ports, asking the vswitchd again on an unknown port at most every few seconds.
+    """Names ports, and numbers them by name, asking the vswitchd again on an unknown one
+    at most every `refresh_interval` seconds.
 
     `known`: dpctl/show text read at the start. A stuck ovs-vswitchd (the moment upcalls
     fail) answers nothing, so the names are best learnt while it still answers."""
@@ -138,15 +137,33 @@ class PortNames:
         self._fetch = fetch
         self._interval = refresh_interval
         self._clock = clock
-        self._ports: PortMap = parse_dpctl_show(known)
-        self._fetched_at: float | None = clock() if self._ports else None
+        self._fetched_at: float | None = None
+        self._learn(known)
+        if self._ports:
+            self._fetched_at = clock()
+
+    def _learn(self, text: str) -> None:
+        self._ports: PortMap = parse_dpctl_show(text)
+        self._numbers = {(dpif, name): port for (dpif, port), name in self._ports.items()}
+
+    def _refreshed(self) -> bool:
+        if not self._may_refresh():
+            return False
+        self._fetched_at = self._clock()
+        self._learn(self._fetch())
+        return True
 
     def name(self, dpif: str, port: int) -> str | None:
         found = self._ports.get((dpif, port))
-        if found is None and self._may_refresh():
-            self._fetched_at = self._clock()
-            self._ports = parse_dpctl_show(self._fetch())
+        if found is None and self._refreshed():
             found = self._ports.get((dpif, port))
+        return found
+
+    def number(self, dpif: str, name: str) -> int | None:
+        """The datapath port of the device `name` (the kernel names devices)."""
+        found = self._numbers.get((dpif, name))
+        if found is None and self._refreshed():
+            found = self._numbers.get((dpif, name))
         return found
 
     def _may_refresh(self) -> bool:
