@@ -26,7 +26,13 @@ from dataclasses import dataclass
 
 from upcall_capture import pcapng
 from upcall_capture.probe.kernel_record import errno_number, errno_text
-from upcall_capture.probe.record import FLAG_NAMES, UPCALL_TYPES, Enqueue, Upcall
+from upcall_capture.probe.record import (
+    FLAG_NAMES,
+    UNMATCHED_ENQUEUE,
+    UPCALL_TYPES,
+    Enqueue,
+    Upcall,
+)
 
 NOT_DECODED = ("key not decoded: the capture was overloaded "
                "(the raw key is kept; upcall-capture -r FILE -w NEW adds the text)")
@@ -44,7 +50,6 @@ _FAILED_HEAD = re.compile(
     r" cpu=(?P<cpu>\d+)"
 )
 TRACEPOINT_KEY = "tracepoint key fields (not a full key): "
-ENQUEUE_PREFIX = "kernel: "
 _QUEUED = re.compile(r"^kernel: queued (?P<ms>\d+\.\d{6}) ms in (?P<device>\S*) "
                      r"portid=(?P<portid>\d+)(?: mru=(?P<mru>\d+))?")
 UNMATCHED_LINE = ("kernel: queueing delay unknown: no enqueue by the datapath matched this "
@@ -136,7 +141,7 @@ def queued_line(queued_ns: int, where: bytes) -> bytes:
 def parse_enqueue(comment: str) -> Enqueue | None:
     """A received upcall's ENQUEUE comment read back, or None for another text."""
     if comment == UNMATCHED_LINE:
-        return Enqueue(queued_ns=None, result=0, portid=None, device="", mru=0)
+        return UNMATCHED_ENQUEUE
     found = _QUEUED.match(comment)
     if found is None:
         return None

@@ -16,15 +16,14 @@ import bisect
 from collections import OrderedDict
 
 from upcall_capture.probe.kernel_record import KernelEvent, match_key
-from upcall_capture.probe.record import ENQUEUE_TRAILER, Enqueue, pack_enqueue
+from upcall_capture.probe.record import ENQUEUE_TRAILER, UNMATCHED_ENQUEUE, pack_enqueue
 
 # Enough for the upcalls that ~30 handler sockets of 16 MiB each can hold; and how long a
 # stopped ovs-vswitchd can keep them there before they count as never received.
 DEFAULT_CAPACITY = 65536
 DEFAULT_MAX_AGE_NS = 120_000_000_000
 
-UNMATCHED = Enqueue(queued_ns=None, result=0, portid=None, device="", mru=0)
-UNMATCHED_TRAILER = pack_enqueue(UNMATCHED)
+UNMATCHED_TRAILER = pack_enqueue(UNMATCHED_ENQUEUE)
 
 Key = tuple[int, bytes]
 # (ktime_ns, seq, portid, mru, device as bytes): in time order, then arrival order.

@@ -115,7 +115,7 @@ class UpcallStats:
             enqueue = item.upcall.enqueue
             if enqueue is None:
                 received.append(item)
-            elif enqueue.result:
+            elif item.upcall.failed:
                 self.failures["errno"][errno_text(enqueue.result)] += 1
                 self.failures["port"][item.interface] += 1
                 self.failures["portid"][str(enqueue.portid)] += 1

@@ -42,7 +42,8 @@ class Upcall(Protocol):
     key: bytes
     packet: bytes
     pkt_size: int
-    enqueue: object  # probe.record.Enqueue | None: its `result` is 0 or -errno
+    enqueue: object  # probe.record.Enqueue | None: a failed upcall's `result` is -errno
+    failed: bool  # made from the kernel side's FAILED event
 
 
 @dataclass(frozen=True)
@@ -57,7 +58,7 @@ class Term:
 
     def matches(self, upcall: Upcall, fields: dict[str, int]) -> bool:
         if self.name == "result":
-            result = 0 if upcall.enqueue is None else upcall.enqueue.result
+            result = upcall.enqueue.result if upcall.failed else 0
             return result != 0 if self.value == "failed" else result == self.value
         if self.name in _META_STRINGS:
             return getattr(upcall, self.name) == self.value

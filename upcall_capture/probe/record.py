@@ -106,6 +106,9 @@ class Enqueue:
     mru: int  # the upcall's MRU (fragments reassembled by conntrack), 0 if none
 
 
+# A received upcall that no enqueue by the datapath matched.
+UNMATCHED_ENQUEUE = Enqueue(queued_ns=None, result=0, portid=None, device="", mru=0)
+
 # The ENQUEUE trailer of an F_KERNEL record, after the packet: queued_ns (-1: not matched),
 # result, portid (-1 as u32: not matched), mru, device name.
 ENQUEUE_TRAILER = struct.Struct("<qiIH2x16s")
