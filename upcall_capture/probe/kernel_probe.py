@@ -13,7 +13,6 @@ from pathlib import Path
 
 from upcall_capture.errors import UsageError
 from upcall_capture.probe.loader import RingProbe, import_bcc, program_text
-from upcall_capture.probe.ring_buffer import RingBuffer
 
 SOURCE = Path(__file__).with_name("dp_upcall.c")
 TRACING = (Path("/sys/kernel/tracing"), Path("/sys/kernel/debug/tracing"))
@@ -69,13 +68,7 @@ class KernelProbe(RingProbe):
         except Exception as err:  # bcc raises a bare Exception
             self.close()
             raise UsageError(f"cannot load the kernel side's BPF program: {err}") from None
-        self._bpf["control"][ctypes.c_int(0)] = ctypes.c_uint32(0)
-        events = self._bpf["kernel_events"]
-        try:
-            self._buffer = RingBuffer(events.map_fd, events.max_entries)
-        except OSError as err:
-            self.close()
-            raise UsageError(f"cannot map the kernel side's ring: {err.strerror}") from None
+        self._start("kernel_events", "the kernel side's ring")
 
     def drain(self) -> list[memoryview]:
         return self._buffer.read()

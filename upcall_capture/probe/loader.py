@@ -95,6 +95,17 @@ class RingProbe:
     _bpf = None
     _buffer: RingBuffer | None = None
 
+    def _start(self, ring: str, ring_name: str) -> None:
+        """Once loaded: let the program submit, and map its ring (`ring_name` is what an
+        error calls it)."""
+        self._bpf["control"][ctypes.c_int(0)] = ctypes.c_uint32(0)
+        events = self._bpf[ring]
+        try:
+            self._buffer = RingBuffer(events.map_fd, events.max_entries)
+        except OSError as err:
+            self.close()
+            raise UsageError(f"cannot map {ring_name}: {err.strerror}") from None
+
     def stop(self) -> list[memoryview]:
         """Stop counting and submitting, and return the records still in the ring.
 
@@ -149,12 +160,7 @@ class RecvUpcallProbe(RingProbe):
             self._bpf = bcc.BPF(text=text.encode(), usdt_contexts=[usdt], cflags=cflags)
         except Exception as err:
             raise UsageError(f"cannot load the BPF program: {err}") from None
-        self._bpf["control"][ctypes.c_int(0)] = ctypes.c_uint32(0)
-        events = self._bpf["events"]
-        try:
-            self._buffer = RingBuffer(events.map_fd, events.max_entries)
-        except OSError as err:
-            raise UsageError(f"cannot map the ring buffer: {err.strerror}") from None
+        self._start("events", "the ring buffer")
 
     def drain(self, timeout_ms: int = POLL_TIMEOUT_MS) -> list[memoryview]:
         """Wait timeout_ms (unless the last drain left a backlog), then read up to
