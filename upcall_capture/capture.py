@@ -20,6 +20,8 @@ from upcall_capture.follow import Follower
 from upcall_capture.interfaces import InterfaceTable, adopt_batch
 from upcall_capture.kernel_side import KernelSide
 from upcall_capture.kernel_side import report as kernel_report
+from upcall_capture.outcomes import HandlerOps
+from upcall_capture.outcomes import report as outcomes_report
 from upcall_capture.probe.loader import Counters, RecvUpcallProbe
 from upcall_capture.probe.record import (
     F_DPIF_UNREADABLE,
@@ -377,6 +379,7 @@ class Summary:
     restarts: int | None = None  # of the traced process, followed (--follow)
     undecoded: int = 0  # written without their key's text: the capture was overloaded
     kernel: list[str] | None = None  # the kernel side's lines (kernel_side.report)
+    outcomes: str | None = None  # the outcomes' line (outcomes.report)
 
     def line(self) -> str:
         text = f"{self.captured} upcalls captured"
@@ -416,6 +419,8 @@ class Capture:
         # The kernel side, when attached (after the probe: see cli.py); it outlives a
         # followed process.
         self.kernel: KernelSide | None = None
+        # The handlers' flow puts and executes, when attached: each upcall's outcome.
+        self.ops: HandlerOps | None = None
         self.follower = follower
         self.max_pending = max_pending  # records the outputs may have in hand
         self._merger = TimeMerger()
@@ -437,14 +442,16 @@ class Capture:
         for output in self.outputs:
             output.finish(end_ns, start_ns)
         totals = self._earlier
-        kernel = self.kernel
+        kernel, ops = self.kernel, self.ops
         return Summary(
-            captured=self.captured - self.failed, lost=totals.lost, filtered=totals.filtered,
+            captured=self.captured - self.failed, lost=totals.lost,
+            filtered=totals.filtered + (ops.filtered if ops else 0),
             fired=totals.fired, stop_reason=self.stop_reason,
             restarts=None if self.follower is None else self.follower.restarts,
             undecoded=sum(getattr(output, "undecoded", 0) for output in self.outputs),
             kernel=None if kernel is None else kernel_report(
                 kernel.lost, self.failed, kernel.counters(), kernel.filtered, kernel.matcher),
+            outcomes=None if ops is None else outcomes_report(ops.stage.counts, ops.lost),
         )
 
     def _prepare(self, records: Sequence[bytes], dropped: int) -> list:
@@ -476,8 +483,11 @@ class Capture:
             self._merger.add(self._dpif_names.resolve(self.probe.drain()))
             if self.kernel is not None:  # after recv_upcall's ring: see kernel_side.py
                 self._merger.add(self.kernel.drain())
+            if self.ops is not None:  # the same: see outcomes.py
+                self.ops.drain()
             counters = self.probe.counters()
-            self._deliver(self._annotated(self._merger.release(drain_start)), counters)
+            self._deliver(self._annotated(self._merger.release(drain_start),
+                                          drain_start - self._merger.slack_ns), counters)
             now = time.monotonic_ns()
             if self.progress is not None and now >= next_progress:
                 next_progress = now + PROGRESS_INTERVAL_NS
@@ -497,8 +507,10 @@ class Capture:
         if self.kernel is not None:  # it outlives a followed process: stopped at the end
             self._merger.add(self.kernel.drain() if self.stop_reason is None
                              else self.kernel.stop())
+        if self.ops is not None:
+            self.ops.stop()
         counters = self.probe.counters()
-        self._deliver(self._annotated(self._merger.release_all()), counters)
+        self._deliver(self._annotated(self._merger.release_all(), None), counters)
         # Every batch is written before a gap note can be given to the outputs.
         self._output_thread.close()
         self._earlier = _sum(self._earlier, counters)
@@ -517,11 +529,17 @@ class Capture:
         if followed is None:
             return False
         self.probe, self.target_pid = followed.probe, followed.process.pid
+        if self.ops is not None:
+            self.ops.follow(self.target_pid)
         for output in self.outputs:
             output.gap(followed.note)
         return True
 
-    def _annotated(self, records: list) -> list:
+    def _annotated(self, records: list, horizon_ns: int | None) -> list:
+        """Records in time order, given their outcomes (those settled, or all at the end:
+        horizon_ns None), then the kernel side's enqueues."""
+        if self.ops is not None:
+            records = self.ops.resolve(records, horizon_ns)
         return records if self.kernel is None else self.kernel.annotate(records)
 
     def _deliver(self, records: list[bytes], counters: Counters) -> None:

@@ -39,8 +39,9 @@ from upcall_capture.filters import FilterSpec, compile_filters
 from upcall_capture.flowkey import format_key
 from upcall_capture.follow import Follower
 from upcall_capture.kernel_side import KernelSide
+from upcall_capture.outcomes import HandlerOps
 from upcall_capture.ports import PortNames, dpctl_show, no_port_names, parse_dpctl_show
-from upcall_capture.probe import kernel_probe, loader
+from upcall_capture.probe import kernel_probe, loader, ops_probe
 from upcall_capture.probe.record import (
     DEFAULT_KEY_CAP,
     DEFAULT_SNAPLEN,
@@ -249,6 +250,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-kernel", action="store_true",
         help="capture only the upcalls ovs-vswitchd received (recv_upcall), not the "
              "kernel side")
+    outcomes = capture.add_mutually_exclusive_group()
+    outcomes.add_argument(
+        "--outcomes", action="store_true",
+        help="require outcomes: what the handler did with each upcall (the flow it put, "
+             "with megaflow, actions and ufid, or the packet it executed) and how long "
+             "after receiving it, in a comment line of each packet. By default they are "
+             "captured where ovs-vswitchd has the probes dpif_netlink_operate__:op_flow_put "
+             "and op_flow_execute, and one line says when it has not")
+    outcomes.add_argument(
+        "--no-outcomes", action="store_true",
+        help="do not capture outcomes (each upcall is then written without waiting up to "
+             "100 ms for its handler's flow operations)")
     capture.add_argument(
         "--buffer-pages", type=_ranged(1, 1 << 20, "buffer pages"), metavar="PAGES",
         default=loader.DEFAULT_BUFFER_PAGES,
@@ -402,6 +415,7 @@ def capture(args: argparse.Namespace, argv: list[str]) -> int:
     try:
         probe.attach()
         run.kernel = _kernel_side(args, spec, lambda: dpctl_show(run.target_pid), say)
+        run.ops = _handler_ops(args, spec, process.pid, say)
     except UsageError:
         if sink is not None:
             sink.discard()
@@ -456,6 +470,8 @@ def capture(args: argparse.Namespace, argv: list[str]) -> int:
         run.probe.close()  # with --follow, the last one attached
         if run.kernel is not None:
             run.kernel.close()
+        if run.ops is not None:
+            run.ops.close()
 
 
 def _kernel_side(args: argparse.Namespace, spec: FilterSpec | None, show, say
@@ -476,6 +492,32 @@ def _kernel_side(args: argparse.Namespace, spec: FilterSpec | None, show, say
         raise UsageError(f"--kernel: the kernel side is unavailable: {reason}")
     say(f"kernel side unavailable ({reason}): capturing the upcalls ovs-vswitchd receives, "
         "without failed upcalls or queueing delays")
+    return None
+
+
+def _handler_ops(args: argparse.Namespace, spec: FilterSpec | None, pid: int, say
+                 ) -> HandlerOps | None:
+    """The flow put and execute probes, attached; or None, said in one line (an error
+    with --outcomes)."""
+    keep = spec.matches if spec and spec.needs_outcome else None
+    if args.no_outcomes:
+        if keep:
+            raise UsageError("--filter outcome=... needs outcomes: drop --no-outcomes")
+        return None
+    missing = ops_probe.missing_probes(pid)
+    reason = f"the process has no {' or '.join(missing)} probe" if missing else None
+    if reason is None:
+        ops = HandlerOps(ops_probe.OpsProbe(pid), keep=keep)
+        try:
+            ops.attach()
+            return ops
+        except UsageError as err:
+            reason = str(err)
+    if args.outcomes or keep:
+        raise UsageError(f"{'--outcomes' if args.outcomes else '--filter outcome='}: "
+                         f"outcomes are unavailable: {reason}")
+    say(f"outcomes unavailable ({reason}): upcalls are written without what the handler "
+        "did with them")
     return None
 
 
@@ -504,6 +546,8 @@ def _report(summary, run: Capture, outputs: list, stats: UpcallStats | None,
     print(f"{PROG}: {line}", file=sys.stderr)
     for kernel_line in summary.kernel or ():
         print(f"{PROG}: {kernel_line}", file=sys.stderr)
+    if summary.outcomes:
+        print(f"{PROG}: {summary.outcomes}", file=sys.stderr)
     if stats is not None:
         _print_stats(stats, args)
     return failed[0].error.exit_status if failed else 0

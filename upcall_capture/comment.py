@@ -8,7 +8,10 @@ Pure text. The comment's lines, in order:
    writes the text in);
 3. maybe `truncated: packet C of N bytes, key C of N bytes`;
 4. maybe `probe could not read: ...`.
-With the kernel side on, a received upcall has a second comment of its own, ENQUEUE_LINE:
+With outcomes on, a received upcall has a comment of its own saying what its handler did
+(outcome_line): `flow put ufid:.. megaflow=.. actions=..; executed actions=..; handled in
+0.041000 ms`, `no flow installed` or `outcome unknown: ..`.
+With the kernel side on, a received upcall has a comment of its own, ENQUEUE_LINE:
 how long it waited in the kernel (kept apart so that the first one, which repeats in a
 storm, stays cached). A failed upcall, which ovs-vswitchd never received, has one comment:
 `upcall failed: EAGAIN (handler socket full) miss dpif=.. in_port=2(veth-a) portid=..
@@ -22,16 +25,26 @@ whose packet starts at the IP header.
 from __future__ import annotations
 
 import re
+import struct
 from dataclasses import dataclass
 
 from upcall_capture import pcapng
+from upcall_capture.actions import format_actions, format_megaflow
 from upcall_capture.probe.kernel_record import errno_number, errno_text
 from upcall_capture.probe.record import (
+    DID_EXECUTE,
+    DID_PUT,
     FLAG_NAMES,
+    UNKNOWN_CAPTURE_ENDED,
+    UNKNOWN_EVENTS_LOST,
+    UNKNOWN_TIMEOUT,
+    UNKNOWN_WINDOW_FULL,
     UNMATCHED_ENQUEUE,
     UPCALL_TYPES,
     Enqueue,
+    Outcome,
     Upcall,
+    outcome_kind,
 )
 
 NOT_DECODED = ("key not decoded: the capture was overloaded "
@@ -212,3 +225,96 @@ def with_key_text(comment: str, key_text: str) -> str:
     """A comment whose key was not decoded, with the key's text in its place."""
     first, rest = comment.split("\n", 1)
     return "\n".join((first, key_text, *rest.split("\n")[1:]))
+
+
+NO_FLOW = "no flow installed"
+UNKNOWN_OUTCOME = "outcome unknown: "
+UNKNOWN_REASONS = {
+    UNKNOWN_TIMEOUT: "its handler did nothing more within the window",
+    UNKNOWN_EVENTS_LOST: "flow operation events were lost (their ring was full)",
+    UNKNOWN_CAPTURE_ENDED: "the capture ended first",
+    UNKNOWN_WINDOW_FULL: "too many upcalls were waiting for their outcome",
+}
+_OUTCOME = re.compile(
+    r"^(?:flow (?P<verb>put|modify) ufid:(?P<ufid>[0-9a-f-]{36}) megaflow=(?P<megaflow>.*?) "
+    r"actions=(?P<put_actions>.*?)|no flow installed)"
+    r"(?:; executed actions=(?P<execute_actions>.*?))?"
+    r"(?:; handled in (?P<ms>\d+\.\d{6}) ms)?$")
+
+
+def ufid_text(ufid: bytes) -> str:
+    """A ufid as OVS prints it: its four host-order words as a UUID."""
+    a, b, c, d = struct.unpack("<4I", ufid)
+    return f"{a:08x}-{b >> 16:04x}-{b & 0xFFFF:04x}-{c >> 16:04x}-{c & 0xFFFF:04x}{d:08x}"
+
+
+def outcome_what(outcome: Outcome, key: bytes) -> str:
+    """outcome_line() without the handling time: what is the same for every upcall of a
+    flow (the hot path caches it)."""
+    if outcome.unknown:
+        return UNKNOWN_OUTCOME + UNKNOWN_REASONS.get(outcome.unknown, str(outcome.unknown))
+    parts = []
+    if outcome.did & DID_PUT:
+        verb = "put" if outcome.create else "modify"
+        ufid = ufid_text(outcome.ufid) if outcome.ufid else "?"
+        parts.append(f"flow {verb} ufid:{ufid} megaflow={format_megaflow(key, outcome.mask)} "
+                     f"actions={format_actions(outcome.put_actions)}")
+    else:
+        parts.append(NO_FLOW)
+    if outcome.did & DID_EXECUTE:
+        parts.append(f"executed actions={format_actions(outcome.execute_actions)}")
+    return "; ".join(parts)
+
+
+def handled_text(handling_ns: int | None) -> bytes:
+    if handling_ns is None:
+        return b""
+    return b"; handled in %d.%06d ms" % divmod(handling_ns, 1_000_000)
+
+
+def outcome_line(outcome: Outcome, key: bytes) -> str:
+    """What the handler did with the upcall, and how long after recv_upcall it did it."""
+    return outcome_what(outcome, key) + handled_text(outcome.handling_ns).decode()
+
+
+@dataclass(frozen=True, slots=True)
+class OutcomeFields:
+    """An outcome comment read back."""
+
+    text: str  # the comment itself
+    did: int  # DID_* bits
+    unknown: bool
+    handling_ns: int | None
+    ufid: str | None = None
+    megaflow: str | None = None
+    put_actions: str | None = None
+    execute_actions: str | None = None
+
+    @property
+    def kind(self) -> str:
+        return outcome_kind(self.did, self.unknown)
+
+
+def parse_outcome(comment: str) -> OutcomeFields | None:
+    """An outcome comment read back, or None for another text."""
+    if comment.startswith(UNKNOWN_OUTCOME):
+        return OutcomeFields(comment, 0, True, None)
+    found = _OUTCOME.match(comment)
+    if found is None:
+        return None
+    did = (DID_PUT if found["verb"] else 0) | \
+        (DID_EXECUTE if found["execute_actions"] is not None else 0)
+    handling = None
+    if found["ms"]:
+        whole, fraction = found["ms"].split(".")
+        handling = int(whole) * 1_000_000 + int(fraction)
+    return OutcomeFields(comment, did, False, handling, found["ufid"], found["megaflow"],
+                         found["put_actions"], found["execute_actions"])
+
+
+def outcome_fields(outcome: Outcome | OutcomeFields, key: bytes) -> OutcomeFields:
+    """An outcome as its comment says it: read back from a file already, or from a
+    capture's record (its megaflow is its key's)."""
+    if isinstance(outcome, OutcomeFields):
+        return outcome
+    return parse_outcome(outcome_line(outcome, key))

@@ -19,7 +19,7 @@ from upcall_capture import comment, pcapng
 from upcall_capture.errors import UsageError
 from upcall_capture.flowkey import format_key
 from upcall_capture.interfaces import InterfaceTable
-from upcall_capture.probe.record import F_FAILED, F_KERNEL, Upcall
+from upcall_capture.probe.record import F_FAILED, F_KERNEL, F_OUTCOME, Upcall
 from upcall_capture.view import CapturedUpcall
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -76,12 +76,14 @@ def _upcall_from_block(block: pcapng.Packet, interface: pcapng.InterfaceDescript
         enqueue = said.failure or next(
             (found for text in block.comments[1:] if (found := comment.parse_enqueue(text))),
             None)
+        outcome = next((found for text in block.comments[1:]
+                        if (found := comment.parse_outcome(text))), None)
+        flags = F_FAILED | F_KERNEL if said.failure else F_KERNEL if enqueue else 0
         upcall = Upcall(
             ktime_ns=0, pid=said.pid, tid=said.tid, cpu=said.cpu, type=said.upcall_type,
-            dpif=said.dpif, thread=said.thread,
-            flags=F_FAILED | F_KERNEL if said.failure else F_KERNEL if enqueue else 0,
+            dpif=said.dpif, thread=said.thread, flags=flags | (F_OUTCOME if outcome else 0),
             key=key, key_size=said.key_size or len(key),
-            packet=block.data, pkt_size=block.orig_len, enqueue=enqueue,
+            packet=block.data, pkt_size=block.orig_len, enqueue=enqueue, outcome=outcome,
         )
         port, name = said.port, said.port_name
     else:

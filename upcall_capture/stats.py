@@ -14,6 +14,7 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
+from upcall_capture.comment import outcome_fields
 from upcall_capture.counting import DistinctCount, HeavyHitters, Quantiles
 from upcall_capture.flowkey import KeyCache, decode_key, format_key
 from upcall_capture.flowkey.layouts import Fields
@@ -90,12 +91,18 @@ class UpcallStats:
             "errno": Counter(), "port": Counter(), "portid": Counter()}
         self.delays: dict[str, Quantiles] = {}
         self.delay_unknown = 0
+        # Outcomes (what the handlers did): by kind, the megaflows put, handling delays.
+        self.outcomes: Counter[str] = Counter()
+        self.megaflows = HeavyHitters(key_capacity)
+        self.handling: dict[str, Quantiles] = {}
         self._fields = key_fields_cache()
 
     def add(self, items: Iterable[CapturedUpcall]) -> None:
         items = list(items)
         if any(item.upcall.enqueue is not None for item in items):
             items = self._kernel_side(items)
+        if any(item.upcall.outcome is not None for item in items):
+            self._outcomes(items)
         for item in items:
             upcall = item.upcall
             self.types[upcall.type_name if upcall.type >= 0 else "unknown"] += 1
@@ -127,6 +134,34 @@ class UpcallStats:
                     handler = item.upcall.thread or "unknown"
                     self.delays.setdefault(handler, Quantiles()).add(enqueue.queued_ns)
         return received
+
+    def _outcomes(self, items: list[CapturedUpcall]) -> None:
+        megaflows = []
+        for item in items:
+            upcall = item.upcall
+            if upcall.outcome is None:
+                continue
+            outcome = outcome_fields(upcall.outcome, upcall.key)
+            self.outcomes[outcome.kind] += 1
+            if outcome.megaflow is not None:
+                megaflows.append(f"{outcome.megaflow} actions:{outcome.put_actions}")
+            if outcome.handling_ns is not None:
+                handler = upcall.thread or "unknown"
+                self.handling.setdefault(handler, Quantiles()).add(outcome.handling_ns)
+        self.megaflows.update(megaflows)
+
+    def _outcomes_report(self, top: int) -> dict:
+        return {
+            "by_kind": dict(self.outcomes.most_common()),
+            "top_megaflows_approximate": not self.megaflows.exact,
+            "top_megaflows_max_error": self.megaflows.error,
+            "top_megaflows": [{"count": count, "megaflow": megaflow}
+                              for megaflow, count in self.megaflows.most_common(top)],
+            "handling_delay_ms": [
+                {"handler": handler, "upcalls": q.count, "median": q.quantile(0.5) / 1e6,
+                 "p99": q.quantile(0.99) / 1e6, "max": q.maximum / 1e6}
+                for handler, q in sorted(self.handling.items())],
+        }
 
     def _kernel_report(self) -> dict:
         return {
@@ -163,6 +198,7 @@ class UpcallStats:
                 for second in range(first, last + 1)
             ],
             "kernel": self._kernel_report(),
+            "outcomes": self._outcomes_report(top),
         }
 
 
@@ -205,6 +241,7 @@ def as_text(report: dict) -> str:
     if not report["top_keys"] and report["distinct_keys"]:
         lines.append(_none_frequent(report["top_keys_max_error"]))
     lines.extend(_kernel_lines(report["kernel"]))
+    lines.extend(_outcome_lines(report["outcomes"]))
     lines.append("upcalls per second:")
     lines.extend(
         f"  {clock_time(entry['time'] * NS_PER_S)[:8]}  {entry['upcalls']:>10}"
@@ -227,10 +264,38 @@ def _kernel_lines(kernel: dict) -> list[str]:
         lines.append("queueing delay in the kernel, ms (within 1%)" +
                      (f", {unknown} upcalls not matched to their enqueue" if unknown else "")
                      + ":")
-        lines.append(f"  {'handler':<16} {'upcalls':>10} {'median':>10} {'p99':>10} "
-                     f"{'max':>10}")
-        lines.extend(f"  {d['handler']:<16} {d['upcalls']:>10} {d['median']:>10.3f} "
-                     f"{d['p99']:>10.3f} {d['max']:>10.3f}" for d in kernel["queueing_delay_ms"])
+        lines.extend(_delay_table(kernel["queueing_delay_ms"]))
+    return lines
+
+
+def _delay_table(rows: list[dict]) -> list[str]:
+    """Per-handler delays: median, p99 and max, in ms."""
+    lines = [f"  {'handler':<16} {'upcalls':>10} {'median':>10} {'p99':>10} {'max':>10}"]
+    lines.extend(f"  {d['handler']:<16} {d['upcalls']:>10} {d['median']:>10.3f} "
+                 f"{d['p99']:>10.3f} {d['max']:>10.3f}" for d in rows)
+    return lines
+
+
+_OUTCOME_TITLES = {"put": "flow put", "execute": "executed, no flow installed",
+                   "none": "no flow installed", "unknown": "outcome unknown"}
+
+
+def _outcome_lines(outcomes: dict) -> list[str]:
+    """What the handlers did (when the capture had outcomes)."""
+    if not outcomes["by_kind"]:
+        return []
+    lines = ["outcomes (what the handlers did):"]
+    lines.extend(f"  {count:>10}  {_OUTCOME_TITLES.get(kind, kind)}"
+                 for kind, count in outcomes["by_kind"].items())
+    if outcomes["top_megaflows"]:
+        lines.append("top megaflows installed"
+                     f"{_approximate(outcomes['top_megaflows_max_error'])}:")
+        lines.extend(f"  {entry['count']:>10}  {entry['megaflow']}"
+                     for entry in outcomes["top_megaflows"])
+    if outcomes["handling_delay_ms"]:
+        lines.append("handling delay, recv_upcall to the first put or execute, ms "
+                     "(within 1%):")
+        lines.extend(_delay_table(outcomes["handling_delay_ms"]))
     return lines
 
 

@@ -33,6 +33,7 @@ from upcall_capture.probe.record import (
     ENQUEUE_TRAILER,
     F_FAILED,
     F_KERNEL,
+    F_OUTCOME,
     FLAGS_OFFSET,
     HEADER_SIZE,
     PID_OFFSET,
@@ -40,8 +41,10 @@ from upcall_capture.probe.record import (
     UNREADABLE,
     header_format,
     header_offset,
+    outcome_span,
     parse,
     unpack_enqueue,
+    unpack_outcome,
 )
 
 # ktime_ns, key_size, pid, tid, cpu, type, pkt_size, pkt_len, key_len, pkt_offset: the
@@ -90,9 +93,9 @@ def _find_attribute(text: str, name: str, *, last: bool) -> int:
 PortNamer = Callable[[str, int], "str | None"]
 
 
-def _has_enqueue(record: bytes | memoryview) -> bool:
-    """The record carries the kernel side's enqueue (F_KERNEL)."""
-    return bool(U32.unpack_from(record, FLAGS_OFFSET)[0] & F_KERNEL)
+def _has_extras(record: bytes | memoryview) -> bool:
+    """The record carries an outcome (F_OUTCOME) or the kernel side's enqueue (F_KERNEL)."""
+    return bool(U32.unpack_from(record, FLAGS_OFFSET)[0] & (F_KERNEL | F_OUTCOME))
 
 
 _UNMATCHED_OPTION = pcapng.comment_option(comment.UNMATCHED_LINE.encode())
@@ -101,13 +104,46 @@ _QUEUED = struct.Struct("<q")
 # one entry per handler socket, device and MRU.
 _WHERE: dict[bytes, bytes] = {}
 MAX_CACHED_WHERE = 1024
+# The outcome comment without its handling time, by the trailer's bytes other than that
+# time and by the key (a put's megaflow is the key's): one entry per flow in a storm of
+# repeated keys.
+_WHAT: dict[bytes, bytes] = {}
+MAX_CACHED_WHAT = 16384
+_KEY_LEN = struct.Struct("<I")
+_KEY_LEN_AT = header_offset("key_len")
+_HANDLING = struct.Struct("<q")
+_HANDLING_AT = 4  # in OUTCOME_HEAD, after did, unknown, flags and a pad byte
 
 
-def _enqueue_option(record: bytes | memoryview, described: _Described) -> bytes:
-    """A received upcall's second comment, its wait in the kernel, when it has one: this
-    runs for every upcall while the kernel side is on."""
-    if not described.enqueue:
+def _extra_options(record: bytes | memoryview, described: _Described) -> bytes:
+    """A received upcall's comments after its first: its outcome and its wait in the
+    kernel, when it has them. This runs for every upcall while either is on."""
+    if not described.extras:
         return b""
+    flags = U32.unpack_from(record, FLAGS_OFFSET)[0]
+    options = _outcome_option(record) if flags & F_OUTCOME else b""
+    return (options + _enqueue_option(record)) if flags & F_KERNEL else options
+
+
+def _outcome_option(record: bytes | memoryview) -> bytes:
+    start, end = outcome_span(record)
+    handling = _HANDLING.unpack_from(record, start + _HANDLING_AT)[0]
+    key_end = HEADER_SIZE + _KEY_LEN.unpack_from(record, _KEY_LEN_AT)[0]
+    cache_key = b"".join((record[start:start + _HANDLING_AT],
+                          record[start + _HANDLING_AT + _HANDLING.size:end],
+                          record[HEADER_SIZE:key_end]))
+    what = _WHAT.get(cache_key)
+    if what is None:
+        if len(_WHAT) >= MAX_CACHED_WHAT:
+            _WHAT.clear()
+        what = _WHAT[cache_key] = comment.outcome_what(
+            unpack_outcome(record), bytes(record[HEADER_SIZE:key_end])).encode(
+                "utf-8", "backslashreplace")
+    return pcapng.comment_option(
+        what + comment.handled_text(None if handling < 0 else handling))
+
+
+def _enqueue_option(record: bytes | memoryview) -> bytes:
     at = len(record) - ENQUEUE_TRAILER.size
     queued = _QUEUED.unpack_from(record, at)[0]
     if queued < 0:
@@ -145,7 +181,7 @@ class _Described:
     interface: Interface
     tail: bytes
     decoded: bool  # False: written without the key's text, or a failed upcall (not cached)
-    enqueue: bool = False  # the record has an enqueue (F_KERNEL): its own comment follows
+    extras: bool = False  # the record has an outcome or an enqueue: their comments follow
 
 
 def _packet_apart(out: bytearray, described: _Described, timestamp: int,
@@ -272,13 +308,13 @@ class UpcallBlocks:
             timestamp = ktime + offset
             if dropped:
                 _packet_apart(out, described, timestamp, record[packet_at:packet_end],
-                              pkt_size, dropped, _enqueue_option(record, described))
+                              pkt_size, dropped, _extra_options(record, described))
                 dropped = 0
                 continue
             pad = padding[pkt_len & 3]
             tail = described.tail
-            if described.enqueue:  # the kernel side's second comment, before opt_endofopt
-                tail = b"".join((tail[:-4], _enqueue_option(record, described), tail[-4:]))
+            if described.extras:  # the packet's own comments, before opt_endofopt
+                tail = b"".join((tail[:-4], _extra_options(record, described), tail[-4:]))
             total = fixed + pkt_len + len(pad) + len(tail)
             out += pack_head(pcapng.BLOCK_EPB, total, described.if_id, timestamp >> 32,
                              timestamp & 0xFFFFFFFF, pkt_len, pkt_size)
@@ -304,7 +340,7 @@ class UpcallBlocks:
         described.interface.received += 1
         _packet_apart(out, described, upcall.ktime_ns + self.clock_offset_ns, upcall.packet,
                       max(upcall.pkt_size, len(upcall.packet)), dropped,
-                      _enqueue_option(record, described) + extra_options)
+                      _extra_options(record, described) + extra_options)
         return described
 
     def _charge_to_last(self, dropped: int) -> None:
@@ -324,7 +360,7 @@ class UpcallBlocks:
         key = self._plain_key(record)
         if key is None:
             return self._describe_in_full(record, out)
-        enqueue = _has_enqueue(record)
+        extras = _has_extras(record)
         key_text = format_key(key)
         port, has_eth = port_and_eth(key_text)
         if_id, head_text = self._head(record, port, comment.linktype(has_eth, key), out)
@@ -333,7 +369,7 @@ class UpcallBlocks:
             tail = pcapng.packet_tail(text, key)
         except ValueError:
             return self._describe_in_full(record, out)  # which says what is wrong
-        return _Described(if_id, self.table.interfaces[if_id], tail, True, enqueue)
+        return _Described(if_id, self.table.interfaces[if_id], tail, True, extras)
 
     def _describe_undecoded(self, record: bytes | memoryview, out: bytearray) -> _Described:
         """As _describe, without the key's text; where the key's shape is not known yet,
@@ -347,7 +383,7 @@ class UpcallBlocks:
         self.undecoded += 1
         return _Described(if_id, self.table.interfaces[if_id],
                           pcapng.packet_tail(head_text + _NOT_DECODED, key), False,
-                          _has_enqueue(record))
+                          _has_extras(record))
 
     def _describe_sampled(self, record: bytes | memoryview, out: bytearray) -> _Described:
         self._sampled += 1
@@ -397,7 +433,8 @@ class UpcallBlocks:
         options = pcapng.packet_options(comment=text, key=upcall.key)
         # A failed upcall's comment has its errno and portid: it is not cached.
         return _Described(if_id, self.table.interfaces[if_id], options + pcapng.ENDOFOPT,
-                          not upcall.failed, upcall.enqueue is not None and not upcall.failed)
+                          not upcall.failed, not upcall.failed and (
+                              upcall.enqueue is not None or upcall.outcome is not None))
 
     def _interface(self, dpif: str, port: int | None, linktype: int, name: str | None,
                    out: bytearray) -> int:

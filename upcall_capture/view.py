@@ -146,6 +146,8 @@ class ConsolePrinter:
             key_text = self._key_text(upcall.key, upcall.key_size)
             lines.append("\t" + (comment.TRACEPOINT_KEY + key_text if upcall.failed
                                  else key_text))
+        if self.verbose and upcall.outcome is not None:
+            lines.append("\t" + comment.outcome_fields(upcall.outcome, upcall.key).text)
         if self.verbose and upcall.enqueue is not None and not upcall.failed:
             lines.append("\t" + comment.enqueue_line(upcall.enqueue))
         if self.hexdump:

@@ -28,6 +28,9 @@
  *   -k          keep running after firing, until SIGTERM or SIGINT
  *   -B          fire one hostile upcall after the others: its packet size and key_len
  *               run past readable memory into a PROT_NONE guard page
+ *   -O          after each batch of at most 64 upcalls, fire the flow puts and executes
+ *               a handler would (dpif_netlink_operate__:op_flow_put, op_flow_execute;
+ *               flow-ops.h says which upcalls get which)
  * SIGINT or SIGTERM stops the firing early. At the end one line goes to stdout,
  * "fired N upcalls in S.SSS s (R/s)" (N counts the -B upcall), and the exit status is 0.
  *
@@ -62,6 +65,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "flow-ops.h"
+
 /* As in OVS's lib/dpif.h: gcc gives it a 4-byte unsigned type. */
 enum dpif_upcall_type {
     DPIF_UC_MISS,
@@ -84,6 +89,7 @@ struct handler {
     pthread_t thread;
     unsigned int index;          /* 0-based; named handler<index + 1> */
     uint8_t *recv_buf;           /* RECV_BUF_SIZE bytes: where each upcall is received */
+    struct op_batch ops;         /* -O */
     uint64_t fired;
 };
 
@@ -106,6 +112,8 @@ static uint64_t total_count;
 static double rate;
 static unsigned int n_threads = 1;
 static bool unique_keys;
+static bool flow_ops;
+static size_t max_key_len, max_packet_len;
 static struct timespec start_time;
 static volatile sig_atomic_t stop_requested;
 
@@ -129,7 +137,7 @@ static void
 usage(FILE *stream)
 {
     fputs("usage: upcall-replay [-n COUNT] [-r RATE] [-u] [-T THREADS] [-S | -w SECONDS] "
-          "[-k] [-B] FILE...\n"
+          "[-k] [-B] [-O] FILE...\n"
           "Fire the USDT probe dpif_recv:recv_upcall with the upcalls recorded in FILE...\n"
           "  -n COUNT    upcalls to fire in all (default: every record once; files cycle)\n"
           "  -r RATE     upcalls per second across all threads (default 0: no limit)\n"
@@ -139,6 +147,7 @@ usage(FILE *stream)
           "  -w SECONDS  wait SECONDS before firing\n"
           "  -k          keep running after firing until SIGTERM or SIGINT\n"
           "  -B          then fire one upcall whose packet and key run into unreadable memory\n"
+          "  -O          fire a handler's flow puts and executes after each batch of upcalls\n"
           "Prints \"fired N upcalls in S.SSS s (R/s)\" at the end.\n", stream);
 }
 
@@ -250,6 +259,8 @@ load_file(const char *path)
         r->key_len = key_len;
         r->key_uniq_off = key_uniq;
         r->pkt_uniq_off = pkt_uniq;
+        max_key_len = key_len > max_key_len ? key_len : max_key_len;
+        max_packet_len = pkt_len > max_packet_len ? pkt_len : max_packet_len;
         offset += (size_t) dpif_len + pkt_len + key_len;
     }
     free(data);
@@ -348,17 +359,24 @@ handler_main(void *arg)
             }
             limit = due < total_count ? due : total_count;
         }
-        for (; k < limit && burst < MAX_BURST; k += step, burst++) {
+        for (; k < limit && burst < (flow_ops ? OPS_MAX_BATCH : MAX_BURST); k += step, burst++) {
             struct record upcall = receive(&records[index], h->recv_buf);
 
             if (unique_keys) {
                 set_unique(&upcall, k);
             }
             fire(&upcall);
+            if (flow_ops) {
+                ops_add(&h->ops, k, upcall.type, upcall.key, upcall.key_len, upcall.packet,
+                        upcall.packet_size);
+            }
             index += step;
             while (index >= n_records) {
                 index -= n_records;
             }
+        }
+        if (flow_ops) {
+            ops_fire(&h->ops);
         }
         h->fired += burst;
     }
@@ -484,7 +502,7 @@ main(int argc, char *argv[])
     int opt;
 
     opterr = 0;                     /* our own one-line messages */
-    while ((opt = getopt(argc, argv, "n:r:uT:Sw:kBh")) != -1) {
+    while ((opt = getopt(argc, argv, "n:r:uT:Sw:kBOh")) != -1) {
         switch (opt) {
         case 'n':
             total_count = parse_integer(optarg, "count", 0, UINT64_MAX / 2);
@@ -510,6 +528,9 @@ main(int argc, char *argv[])
             break;
         case 'B':
             hostile = true;
+            break;
+        case 'O':
+            flow_ops = true;
             break;
         case 'h':
             usage(stdout);
@@ -543,6 +564,9 @@ main(int argc, char *argv[])
         handlers[i].recv_buf = malloc(RECV_BUF_SIZE);
         if (!handlers[i].recv_buf) {
             die(1, "out of memory");
+        }
+        if (flow_ops) {
+            ops_batch_init(&handlers[i].ops, max_key_len, max_packet_len);
         }
     }
 

@@ -103,6 +103,11 @@ class FilterSpec:
         return self.packet.matches(upcall, keywalk.ETH in keywalk.key_fields(upcall.key))
 
     @property
+    def needs_outcome(self) -> bool:
+        """A term tests the outcome: the whole filter runs again once it is known."""
+        return any(t.name == "outcome" for alt in self.alternatives for t in alt)
+
+    @property
     def userspace(self) -> Callable[[Upcall], bool] | None:
         """What the probe could not decide, to apply to every record it submits; None when
         the probe decides everything."""

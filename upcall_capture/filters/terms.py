@@ -4,7 +4,9 @@ A term tests either the upcall's metadata (dpif, type, pid, tid, thread, result)
 the probe has before it copies anything, or a field of the flow key (keywalk.FIELDS), as
 (value & mask) == wanted. A key field the key does not have never matches. `result` tells
 upcalls ovs-vswitchd received (ok) from those the datapath failed to deliver (failed, or
-one errno such as EAGAIN), which only the kernel side captures.
+one errno such as EAGAIN), which only the kernel side captures. `outcome` tells what the
+handler did (put, execute, none, unknown: record.outcome_kind), known only once the
+upcall leaves the outcomes stage: the probe lets every upcall through for it.
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class Upcall(Protocol):
     pkt_size: int
     enqueue: object  # probe.record.Enqueue | None: a failed upcall's `result` is -errno
     failed: bool  # made from the kernel side's FAILED event
+    outcome: object  # None, or anything with .kind (record.Outcome, comment.OutcomeFields)
 
 
 @dataclass(frozen=True)
@@ -60,6 +63,8 @@ class Term:
         if self.name == "result":
             result = upcall.enqueue.result if upcall.failed else 0
             return result != 0 if self.value == "failed" else result == self.value
+        if self.name == "outcome":
+            return upcall.outcome is not None and upcall.outcome.kind == self.value
         if self.name in _META_STRINGS:
             return getattr(upcall, self.name) == self.value
         have = fields.get(self.name) if self.in_key else getattr(upcall, self.name)
@@ -70,6 +75,8 @@ class Term:
         assert not self.in_key
         if self.name == "result":
             return "1" if self.value == 0 else "0"  # recv_upcall sees no failed upcall
+        if self.name == "outcome":
+            return "1"  # not known yet: decided after the outcomes stage
         if self.name in _META_STRINGS:
             raw = str(self.value).encode() + b"\0"
             member = _META_STRINGS[self.name]
@@ -179,7 +186,9 @@ def _key_term(name: str, text: str) -> Term:
     return Term(name, value, mask)
 
 
-META_NAMES = ("dpif", "type", "in_port", "port", "pid", "tid", "thread", "result")
+META_NAMES = ("dpif", "type", "in_port", "port", "pid", "tid", "thread", "result",
+              "outcome")
+OUTCOMES = ("put", "execute", "none", "unknown")
 KEY_NAMES = tuple(name for name in keywalk.FIELDS if name not in (keywalk.ETH, "in_port"))
 NAMES = META_NAMES + KEY_NAMES
 
@@ -199,6 +208,12 @@ def parse_term(text: str, port_lookup: PortLookup | None) -> list[Term]:
         return [Term(name, _meta_number(value, name), 0xFFFFFFFF)]
     if name == "result":
         return _result_terms(value)
+    if name == "outcome":
+        if value == "any":
+            return []
+        if value not in OUTCOMES:
+            raise ValueError(f"outcome must be {', '.join(OUTCOMES)} or any, not {value!r}")
+        return [Term("outcome", value)]
     if name == "port":
         if port_lookup is None:
             raise ValueError("port=NAME needs the datapath's port names, which are not "

@@ -48,6 +48,9 @@ UNREADABLE = F_ARG_UNREADABLE | F_DPIF_UNREADABLE | F_KEY_UNREADABLE | F_PKT_UNR
 # Flags the capture sets when the kernel side is on (kernel_record.py makes such records):
 F_KERNEL = 16  # an ENQUEUE trailer follows the packet: what the kernel side saw of it
 F_FAILED = 32  # a failed upcall, made from the kernel's event: ovs-vswitchd never saw it
+# Set by the capture when outcomes are on (outcomes.py): an OUTCOME trailer follows the
+# packet, before any ENQUEUE trailer.
+F_OUTCOME = 64
 FLAG_NAMES = {
     F_ARG_UNREADABLE: "probe arguments unreadable",
     F_DPIF_UNREADABLE: "dpif name unreadable",
@@ -84,6 +87,9 @@ class Upcall:
     packet: bytes
     pkt_size: int  # real length; len(packet) is what was captured
     enqueue: Enqueue | None = None  # the kernel side's view (F_KERNEL), if it was on
+    # What the handler did with it (F_OUTCOME), if known; read back from a file, a
+    # comment.OutcomeFields.
+    outcome: Outcome | None = None
 
     @property
     def type_name(self) -> str:
@@ -138,6 +144,87 @@ def with_enqueue(record: bytes | memoryview, enqueue: Enqueue | bytes) -> bytes:
                      trailer))
 
 
+# What a handler did with an upcall (Outcome.did): a flow put, an execute, both, or nothing.
+DID_PUT, DID_EXECUTE = 1, 2
+# Why an outcome is unknown (Outcome.unknown); 0: it is known.
+(UNKNOWN_TIMEOUT, UNKNOWN_EVENTS_LOST, UNKNOWN_CAPTURE_ENDED,
+ UNKNOWN_WINDOW_FULL) = range(1, 5)
+
+
+def outcome_kind(did: int, unknown: bool) -> str:
+    """put (a flow put, whatever else), execute (an execute with no put), none or
+    unknown: the values of --filter outcome=."""
+    if unknown:
+        return "unknown"
+    return "put" if did & DID_PUT else "execute" if did else "none"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What ovs-vswitchd's handler asked of the datapath for an upcall (outcomes.py)."""
+
+    did: int  # DID_PUT | DID_EXECUTE bits; 0 with unknown == 0: no flow installed
+    unknown: int = 0  # UNKNOWN_*: the outcome could not be tied to the upcall
+    handling_ns: int | None = None  # recv_upcall to the handler's first op for it
+    ufid: bytes | None = None  # the put's
+    create: bool = True  # the put created the flow (not a modify)
+    mask: bytes = b""  # the put's; its key is the upcall's own (OVS puts the same bytes)
+    put_actions: bytes = b""
+    execute_actions: bytes = b""
+
+    @property
+    def kind(self) -> str:
+        return outcome_kind(self.did, bool(self.unknown))
+
+
+# The OUTCOME trailer: did, unknown, put flags (1: ufid, 2: create), handling_ns (-1: none),
+# ufid, the lengths of mask, put actions and execute actions; then those bytes, then the
+# trailer's whole length (u32), so that it is found from the record's end.
+OUTCOME_HEAD = struct.Struct("<BBBxq16sIII")
+_TRAILER_LENGTH = struct.Struct("<I")
+
+
+def pack_outcome(outcome: Outcome) -> bytes:
+    flags = (1 if outcome.ufid is not None else 0) | (2 if outcome.create else 0)
+    body = b"".join((
+        OUTCOME_HEAD.pack(outcome.did, outcome.unknown, flags,
+                          -1 if outcome.handling_ns is None else outcome.handling_ns,
+                          outcome.ufid or bytes(16), len(outcome.mask),
+                          len(outcome.put_actions), len(outcome.execute_actions)),
+        outcome.mask, outcome.put_actions, outcome.execute_actions))
+    return body + _TRAILER_LENGTH.pack(len(body) + _TRAILER_LENGTH.size)
+
+
+def unpack_outcome(record: bytes | memoryview) -> Outcome:
+    at = outcome_span(record)[0]
+    did, unknown, flags, handling, ufid, mask_len, put_len, execute_len = \
+        OUTCOME_HEAD.unpack_from(record, at)
+    at += OUTCOME_HEAD.size
+    mask = bytes(record[at:at + mask_len])
+    at += mask_len
+    put_actions = bytes(record[at:at + put_len])
+    at += put_len
+    return Outcome(did, unknown, None if handling < 0 else handling,
+                   ufid if flags & 1 else None, bool(flags & 2), mask, put_actions,
+                   bytes(record[at:at + execute_len]))
+
+
+def outcome_span(record: bytes | memoryview) -> tuple[int, int]:
+    """Where the record's OUTCOME trailer lies (F_OUTCOME): (start, end)."""
+    end = len(record) - (ENQUEUE_TRAILER.size if
+                         U32.unpack_from(record, FLAGS_OFFSET)[0] & F_KERNEL else 0)
+    return end - _TRAILER_LENGTH.unpack_from(record, end - _TRAILER_LENGTH.size)[0], end
+
+
+def with_outcome(record: bytes | memoryview, outcome: Outcome | bytes) -> bytes:
+    """The record with its outcome after its packet (flag F_OUTCOME). It is given its
+    outcome before the kernel side's enqueue (kernel_side.annotate), which stays last."""
+    flags = U32.unpack_from(record, FLAGS_OFFSET)[0] | F_OUTCOME
+    trailer = outcome if isinstance(outcome, bytes) else pack_outcome(outcome)
+    return b"".join((record[:FLAGS_OFFSET], U32.pack(flags), record[FLAGS_OFFSET + 4:],
+                     trailer))
+
+
 # Control characters in a name would reach the operator's terminal (escape sequences) or
 # break the comment's lines: they are shown as \xNN, like bytes that are not UTF-8.
 _CONTROLS = {code: f"\\x{code:02x}" for code in (*range(0x20), 0x7F)}
@@ -185,6 +272,7 @@ def parse(record: bytes | memoryview) -> Upcall:
         key=bytes(record[HEADER_SIZE:HEADER_SIZE + key_len]), key_size=key_size,
         packet=bytes(record[packet_at:packet_at + pkt_len]), pkt_size=pkt_size,
         enqueue=unpack_enqueue(record) if flags & F_KERNEL else None,
+        outcome=unpack_outcome(record) if flags & F_OUTCOME else None,
     )
 
 

@@ -1,0 +1,274 @@
+"""Outcomes: what the handler did with each upcall (outcomes.py), its comment line, the
+ops events (ops_record.py), --filter outcome= and --stats; and, through real eBPF on the
+replay firing op_flow_put/op_flow_execute (-O), the whole capture."""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import upcalls  # samples/replay/upcalls.py
+from probe_records import probe_record
+
+from upcall_capture import comment
+from upcall_capture.actions import format_actions, format_megaflow
+from upcall_capture.filters import FilterError, compile_filters
+from upcall_capture.outcomes import Outcomes, report
+from upcall_capture.probe.ops_record import OP_EXECUTE, OP_HEAD, OP_PUT, parse_op
+from upcall_capture.probe.record import (
+    DID_EXECUTE,
+    DID_PUT,
+    F_FAILED,
+    F_KERNEL,
+    UNKNOWN_CAPTURE_ENDED,
+    UNKNOWN_EVENTS_LOST,
+    UNKNOWN_TIMEOUT,
+    UNKNOWN_WINDOW_FULL,
+    UNMATCHED_ENQUEUE,
+    Outcome,
+    parse,
+    unpack_outcome,
+    with_enqueue,
+    with_outcome,
+)
+
+REPLAY = Path(__file__).parent.parent / "samples" / "replay"
+SENT = upcalls.read_records(REPLAY / "basic.upc")
+OUTPUT_1 = struct.pack("<HHI", 8, 1, 1)  # output:1
+
+
+def nla(kind: int, payload: bytes) -> bytes:
+    return struct.pack("<HH", 4 + len(payload), kind) + payload + bytes(-len(payload) % 4)
+
+
+def request(family: int, cmd: int, attributes: bytes) -> bytes:
+    body = struct.pack("<BBH i", cmd, 1, 0, 7) + attributes
+    return struct.pack("<IHHII", 16 + len(body), family, 1, 0, 0) + body
+
+
+def op_event(kind: int, message: bytes, *, ktime_ns: int, tid: int = 43,
+             size: int | None = None) -> bytes:
+    size = len(message) if size is None else size
+    return OP_HEAD.pack(ktime_ns, 42, tid, kind, size, len(message), 0) + message
+
+
+def put(key: bytes, mask: bytes, *, ktime_ns: int, tid: int = 43, ufid: bytes = bytes(16),
+        actions: bytes = OUTPUT_1) -> bytes:
+    return op_event(OP_PUT, request(0x1D, 1, nla(10, ufid) + nla(1, key) + nla(7, mask)
+                                    + nla(2, actions)), ktime_ns=ktime_ns, tid=tid)
+
+
+def execute(packet: bytes, *, ktime_ns: int, tid: int = 43, actions: bytes = OUTPUT_1) -> bytes:
+    metadata = nla(2, struct.pack("<I", 0)) + nla(3, struct.pack("<I", 1))
+    return op_event(OP_EXECUTE, request(0x1F, 3, nla(1, packet) + nla(2, metadata)
+                                        + nla(3, actions)), ktime_ns=ktime_ns, tid=tid)
+
+
+def exact_mask(key: bytes) -> bytes:
+    return bytes(0xFF if i % 4 else b for i, b in enumerate(key))  # not a real mask: bytes
+
+
+def record(index: int, ktime_ns: int, tid: int = 43) -> bytes:
+    return probe_record(SENT[index], ktime_ns=ktime_ns, tid=tid)
+
+
+def outcomes_of(records: list[bytes]) -> list[Outcome]:
+    return [unpack_outcome(r) for r in records]
+
+
+def test_an_op_event_reads_back():
+    key, packet = SENT[0].key, SENT[0].packet
+    op = parse_op(put(key, exact_mask(key), ktime_ns=5, ufid=bytes(range(16))))
+    assert (op.kind, op.tid, op.complete, op.key, op.ufid, op.actions, op.create) == \
+        (OP_PUT, 43, True, key, bytes(range(16)), OUTPUT_1, True)
+    op = parse_op(execute(packet, ktime_ns=6))
+    assert (op.kind, op.packet, op.pkt_size, op.actions) == (OP_EXECUTE, packet, len(packet),
+                                                             OUTPUT_1)
+    cut = execute(packet, ktime_ns=6)
+    truncated = OP_HEAD.pack(*OP_HEAD.unpack_from(cut)[:4], len(cut) + 100,
+                             len(cut) - OP_HEAD.size, 0) + cut[OP_HEAD.size:]
+    assert not parse_op(truncated).complete
+
+
+def test_puts_and_executes_are_tied_by_key_and_packet_in_a_batch():
+    stage = Outcomes()
+    a, b, c, d = (record(i, 1000 + i) for i in range(4))
+    stage.add_ops([
+        put(SENT[0].key, exact_mask(SENT[0].key), ktime_ns=2000, ufid=b"u" * 16),
+        execute(SENT[0].packet, ktime_ns=2001),
+        execute(SENT[1].packet, ktime_ns=2002),  # b: an execute alone
+        # c: nothing: d's put settles it
+        put(SENT[3].key, exact_mask(SENT[3].key), ktime_ns=2003, actions=b""),
+    ], lost=0)
+    out = stage.resolve([a, b, c, d], horizon_ns=3000)
+    assert out[:3] == [with_outcome(a, Outcome(DID_PUT | DID_EXECUTE, handling_ns=1000,
+                                                ufid=b"u" * 16, mask=exact_mask(SENT[0].key),
+                                                put_actions=OUTPUT_1,
+                                                execute_actions=OUTPUT_1)),
+                       with_outcome(b, Outcome(DID_EXECUTE, handling_ns=1001,
+                                               execute_actions=OUTPUT_1)),
+                       with_outcome(c, Outcome(0))]
+    # d has a put and may still get its execute: it waits, until a new batch on its
+    # thread (a receive after ops) settles it.
+    assert len(out) == 3
+    e = record(4, 4000)
+    out = stage.resolve([e], horizon_ns=4500)
+    assert out == [with_outcome(d, Outcome(DID_PUT, handling_ns=1000, ufid=bytes(16),
+                                           mask=exact_mask(SENT[3].key)))]
+    assert stage.counts.put == 2 and stage.counts.execute == 2 and stage.counts.none == 1
+
+
+def test_an_op_of_an_upcall_not_held_is_tied_to_no_other():
+    # b and c have the same key; b was filtered out (or lost): its put and execute must
+    # not be given to c, whose handler put nothing (the flow was b's).
+    stage = Outcomes()
+    same_key = replace(SENT[1], packet=SENT[1].packet[:-1] + b"\xee")
+    c = probe_record(same_key, ktime_ns=1002)
+    a = record(0, 1000)
+    stage.add_ops([execute(SENT[1].packet, ktime_ns=2000),  # b's, bytes differ from c's
+                   put(SENT[5].key, exact_mask(SENT[5].key), ktime_ns=2001)],  # nobody's
+                  lost=0)
+    out = stage.resolve([a, c], horizon_ns=2500) + stage.resolve([], horizon_ns=10**9)
+    assert [o.did for o in outcomes_of(out)] == [0, 0]
+    assert [o.unknown for o in outcomes_of(out)] == [UNKNOWN_TIMEOUT, UNKNOWN_TIMEOUT]
+    assert stage.counts.unmatched_ops == 2
+
+
+def test_two_handlers_are_paired_apart():
+    stage = Outcomes()
+    one = [record(i, 1000 + 2 * i, tid=1) for i in range(3)]
+    two = [record(i, 1001 + 2 * i, tid=2) for i in range(3)]  # the same upcalls, interleaved
+    ops = []
+    for i in range(3):
+        ops.append(put(SENT[i].key, exact_mask(SENT[i].key), ktime_ns=3000 + i, tid=2,
+                       ufid=bytes([i]) * 16))
+    ops.append(execute(SENT[2].packet, ktime_ns=4000, tid=1))
+    stage.add_ops(ops, lost=0)
+    merged = [r for pair in zip(one, two, strict=True) for r in pair]
+    out = stage.resolve_all(merged)
+    got = [(parse(r).tid, o.did, o.ufid) for r, o in zip(out, outcomes_of(out), strict=True)]
+    assert got == [(1, 0, None), (2, DID_PUT, b"\0" * 16), (1, 0, None),
+                   (2, DID_PUT, b"\1" * 16), (1, DID_EXECUTE, None), (2, DID_PUT, b"\2" * 16)]
+
+
+def test_the_same_flow_twice_in_a_batch_goes_to_the_first_then_the_second():
+    stage = Outcomes()
+    first, second = record(0, 1000), record(0, 1001)
+    stage.add_ops([put(SENT[0].key, exact_mask(SENT[0].key), ktime_ns=2000),
+                   execute(SENT[0].packet, ktime_ns=2001),
+                   execute(SENT[0].packet, ktime_ns=2002)], lost=0)
+    out = outcomes_of(stage.resolve_all([first, second]))
+    assert [o.did for o in out] == [DID_PUT | DID_EXECUTE, DID_EXECUTE]
+
+
+def test_unknown_outcomes_say_why():
+    stage = Outcomes(window_ns=1000, capacity=3)
+    # No op comes for the first: its window closes.
+    stage.add_ops([], lost=0)
+    assert outcomes_of(stage.resolve([record(0, 100)], horizon_ns=1100))[0].unknown == \
+        UNKNOWN_TIMEOUT
+    # Too many waiting: the oldest leaves.
+    out = stage.resolve([record(i, 2000 + i) for i in range(4)], horizon_ns=2010)
+    assert [o.unknown for o in outcomes_of(out)] == [UNKNOWN_WINDOW_FULL]
+    # The end of the capture.
+    assert {o.unknown for o in outcomes_of(stage.resolve_all([]))} == {UNKNOWN_CAPTURE_ENDED}
+    # Ops events lost after an upcall came: settled with no op, it is not "none".
+    stage = Outcomes()
+    stage.add_ops([], lost=0)
+    a, b = record(0, 1000), record(1, 1001)
+    stage.resolve([a, b], horizon_ns=1500)
+    stage.add_ops([put(SENT[1].key, exact_mask(SENT[1].key), ktime_ns=2000)], lost=5)
+    out = outcomes_of(stage.resolve_all([]))
+    assert [(o.did, o.unknown) for o in out] == [(0, UNKNOWN_EVENTS_LOST), (DID_PUT, 0)]
+
+
+def test_records_leave_in_order_failed_ones_at_once_and_a_put_still_waits():
+    stage = Outcomes()
+    failed_flags = struct.pack("<I", F_FAILED | F_KERNEL)
+    failed = record(2, 1500)
+    failed = with_enqueue(failed[:48] + failed_flags + failed[52:], UNMATCHED_ENQUEUE)
+    stage.add_ops([put(SENT[0].key, exact_mask(SENT[0].key), ktime_ns=1200)], lost=0)
+    out = stage.resolve([record(0, 1000), failed], horizon_ns=2000)
+    assert out == []  # the put's upcall may still get its execute, and it comes first
+    out = stage.resolve([], horizon_ns=1000 + 100_000_000)
+    assert len(out) == 2 and out[1] == failed
+    assert unpack_outcome(out[0]).did == DID_PUT
+
+
+def test_an_outcome_and_an_enqueue_are_both_read_back():
+    outcome = Outcome(DID_PUT, handling_ns=12, ufid=bytes(range(16)), mask=b"m" * 8,
+                      put_actions=OUTPUT_1)
+    both = with_enqueue(with_outcome(record(0, 5), outcome), UNMATCHED_ENQUEUE)
+    upcall = parse(both)
+    assert upcall.outcome == outcome and upcall.enqueue == UNMATCHED_ENQUEUE
+    assert upcall.packet == SENT[0].packet and upcall.key == SENT[0].key
+
+
+def test_ufid_text_is_ovs_uuid_format():
+    # OVS prints a ufid's four host-order u32 words as a UUID (odp_format_ufid()).
+    ufid = struct.pack("<4I", 0x75EE3768, 0xC1CF457B, 0xBB15B1B0, 0x119108AC)
+    assert comment.ufid_text(ufid) == "75ee3768-c1cf-457b-bb15-b1b0119108ac"
+
+
+@pytest.mark.parametrize("outcome, text", [
+    (Outcome(0), "no flow installed"),
+    (Outcome(0, UNKNOWN_TIMEOUT), "outcome unknown: its handler did nothing more within "
+                                  "the window"),
+    (Outcome(DID_EXECUTE, handling_ns=41_000, execute_actions=OUTPUT_1),
+     "no flow installed; executed actions=1; handled in 0.041000 ms"),
+])
+def test_outcome_lines(outcome, text):
+    assert comment.outcome_line(outcome, SENT[0].key) == text
+    read = comment.parse_outcome(text)
+    assert (read.did, read.unknown, read.handling_ns) == \
+        (outcome.did, bool(outcome.unknown), outcome.handling_ns)
+
+
+def test_a_put_line_has_ufid_megaflow_and_actions_and_reads_back():
+    key = SENT[3].key
+    mask = bytes(0xFF for _ in key)
+    outcome = Outcome(DID_PUT | DID_EXECUTE, handling_ns=1_234_567, ufid=bytes(range(16)),
+                      mask=mask, put_actions=OUTPUT_1, execute_actions=OUTPUT_1)
+    text = comment.outcome_line(outcome, key)
+    megaflow = format_megaflow(key, mask)
+    assert text == (f"flow put ufid:{comment.ufid_text(bytes(range(16)))} megaflow={megaflow}"
+                    f" actions=1; executed actions=1; handled in 1.234567 ms")
+    read = comment.parse_outcome(text)
+    assert (read.kind, read.megaflow, read.put_actions, read.execute_actions,
+            read.handling_ns) == ("put", megaflow, "1", "1", 1_234_567)
+    # A megaflow with spaces in it (an unknown attribute) reads back whole.
+    spaced = "in_port(1),key32(00 00/ff ff)"
+    read = comment.parse_outcome(text.replace(megaflow, spaced))
+    assert read.megaflow == spaced and read.put_actions == "1"
+
+
+@pytest.mark.parametrize("value, kinds", [
+    ("put", {"put"}), ("execute", {"execute"}), ("none", {"none"}),
+    ("unknown", {"unknown"}), ("any", {"put", "execute", "none", "unknown", None}),
+])
+def test_outcome_filter(value, kinds):
+    spec = compile_filters([f"outcome={value}"])
+    assert spec.needs_outcome == (value != "any")
+    cases = {"put": Outcome(DID_PUT), "execute": Outcome(DID_EXECUTE), "none": Outcome(0),
+             "unknown": Outcome(0, UNKNOWN_TIMEOUT), None: None}
+    base = parse(record(0, 1))
+    matched = {kind for kind, outcome in cases.items()
+               if spec.matches(replace(base, outcome=outcome))}
+    assert matched == kinds
+
+
+def test_outcome_filter_error_names_the_choices():
+    with pytest.raises(FilterError, match="outcome must be put, execute, none, unknown or any"):
+        compile_filters(["outcome=installed"])
+
+
+def test_summary_line():
+    stage = Outcomes()
+    stage.add_ops([], lost=0)
+    stage.resolve_all([record(0, 1)])
+    assert report(stage.counts, 3) == ("outcomes: 0 flow puts, 0 executes, 0 with no flow "
+                                       "installed, 1 unknown (1 capture ended); 3 flow "
+                                       "operation events lost (ring full)")
+    assert format_actions(OUTPUT_1) == "1"

@@ -1,0 +1,323 @@
+"""What ovs-vswitchd did with each upcall: the flow it put, the packet it executed, or
+nothing. Each received upcall waits here, in time order, until its outcome is known.
+
+A handler thread receives a batch of upcalls, then (ofproto-dpif-upcall.c,
+handle_upcalls()) for each of them in turn asks the datapath for a flow put, if it
+installs the flow, and then an execute, if the packet has actions. So, per thread and in
+time order (flow_ops.c's events carry the clock of recv_upcall's records):
+- a put is the first waiting upcall of the thread whose key is the put's key, byte for
+  byte (a kernel upcall's key is put as received: ukey_create_from_upcall());
+- an execute is the first whose packet is the executed packet, byte for byte;
+- an op for an upcall settles every earlier upcall of the thread: their turn is over;
+  an execute settles its own upcall, and a receive after ops starts a new batch, which
+  settles the last one.
+Nothing is matched by position alone, so an op whose upcall the capture does not hold
+(filtered out, or lost in the ring) is tied to no other upcall. An upcall whose turn did
+not come within the window (WINDOW_NS after it was received), whose ops may have been
+lost (the ops ring was full), or that was still waiting when the capture ended, says its
+outcome is unknown: it is never given a guess. At most CAPACITY upcalls wait; past that
+the oldest leaves, unknown, and is counted.
+
+Records leave in the order they came, each with an OUTCOME trailer (record.with_outcome).
+Failed upcalls (the kernel side's) pass through: no handler had them.
+"""
+
+from __future__ import annotations
+
+import bisect
+import struct
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from upcall_capture.errors import UsageError
+from upcall_capture.probe.ops_probe import OpsProbe, missing_probes
+from upcall_capture.probe.ops_record import OP_EXECUTE, OP_PUT, FlowOp, parse_op
+from upcall_capture.probe.record import (
+    DID_EXECUTE,
+    DID_PUT,
+    F_FAILED,
+    HEADER_SIZE,
+    UNKNOWN_CAPTURE_ENDED,
+    UNKNOWN_EVENTS_LOST,
+    UNKNOWN_TIMEOUT,
+    UNKNOWN_WINDOW_FULL,
+    Outcome,
+    Upcall,
+    header_format,
+    pack_outcome,
+    parse,
+    with_outcome,
+)
+
+WINDOW_NS = 100_000_000
+CAPACITY = 65536
+MAX_BATCH = 1024
+_NUMBERS = struct.Struct(header_format("comm"))
+
+
+@dataclass(slots=True, eq=False)
+class _Waiting:
+    record: bytes | memoryview
+    ktime_ns: int
+    key: bytes | None  # None: cut by the probe, so no put can be tied to it
+    packet: bytes
+    pkt_size: int
+    lost_before: int  # ops events lost before it was read
+    put: FlowOp | None = None
+    execute: FlowOp | None = None
+    settled: bool = False
+
+
+@dataclass(slots=True)
+class _Handler:
+    """One handler thread's current batch: waiting[:turn] are settled."""
+
+    batch: list[_Waiting] = field(default_factory=list)
+    turn: int = 0
+    operating: bool = False  # an op came after the batch's last receive
+
+
+@dataclass
+class OutcomeCounts:
+    put: int = 0
+    execute: int = 0  # of them with a put too: counted in both
+    none: int = 0
+    unknown: dict[int, int] = field(default_factory=dict)  # by UNKNOWN_*
+    unmatched_ops: int = 0  # ops of upcalls the capture does not hold
+
+    @property
+    def unknown_total(self) -> int:
+        return sum(self.unknown.values())
+
+
+class Outcomes:
+    """The stage between the time merge and the outputs (capture.py)."""
+
+    def __init__(self, *, window_ns: int = WINDOW_NS, capacity: int = CAPACITY) -> None:
+        self.window_ns = window_ns
+        self.capacity = capacity
+        self.counts = OutcomeCounts()
+        self._queue: deque[_Waiting | bytes | memoryview] = deque()
+        self._handlers: dict[int, _Handler] = {}
+        self._ops: list[FlowOp] = []  # not applied yet, in time order
+        self._lost = 0  # ops events lost, as last told (ops_lost)
+        self._lost_before = 0
+
+    def add_ops(self, events: Sequence[bytes | memoryview], lost: int) -> None:
+        """Ops events read from the ring, and the ring's count of lost ones so far."""
+        ops = [parse_op(raw) for raw in events]
+        if ops:
+            self._ops += ops
+            self._ops.sort(key=lambda op: op.ktime_ns)
+        self._lost_before, self._lost = self._lost, lost
+
+    def resolve(self, records: Sequence[bytes | memoryview], horizon_ns: int) -> list:
+        """Take `records` (in time order, all received before horizon_ns), apply the ops
+        before the horizon, and return the records whose outcome is settled, or whose
+        window closed, in their order."""
+        self._take(records, horizon_ns)
+        return self._release(horizon_ns)
+
+    def resolve_all(self, records: Sequence[bytes | memoryview]) -> list:
+        """At the end: every record, those still waiting as unknown."""
+        self._take(records, None)
+        return self._release(None)
+
+    def _take(self, records: Sequence[bytes | memoryview], horizon_ns: int | None) -> None:
+        ops, at = self._ops, 0
+        for record in records:
+            (ktime, key_size, _, tid, _, _, pkt_size, pkt_len, key_len, pkt_offset,
+             flags) = _NUMBERS.unpack_from(record)
+            while at < len(ops) and ops[at].ktime_ns < ktime:
+                self._apply(ops[at])
+                at += 1
+            if flags & F_FAILED:
+                self._queue.append(record)
+                continue
+            packet_at = HEADER_SIZE + pkt_offset
+            waiting = _Waiting(
+                record, ktime,
+                bytes(record[HEADER_SIZE:HEADER_SIZE + key_len]) if key_len == key_size
+                else None, bytes(record[packet_at:packet_at + pkt_len]), pkt_size,
+                self._lost_before)
+            handler = self._handlers.get(tid)
+            if handler is None:
+                handler = self._handlers[tid] = _Handler()
+            elif handler.operating:  # a new batch: the last one's turns are over
+                self._settle(handler, len(handler.batch))
+                handler.batch, handler.turn, handler.operating = [], 0, False
+            handler.batch.append(waiting)
+            self._queue.append(waiting)
+        end = len(ops) if horizon_ns is None else \
+            bisect.bisect_left(ops, horizon_ns, lo=at, key=lambda op: op.ktime_ns)
+        for op in ops[at:end]:
+            self._apply(op)
+        del ops[:end]
+
+    def _apply(self, op: FlowOp) -> None:
+        handler = self._handlers.get(op.tid)
+        if handler is None:
+            self.counts.unmatched_ops += 1
+            return
+        handler.operating = True
+        batch = handler.batch
+        if op.complete:
+            for index in range(handler.turn, len(batch)):
+                waiting = batch[index]
+                if op.kind == OP_PUT:
+                    if waiting.put is None and waiting.execute is None and \
+                            waiting.key is not None and waiting.key == op.key:
+                        self._settle(handler, index)
+                        waiting.put = op
+                        return
+                elif op.kind == OP_EXECUTE and waiting.execute is None and \
+                        op.pkt_size == waiting.pkt_size and \
+                        op.packet[:len(waiting.packet)] == waiting.packet:
+                    waiting.execute = op
+                    self._settle(handler, index + 1)
+                    return
+        self.counts.unmatched_ops += 1
+
+    @staticmethod
+    def _settle(handler: _Handler, turn: int) -> None:
+        for waiting in handler.batch[handler.turn:turn]:
+            waiting.settled = True
+        handler.turn = max(handler.turn, turn)
+
+    def _release(self, horizon_ns: int | None) -> list:
+        out = []
+        queue = self._queue
+        while queue:
+            head = queue[0]
+            if not isinstance(head, _Waiting):
+                out.append(queue.popleft())
+                continue
+            if head.settled:
+                unknown = self._lost_unknown(head)
+            elif horizon_ns is None:
+                unknown = 0 if head.put or head.execute else UNKNOWN_CAPTURE_ENDED
+            elif head.ktime_ns + self.window_ns <= horizon_ns:
+                unknown = 0 if head.put or head.execute else UNKNOWN_TIMEOUT
+            elif len(queue) > self.capacity:
+                unknown = 0 if head.put or head.execute else UNKNOWN_WINDOW_FULL
+            else:
+                break
+            queue.popleft()
+            out.append(with_outcome(head.record, pack_outcome(self._outcome(head, unknown))))
+        self._forget_settled()
+        return out
+
+    def _lost_unknown(self, waiting: _Waiting) -> int:
+        """A settled upcall with no op: unknown if ops events were lost since it came."""
+        if waiting.put or waiting.execute or self._lost == waiting.lost_before:
+            return 0
+        return UNKNOWN_EVENTS_LOST
+
+    def _outcome(self, waiting: _Waiting, unknown: int) -> Outcome:
+        counts = self.counts
+        put, execute = waiting.put, waiting.execute
+        if unknown:
+            counts.unknown[unknown] = counts.unknown.get(unknown, 0) + 1
+            return Outcome(0, unknown)
+        if put is None and execute is None:
+            counts.none += 1
+            return Outcome(0)
+        counts.put += put is not None
+        counts.execute += execute is not None
+        first = put or execute
+        return Outcome(
+            (DID_PUT if put else 0) | (DID_EXECUTE if execute else 0),
+            handling_ns=first.ktime_ns - waiting.ktime_ns,
+            ufid=put.ufid if put else None, create=put.create if put else True,
+            mask=(put.mask or b"") if put else b"",
+            put_actions=(put.actions or b"") if put else b"",
+            execute_actions=(execute.actions or b"") if execute else b"")
+
+    def _forget_settled(self) -> None:
+        """Drop the batches whose turns are all over. Batches that had no op (each of
+        OVS's holds at most 64 upcalls) run together, up to MAX_BATCH: the oldest go."""
+        for handler in self._handlers.values():
+            batch = handler.batch
+            if batch and handler.turn == len(batch):
+                handler.batch, handler.turn = [], 0
+            elif len(batch) > MAX_BATCH:
+                cut = len(batch) - MAX_BATCH
+                del batch[:cut]
+                handler.turn = max(0, handler.turn - cut)
+
+
+class HandlerOps:
+    """The traced process's flow put and execute probes, feeding an Outcomes stage.
+
+    Its ring is drained right after recv_upcall's, in the same loop: every op fired before
+    the drain began is then in hand, up to the merge's horizon."""
+
+    def __init__(self, probe: OpsProbe | None, *,
+                 keep: Callable[[Upcall], bool] | None = None) -> None:
+        self.probe = probe  # None: a followed process without the probes
+        self.stage = Outcomes()
+        self.keep = keep  # a --filter with outcome=: applied once outcomes are known
+        self.filtered = 0  # upcalls it rejected
+        self._lost_earlier = 0  # the ops lost by the probes of earlier processes
+
+    def resolve(self, records: Sequence[bytes | memoryview], horizon_ns: int | None) -> list:
+        """The records whose outcome is known, with it (all of them: horizon_ns None)."""
+        records = self.stage.resolve_all(records) if horizon_ns is None else \
+            self.stage.resolve(records, horizon_ns)
+        if self.keep is None:
+            return records
+        kept = [record for record in records if self.keep(parse(record))]
+        self.filtered += len(records) - len(kept)
+        return kept
+
+    def attach(self) -> None:
+        self.probe.attach()
+
+    def drain(self) -> None:
+        if self.probe is not None:
+            self.stage.add_ops(self.probe.drain(), self.lost)
+
+    def stop(self) -> None:
+        if self.probe is not None:
+            self.stage.add_ops(self.probe.stop(), self.lost)
+
+    @property
+    def lost(self) -> int:
+        return self._lost_earlier + (0 if self.probe is None else self.probe.counters().lost)
+
+    def follow(self, pid: int) -> None:
+        """The traced process was replaced by `pid`: attach to its probes, where it has
+        them (where not, its upcalls' outcomes are unknown)."""
+        self._lost_earlier = self.lost
+        self.close()
+        self.probe = None
+        if not missing_probes(pid):
+            probe = OpsProbe(pid)
+            try:
+                probe.attach()
+            except UsageError:
+                return
+            self.probe = probe
+
+    def close(self) -> None:
+        if self.probe is not None:
+            self.probe.close()
+
+
+def report(counts: OutcomeCounts, lost: int) -> str:
+    """The summary's line for outcomes."""
+    text = (f"outcomes: {counts.put} flow puts, {counts.execute} executes, "
+            f"{counts.none} with no flow installed")
+    if counts.unknown_total:
+        reasons = ", ".join(f"{count} {UNKNOWN_SHORT[reason]}"
+                            for reason, count in sorted(counts.unknown.items()))
+        text += f", {counts.unknown_total} unknown ({reasons})"
+    if lost:
+        text += f"; {lost} flow operation events lost (ring full)"
+    return text
+
+
+UNKNOWN_SHORT = {UNKNOWN_TIMEOUT: "no op within the window",
+                 UNKNOWN_EVENTS_LOST: "events lost", UNKNOWN_CAPTURE_ENDED: "capture ended",
+                 UNKNOWN_WINDOW_FULL: "window full"}
