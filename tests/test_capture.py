@@ -303,6 +303,9 @@ def test_constants_in_pages_the_probe_cannot_fault_in(tmp_path):
     status, stderr = tool.wait()
     emitter.wait()
     assert status == 0, stderr
+    assert "upcall-capture: outcomes unavailable (the process has no " \
+        "dpif_netlink_operate__:op_flow_put or dpif_netlink_operate__:op_flow_execute " \
+        "probe): " in stderr
     _, interfaces, packets, _ = read_capture(out)
     assert len(packets) == 2000
     assert [i.name for i in interfaces] == ["port 7 (system@ovs-system)"]

@@ -4,15 +4,18 @@ replay firing op_flow_put/op_flow_execute (-O), the whole capture."""
 
 from __future__ import annotations
 
+import json
 import struct
+import subprocess
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import upcalls  # samples/replay/upcalls.py
+from conftest import Tool
 from probe_records import probe_record
 
-from upcall_capture import comment
+from upcall_capture import comment, pcapng
 from upcall_capture.actions import format_actions, format_megaflow
 from upcall_capture.filters import FilterError, compile_filters
 from upcall_capture.outcomes import Outcomes, report
@@ -272,3 +275,207 @@ def test_summary_line():
                                        "installed, 1 unknown (1 capture ended); 3 flow "
                                        "operation events lost (ring full)")
     assert format_actions(OUTPUT_1) == "1"
+
+
+# ---- the capture: real eBPF on the replay firing a handler's puts and executes (-O) ----
+
+MIXED = REPLAY / "mixed.upc"
+MIXED_SENT = upcalls.read_records(MIXED)
+FIRES = 3000
+_NESTED = {1, 16}  # OVS_KEY_ATTR_ENCAP, OVS_KEY_ATTR_TUNNEL
+
+
+def replay_mask(key: bytes) -> bytes:
+    """The megaflow mask flow-ops.c puts for a key: exact, but IP TOS and TTL."""
+    out = bytearray(key)
+    at = 0
+    while at + 4 <= len(key):
+        length, kind = struct.unpack_from("<HH", key, at)
+        if length < 4 or at + length > len(key):
+            break
+        kind &= 0x3FFF
+        if kind in _NESTED:
+            out[at + 4:at + length] = replay_mask(key[at + 4:at + length])
+        else:
+            out[at + 4:at + length] = b"\xff" * (length - 4)
+            if kind == 7 and length - 4 >= 12:  # ipv4: tos, ttl
+                out[at + 4 + 9:at + 4 + 11] = b"\0\0"
+            elif kind == 8 and length - 4 >= 40:  # ipv6: tclass, hlimit
+                out[at + 4 + 37:at + 4 + 39] = b"\0\0"
+        at += (length + 3) & ~3
+    return bytes(out)
+
+
+def replay_ufid(k: int) -> bytes:
+    """The ufid flow-ops.c gives fire k's put."""
+    words = []
+    x = (k * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % 2**64
+    for _ in range(4):
+        x ^= x >> 31
+        x = x * 0xBF58476D1CE4E5B9 % 2**64
+        words.append(x >> 17 & 0xFFFFFFFF)
+    words[1] = words[1] & 0xFFFF0FFF | 0x4000
+    words[2] = words[2] & 0x3FFFFFFF | 0x80000000
+    return struct.pack("<4I", *words)
+
+
+def fire_number(packet: bytes) -> int:
+    """Which fire of `upcall-replay -u` a packet is: its unique field says."""
+    for k_offset in {u.pkt_uniq_off for u in MIXED_SENT}:
+        k = int.from_bytes(packet[k_offset:k_offset + 4], "big") - 0x0A000000
+        if 0 <= k < FIRES:
+            sent = MIXED_SENT[k % len(MIXED_SENT)]
+            if sent.pkt_uniq_off == k_offset and len(sent.packet) == len(packet):
+                return k
+    raise AssertionError(f"not a fire of the replay: {packet.hex()}")
+
+
+def expected_line(k: int, key: bytes) -> str | None:
+    """What the replay's handler did with fire k (flow-ops.h); None: nothing."""
+    sent = MIXED_SENT[k % len(MIXED_SENT)]
+    if sent.type != 0 or k % 16 == 15:
+        return None
+    in_port = upcalls.key_fields(key)["in_port"]
+    actions = "2" if in_port == 1 else "1"
+    if k % 16 == 7:
+        return f"no flow installed; executed actions={actions}"
+    return (f"flow put ufid:{comment.ufid_text(replay_ufid(k))} "
+            f"megaflow={format_megaflow(key, replay_mask(key))} actions={actions}; "
+            f"executed actions={actions}")
+
+
+def captured(out: Path) -> list[tuple[int, str, str]]:
+    """Each packet's fire number, handler thread and outcome comment."""
+    found = []
+    for block in pcapng.iter_blocks(out.read_bytes()):
+        if isinstance(block, pcapng.Packet):
+            said = comment.parse(block.comments[0])
+            assert len(block.comments) == 2, block.comments
+            found.append((fire_number(bytes(block.data)), said.thread, block.comments[1],
+                          block.key))
+    return found
+
+
+def check_outcomes(packets, *, fires: int = FIRES) -> dict[str, int]:
+    kinds = {}
+    for k, _, text, key in packets:
+        read = comment.parse_outcome(text)
+        assert read is not None, text
+        kinds[read.kind] = kinds.get(read.kind, 0) + 1
+        expected = expected_line(k, key)
+        if read.kind == "unknown":
+            # Only where no later op of its handler could settle it: its last batch.
+            assert expected is None and k >= fires - 2 * 64, (k, text)
+        elif expected is None:
+            assert text == comment.NO_FLOW, (k, text)
+        else:
+            assert text.startswith(expected + "; handled in "), (k, text, expected)
+            assert 0 <= read.handling_ns < 1_000_000_000
+    return kinds
+
+
+@pytest.mark.capture
+def test_every_upcall_carries_what_its_handler_did(replay, tmp_path):
+    from conftest import start_capture
+
+    out = tmp_path / "out.pcapng"
+    source, tool = start_capture(replay, MIXED, out, "-O", "-u", "-T", "2", "-n", str(FIRES),
+                                 "-r", "30000")
+    source.wait()
+    status, stderr = tool.wait()
+    assert status == 0, stderr
+    packets = captured(out)
+    assert len(packets) == FIRES and {thread for _, thread, _, _ in packets} == \
+        {"handler1", "handler2"}
+    kinds = check_outcomes(packets)
+    misses = [k for k in range(FIRES) if MIXED_SENT[k % len(MIXED_SENT)].type == 0]
+    assert kinds["put"] == sum(1 for k in misses if k % 16 not in (7, 15))
+    assert kinds["execute"] == sum(1 for k in misses if k % 16 == 7)
+    summary = next(line for line in stderr.splitlines() if "outcomes:" in line)
+    assert f"outcomes: {kinds['put']} flow puts, {kinds['put'] + kinds['execute']} executes" \
+        in summary
+    # -r -v shows them; --stats counts them, with the handling delays.
+    shown = read_back(out, "-v")
+    texts = {text for _, _, text, _ in packets}
+    assert sum(1 for line in shown.splitlines() if line[1:] in texts) == FIRES
+    report = json.loads(read_back(out, "--stats", "--stats-format", "json"))["outcomes"]
+    assert report["by_kind"] == kinds
+    assert {row["handler"] for row in report["handling_delay_ms"]} == {"handler1", "handler2"}
+    assert sum(row["upcalls"] for row in report["handling_delay_ms"]) == \
+        kinds["put"] + kinds["execute"]
+
+
+def read_back(path: Path, *args: str) -> str:
+    done = subprocess.run([*Tool.command(), "-r", str(path), *args], capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+@pytest.mark.capture
+def test_ops_of_filtered_upcalls_are_tied_to_no_other(replay, tmp_path):
+    from conftest import start_capture
+
+    out = tmp_path / "out.pcapng"
+    source, tool = start_capture(replay, MIXED, out, "-O", "-u", "-T", "2", "-n", str(FIRES),
+                                 "-r", "30000", tool_args=("--filter", "in_port=1"))
+    source.wait()
+    status, stderr = tool.wait()
+    assert status == 0, stderr
+    packets = captured(out)
+    assert packets and all(upcalls.key_fields(key)["in_port"] == 1
+                           for _, _, _, key in packets)
+    check_outcomes(packets)
+
+
+@pytest.mark.capture
+def test_filter_by_outcome(replay, tmp_path):
+    from conftest import start_capture
+
+    out = tmp_path / "out.pcapng"
+    source, tool = start_capture(replay, MIXED, out, "-O", "-u", "-n", str(FIRES),
+                                 "-r", "30000", tool_args=("--filter", "outcome=execute"))
+    source.wait()
+    status, stderr = tool.wait()
+    assert status == 0, stderr
+    packets = captured(out)
+    assert sorted(k for k, _, _, _ in packets) == [
+        k for k in range(FIRES) if MIXED_SENT[k % len(MIXED_SENT)].type == 0 and k % 16 == 7]
+    check_outcomes(packets)
+    assert f"{FIRES - len(packets)} filtered out" in stderr
+
+
+@pytest.mark.capture
+def test_outcomes_can_be_turned_off_or_required(replay, tmp_path):
+    from conftest import REPLAY_DIR, start_capture
+
+    out = tmp_path / "out.pcapng"
+    source, tool = start_capture(replay, REPLAY_DIR / "basic.upc", out, "-O",
+                                 tool_args=("--no-outcomes", "-c", "10"))
+    source.wait()
+    status, stderr = tool.wait()
+    assert status == 0 and "outcomes" not in stderr
+    assert all(len(b.comments) == 1 for b in pcapng.iter_blocks(out.read_bytes())
+               if isinstance(b, pcapng.Packet))
+    source = replay(REPLAY_DIR / "basic.upc")
+    status, stderr = Tool("-p", str(source.pid), "--filter", "outcome=put", "--no-outcomes",
+                          "-w", str(tmp_path / "y")).wait()
+    assert status == 2 and "needs outcomes" in stderr and len(stderr.splitlines()) == 1
+
+
+@pytest.mark.capture
+def test_a_process_without_the_probes_is_said_and_outcomes_can_be_required(tmp_path):
+    from conftest import build_c
+    from test_capture import CONSTANT_DPIF_C
+
+    emitter = subprocess.Popen([str(build_c(tmp_path, "emit", CONSTANT_DPIF_C)), "1"])
+    try:
+        status, stderr = Tool("-p", str(emitter.pid), "--outcomes",
+                              "-w", str(tmp_path / "x.pcapng")).wait()
+    finally:
+        emitter.kill()
+        emitter.wait()
+    assert status == 2 and len(stderr.splitlines()) == 1, stderr
+    assert stderr.startswith("upcall-capture: --outcomes: outcomes are unavailable: the "
+                             "process has no dpif_netlink_operate__:op_flow_put or "
+                             "dpif_netlink_operate__:op_flow_execute probe")

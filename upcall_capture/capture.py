@@ -31,6 +31,7 @@ from upcall_capture.probe.record import (
     U32,
     TimeMerger,
     Upcall,
+    ktime,
     parse,
     unread_dpif_address,
     with_dpif,
@@ -130,6 +131,10 @@ class UserspaceFiltered:
 
     def peak_fill(self) -> float:
         return self.probe.peak_fill()
+
+    @property
+    def backlog(self) -> bool:
+        return self.probe.backlog
 
     def counters(self) -> Counters:
         counters = self.probe.counters()
@@ -480,14 +485,18 @@ class Capture:
         next_progress = now + PROGRESS_INTERVAL_NS
         while self.stop_reason is None and not exited:
             drain_start = time.monotonic_ns()
-            self._merger.add(self._dpif_names.resolve(self.probe.drain()))
+            records = self._dpif_names.resolve(self.probe.drain())
+            self._merger.add(records)
+            # Every record fired before drain_start is in hand, unless the read left a
+            # backlog: then only those fired before the last one read.
+            horizon = ktime(records[-1]) if records and self.probe.backlog else drain_start
             if self.kernel is not None:  # after recv_upcall's ring: see kernel_side.py
                 self._merger.add(self.kernel.drain())
             if self.ops is not None:  # the same: see outcomes.py
-                self.ops.drain()
+                horizon = min(horizon, self.ops.drain())
             counters = self.probe.counters()
-            self._deliver(self._annotated(self._merger.release(drain_start),
-                                          drain_start - self._merger.slack_ns), counters)
+            self._deliver(self._annotated(self._merger.release(horizon),
+                                          horizon - self._merger.slack_ns), counters)
             now = time.monotonic_ns()
             if self.progress is not None and now >= next_progress:
                 next_progress = now + PROGRESS_INTERVAL_NS

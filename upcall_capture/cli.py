@@ -349,9 +349,13 @@ def capture(args: argparse.Namespace, argv: list[str]) -> int:
     find_target = functools.cache(
         lambda: target.process(args.pid) if args.pid else target.find_vswitchd())
     spec = _compile_filters(args, lambda: dpctl_show(find_target().pid))
+    if args.no_outcomes and spec and spec.needs_outcome:
+        raise UsageError("--filter outcome=... needs outcomes: drop --no-outcomes")
     loader.check_environment()
     process = find_target()
     target.check_probe(process)
+    if args.outcomes or (spec and spec.needs_outcome):
+        _check_ops_probes(args, process.pid)
 
     # Asked of the process traced at the time: with --follow, the successor. Asked once
     # now, while it answers: upcalls fail when ovs-vswitchd is stuck, and then it does not.
@@ -495,17 +499,27 @@ def _kernel_side(args: argparse.Namespace, spec: FilterSpec | None, show, say
     return None
 
 
+def _check_ops_probes(args: argparse.Namespace, pid: int) -> None:
+    """Outcomes are required: the process must have their probes."""
+    missing = ops_probe.missing_probes(pid)
+    if missing:
+        raise UsageError(f"{'--outcomes' if args.outcomes else '--filter outcome='}: "
+                         f"outcomes are unavailable: {_no_probes(missing)}")
+
+
+def _no_probes(missing: list[str]) -> str:
+    return f"the process has no {' or '.join(missing)} probe"
+
+
 def _handler_ops(args: argparse.Namespace, spec: FilterSpec | None, pid: int, say
                  ) -> HandlerOps | None:
     """The flow put and execute probes, attached; or None, said in one line (an error
     with --outcomes)."""
     keep = spec.matches if spec and spec.needs_outcome else None
     if args.no_outcomes:
-        if keep:
-            raise UsageError("--filter outcome=... needs outcomes: drop --no-outcomes")
         return None
     missing = ops_probe.missing_probes(pid)
-    reason = f"the process has no {' or '.join(missing)} probe" if missing else None
+    reason = _no_probes(missing) if missing else None
     if reason is None:
         ops = HandlerOps(ops_probe.OpsProbe(pid), keep=keep)
         try:

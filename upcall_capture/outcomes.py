@@ -25,6 +25,7 @@ Failed upcalls (the kernel side's) pass through: no handler had them.
 from __future__ import annotations
 
 import bisect
+import math
 import struct
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 
 from upcall_capture.errors import UsageError
 from upcall_capture.probe.ops_probe import OpsProbe, missing_probes
-from upcall_capture.probe.ops_record import OP_EXECUTE, OP_PUT, FlowOp, parse_op
+from upcall_capture.probe.ops_record import OP_EXECUTE, OP_HEAD, OP_PUT, FlowOp, parse_op
 from upcall_capture.probe.record import (
     DID_EXECUTE,
     DID_PUT,
@@ -274,9 +275,15 @@ class HandlerOps:
     def attach(self) -> None:
         self.probe.attach()
 
-    def drain(self) -> None:
-        if self.probe is not None:
-            self.stage.add_ops(self.probe.drain(), self.lost)
+    def drain(self) -> int | float:
+        """Read the ring; returns the time before which every op is in hand (infinity
+        unless the read left a backlog)."""
+        if self.probe is None:
+            return math.inf
+        events = self.probe.drain()
+        self.stage.add_ops(events, self.lost)
+        return OP_HEAD.unpack_from(events[-1])[0] if events and self.probe.backlog \
+            else math.inf
 
     def stop(self) -> None:
         if self.probe is not None:

@@ -154,19 +154,18 @@ def mapped_objects(pid: int) -> list[str]:
 def recv_upcall_sites(pid: int) -> list[Probe]:
     """Every place in the process's objects that fires dpif_recv:recv_upcall, each with
     its own argument locations (bcc attaches to all of them)."""
-    return probe_sites(pid, PROBE_PROVIDER, PROBE_NAME)
+    return list(filter(is_recv_upcall, usdt_probes(pid)))
 
 
-def probe_sites(pid: int, provider: str, name: str) -> list[Probe]:
-    """Every place in the process's objects that fires the USDT probe provider:name."""
+def usdt_probes(pid: int) -> list[Probe]:
+    """Every USDT probe site in the process's executable and the libraries it maps."""
     sites = []
     for path in mapped_objects(pid):
         try:
             image = Path(path).read_bytes()
         except OSError:
             continue
-        sites += (probe for probe in stapsdt_probes(image)
-                  if probe.provider == provider and probe.name == name)
+        sites += stapsdt_probes(image)
     return sites
 
 

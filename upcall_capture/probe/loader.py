@@ -106,6 +106,11 @@ class RingProbe:
             self.close()
             raise UsageError(f"cannot map {ring_name}: {err.strerror}") from None
 
+    @property
+    def backlog(self) -> bool:
+        """The last read left records in the ring (it reads at most READ_LIMIT bytes)."""
+        return self._buffer.backlog
+
     def stop(self) -> list[memoryview]:
         """Stop counting and submitting, and return the records still in the ring.
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from upcall_capture.errors import UsageError
 from upcall_capture.probe.loader import RingProbe, import_bcc, program_text
-from upcall_capture.target import probe_sites
+from upcall_capture.target import usdt_probes
 
 SOURCE = Path(__file__).with_name("flow_ops.c")
 PROVIDER = "dpif_netlink_operate__"
@@ -22,7 +22,8 @@ DEFAULT_RING_PAGES = 4096
 
 def missing_probes(pid: int) -> list[str]:
     """The probes of PROBES the process does not have."""
-    return [f"{PROVIDER}:{name}" for name in PROBES if not probe_sites(pid, PROVIDER, name)]
+    present = {(probe.provider, probe.name) for probe in usdt_probes(pid)}
+    return [f"{PROVIDER}:{name}" for name in PROBES if (PROVIDER, name) not in present]
 
 
 @dataclass(frozen=True)
