@@ -236,7 +236,7 @@ UNKNOWN_REASONS = {
     UNKNOWN_WINDOW_FULL: "too many upcalls were waiting for their outcome",
 }
 _OUTCOME = re.compile(
-    r"^(?:flow (?P<verb>put|modify) ufid:(?P<ufid>[0-9a-f-]{36}) megaflow=(?P<megaflow>.*?) "
+    r"^(?:flow (?P<verb>put|modify) ufid:(?P<ufid>[0-9a-f-]{36}|\?) megaflow=(?P<megaflow>.*?) "
     r"actions=(?P<put_actions>.*?)|no flow installed)"
     r"(?:; executed actions=(?P<execute_actions>.*?))?"
     r"(?:; handled in (?P<ms>\d+\.\d{6}) ms)?$")
@@ -308,7 +308,8 @@ def parse_outcome(comment: str) -> OutcomeFields | None:
     if found["ms"]:
         whole, fraction = found["ms"].split(".")
         handling = int(whole) * 1_000_000 + int(fraction)
-    return OutcomeFields(comment, did, False, handling, found["ufid"], found["megaflow"],
+    ufid = found["ufid"] if found["ufid"] != "?" else None
+    return OutcomeFields(comment, did, False, handling, ufid, found["megaflow"],
                          found["put_actions"], found["execute_actions"])
 
 

@@ -20,7 +20,7 @@
 #define OVS_FLOW_ATTR_KEY 1
 #define OVS_FLOW_ATTR_ACTIONS 2
 #define OVS_FLOW_ATTR_MASK 7
-#define OVS_FLOW_ATTR_UFID 10
+#define OVS_FLOW_ATTR_UFID 9
 #define OVS_PACKET_CMD_EXECUTE 3
 #define OVS_PACKET_ATTR_PACKET 1
 #define OVS_PACKET_ATTR_KEY 2
@@ -144,7 +144,8 @@ put_attr(uint8_t *at, uint16_t type, const void *data, size_t len)
     return at + NLA_HDRLEN + NLA_ALIGN(len);
 }
 
-/* nlmsghdr, genlmsghdr and ovs_header; the message's length is set by end_message(). */
+/* nlmsghdr, genlmsghdr and ovs_header. nlmsg_len stays 0, as in OVS's request when the
+ * probe fires: lib/netlink-socket.c sets it when it sends the message. */
 static uint8_t *
 start_message(uint8_t *buf, uint16_t family, uint16_t flags, uint8_t cmd)
 {
@@ -161,10 +162,7 @@ start_message(uint8_t *buf, uint16_t family, uint16_t flags, uint8_t cmd)
 static void
 end_message(struct ofpbuf *request, uint8_t *buf, uint8_t *end, size_t allocated)
 {
-    uint32_t len = end - buf;
-
-    memcpy(buf, &len, 4);
-    *request = (struct ofpbuf) { .base = buf, .data = buf, .size = len,
+    *request = (struct ofpbuf) { .base = buf, .data = buf, .size = end - buf,
                                  .allocated = allocated };
 }
 

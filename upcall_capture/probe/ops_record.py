@@ -9,26 +9,27 @@ actions, ufid) or of OVS_PACKET_CMD_EXECUTE (packet, metadata key, actions).
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from typing import NamedTuple
 
 # struct op_event's head in flow_ops.c.
 OP_HEAD = struct.Struct("<QIIIIII")
+_HEAD = OP_HEAD.size
 OP_PUT, OP_EXECUTE = 1, 2
 F_REQUEST_UNREADABLE = 1
 # nlmsghdr (16), genlmsghdr (4), ovs_header (4).
 _MESSAGE = struct.Struct("<IHHII BBH i")
 _NLA = struct.Struct("<HH")
+_CMD_AT = 16  # genlmsghdr.cmd, after the nlmsghdr
 _NLA_TYPE_MASK = 0x3FFF
 # OVS_FLOW_CMD_* and OVS_FLOW_ATTR_*.
 FLOW_CMD_NEW, FLOW_CMD_SET = 1, 4
-_FLOW_KEY, _FLOW_ACTIONS, _FLOW_MASK, _FLOW_UFID = 1, 2, 7, 10
+_FLOW_KEY, _FLOW_ACTIONS, _FLOW_MASK, _FLOW_UFID = 1, 2, 7, 9
 # OVS_PACKET_CMD_EXECUTE and OVS_PACKET_ATTR_*.
 PACKET_CMD_EXECUTE = 3
 _PACKET_PACKET, _PACKET_KEY, _PACKET_ACTIONS = 1, 2, 3
 
 
-@dataclass(frozen=True, slots=True)
-class FlowOp:
+class FlowOp(NamedTuple):  # a tuple: one is made per put and execute
     """A flow put or an execute, as the request to the kernel says it."""
 
     ktime_ns: int
@@ -45,39 +46,37 @@ class FlowOp:
     pkt_size: int = 0  # an execute's packet length, from its attribute
 
 
-def attributes(data: bytes | memoryview, start: int) -> dict[int, memoryview]:
-    """Top-level netlink attributes from `start`, by type; a cut-off one is left out."""
-    view = memoryview(data)
+def attributes(data: bytes, start: int, end: int) -> dict[int, bytes]:
+    """Top-level netlink attributes of data[start:end], by type; a cut-off one is left
+    out."""
     found = {}
     at = start
-    while at + 4 <= len(view):
-        length, kind = _NLA.unpack_from(view, at)
-        if length < 4 or at + length > len(view):
+    unpack = _NLA.unpack_from
+    while at + 4 <= end:
+        length, kind = unpack(data, at)
+        if length < 4 or at + length > end:
             break
-        found[kind & _NLA_TYPE_MASK] = view[at + 4:at + length]
+        found[kind & _NLA_TYPE_MASK] = data[at + 4:at + length]
         at += (length + 3) & ~3
     return found
 
 
-def _bytes(value: memoryview | None) -> bytes | None:
-    return None if value is None else bytes(value)
-
-
 def parse_op(raw: bytes | memoryview) -> FlowOp:
-    """One event. An incomplete one (complete=False) cannot be tied to an upcall."""
+    """One event. An incomplete one (complete=False) cannot be tied to an upcall. This
+    runs for every put and execute: plain bytes and one walk of the attributes."""
+    raw = bytes(raw)
     ktime, pid, tid, kind, size, length, flags = OP_HEAD.unpack_from(raw)
-    data = memoryview(raw)[OP_HEAD.size:OP_HEAD.size + length]
     if flags & F_REQUEST_UNREADABLE or length < _MESSAGE.size:
-        return FlowOp(ktime, pid, tid, kind, complete=False)
-    message_len, *_, cmd, _, _, _ = _MESSAGE.unpack_from(data)
-    found = attributes(data[:message_len], _MESSAGE.size)
+        return FlowOp(ktime, pid, tid, kind, False)
+    # The ofpbuf's size is the message's: its nlmsg_len is set only when it is sent.
+    cmd = raw[_HEAD + _CMD_AT]
+    found = attributes(raw, _HEAD + _MESSAGE.size, _HEAD + length)
     complete = length == size
+    get = found.get
     if kind == OP_PUT:
-        return FlowOp(ktime, pid, tid, kind, complete, key=_bytes(found.get(_FLOW_KEY)),
-                      mask=_bytes(found.get(_FLOW_MASK)),
-                      actions=_bytes(found.get(_FLOW_ACTIONS)),
-                      ufid=_bytes(found.get(_FLOW_UFID)), create=cmd != FLOW_CMD_SET)
-    packet = found.get(_PACKET_PACKET)
+        return FlowOp(ktime, pid, tid, kind, complete, get(_FLOW_KEY), get(_FLOW_MASK),
+                      get(_FLOW_ACTIONS), get(_FLOW_UFID), cmd != FLOW_CMD_SET)
+    packet = get(_PACKET_PACKET)
     return FlowOp(ktime, pid, tid, kind, complete and cmd == PACKET_CMD_EXECUTE,
-                  key=_bytes(found.get(_PACKET_KEY)), actions=_bytes(found.get(_PACKET_ACTIONS)),
-                  packet=_bytes(packet), pkt_size=0 if packet is None else len(packet))
+                  get(_PACKET_KEY), None, get(_PACKET_ACTIONS), None, True, packet,
+                  0 if packet is None else len(packet))
