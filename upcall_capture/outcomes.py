@@ -47,27 +47,40 @@ from upcall_capture.probe.record import (
     Upcall,
     header_format,
     pack_outcome,
+    pack_outcome_fields,
     parse,
     with_outcome,
 )
 
 WINDOW_NS = 100_000_000
+_NONE_TRAILER = pack_outcome(Outcome(0))
+_UNKNOWN_TRAILERS = {reason: pack_outcome(Outcome(0, reason)) for reason in
+                     (UNKNOWN_TIMEOUT, UNKNOWN_EVENTS_LOST, UNKNOWN_CAPTURE_ENDED,
+                      UNKNOWN_WINDOW_FULL)}
 CAPACITY = 65536
 MAX_BATCH = 1024
 _NUMBERS = struct.Struct(header_format("comm"))
 
 
-@dataclass(slots=True, eq=False)
 class _Waiting:
-    record: bytes | memoryview
-    ktime_ns: int
-    key: bytes | None  # None: cut by the probe, so no put can be tied to it
-    packet: bytes
-    pkt_size: int
-    lost_before: int  # ops events lost before it was read
-    put: FlowOp | None = None
-    execute: FlowOp | None = None
-    settled: bool = False
+    """A received upcall waiting for its outcome. Its key and packet stay in the record
+    (a slice is made only to compare with an op)."""
+
+    __slots__ = ("record", "ktime_ns", "key_end", "packet_at", "pkt_len", "pkt_size",
+                 "lost_before", "put", "execute", "settled")
+
+    def __init__(self, record: bytes | memoryview, ktime_ns: int, key_end: int | None,
+                 packet_at: int, pkt_len: int, pkt_size: int, lost_before: int) -> None:
+        self.record = record
+        self.ktime_ns = ktime_ns
+        self.key_end = key_end  # None: the key was cut by the probe: no put is tied to it
+        self.packet_at = packet_at
+        self.pkt_len = pkt_len
+        self.pkt_size = pkt_size
+        self.lost_before = lost_before  # ops events lost before it was read
+        self.put: FlowOp | None = None
+        self.execute: FlowOp | None = None
+        self.settled = False
 
 
 @dataclass(slots=True)
@@ -136,12 +149,9 @@ class Outcomes:
             if flags & F_FAILED:
                 self._queue.append(record)
                 continue
-            packet_at = HEADER_SIZE + pkt_offset
-            waiting = _Waiting(
-                record, ktime,
-                bytes(record[HEADER_SIZE:HEADER_SIZE + key_len]) if key_len == key_size
-                else None, bytes(record[packet_at:packet_at + pkt_len]), pkt_size,
-                self._lost_before)
+            waiting = _Waiting(record, ktime,
+                               HEADER_SIZE + key_len if key_len == key_size else None,
+                               HEADER_SIZE + pkt_offset, pkt_len, pkt_size, self._lost_before)
             handler = self._handlers.get(tid)
             if handler is None:
                 handler = self._handlers[tid] = _Handler()
@@ -163,18 +173,23 @@ class Outcomes:
             return
         handler.operating = True
         batch = handler.batch
-        if op.complete:
+        if op.complete and op.kind == OP_PUT and op.key is not None:
+            key, key_end = op.key, HEADER_SIZE + len(op.key)
             for index in range(handler.turn, len(batch)):
                 waiting = batch[index]
-                if op.kind == OP_PUT:
-                    if waiting.put is None and waiting.execute is None and \
-                            waiting.key is not None and waiting.key == op.key:
-                        self._settle(handler, index)
-                        waiting.put = op
-                        return
-                elif op.kind == OP_EXECUTE and waiting.execute is None and \
-                        op.pkt_size == waiting.pkt_size and \
-                        op.packet[:len(waiting.packet)] == waiting.packet:
+                if waiting.key_end == key_end and waiting.put is None and \
+                        waiting.execute is None and \
+                        waiting.record[HEADER_SIZE:key_end] == key:
+                    self._settle(handler, index)
+                    waiting.put = op
+                    return
+        elif op.complete and op.kind == OP_EXECUTE and op.packet is not None:
+            packet, size = op.packet, op.pkt_size
+            for index in range(handler.turn, len(batch)):
+                waiting = batch[index]
+                at = waiting.packet_at
+                if waiting.pkt_size == size and waiting.execute is None and \
+                        waiting.record[at:at + waiting.pkt_len] == packet[:waiting.pkt_len]:
                     waiting.execute = op
                     self._settle(handler, index + 1)
                     return
@@ -205,7 +220,7 @@ class Outcomes:
             else:
                 break
             queue.popleft()
-            out.append(with_outcome(head.record, pack_outcome(self._outcome(head, unknown))))
+            out.append(with_outcome(head.record, self._trailer(head, unknown)))
         self._forget_settled()
         return out
 
@@ -215,25 +230,28 @@ class Outcomes:
             return 0
         return UNKNOWN_EVENTS_LOST
 
-    def _outcome(self, waiting: _Waiting, unknown: int) -> Outcome:
+    def _trailer(self, waiting: _Waiting, unknown: int) -> bytes:
+        """The OUTCOME trailer (record.pack_outcome_fields) of a leaving upcall."""
         counts = self.counts
         put, execute = waiting.put, waiting.execute
         if unknown:
             counts.unknown[unknown] = counts.unknown.get(unknown, 0) + 1
-            return Outcome(0, unknown)
+            return _UNKNOWN_TRAILERS[unknown]
         if put is None and execute is None:
             counts.none += 1
-            return Outcome(0)
-        counts.put += put is not None
-        counts.execute += execute is not None
-        first = put or execute
-        return Outcome(
-            (DID_PUT if put else 0) | (DID_EXECUTE if execute else 0),
-            handling_ns=first.ktime_ns - waiting.ktime_ns,
-            ufid=put.ufid if put else None, create=put.create if put else True,
-            mask=(put.mask or b"") if put else b"",
-            put_actions=(put.actions or b"") if put else b"",
-            execute_actions=(execute.actions or b"") if execute else b"")
+            return _NONE_TRAILER
+        if put is None:
+            counts.execute += 1
+            return pack_outcome_fields(DID_EXECUTE, 0, execute.ktime_ns - waiting.ktime_ns,
+                                       None, True, b"", b"", execute.actions or b"")
+        counts.put += 1
+        did = DID_PUT
+        if execute is not None:
+            counts.execute += 1
+            did |= DID_EXECUTE
+        return pack_outcome_fields(did, 0, put.ktime_ns - waiting.ktime_ns, put.ufid,
+                                   put.create, put.mask or b"", put.actions or b"",
+                                   (execute.actions or b"") if execute else b"")
 
     def _forget_settled(self) -> None:
         """Drop the batches whose turns are all over. Batches that had no op (each of

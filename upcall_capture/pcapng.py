@@ -14,7 +14,9 @@ The raw netlink flow key travels in a custom binary option (code 2989, copyable)
 Private Enterprise Number 32473, the IANA example PEN reserved for documentation (RFC 5612),
 as this project owns no PEN. The PEN is in the section's byte order, as the spec requires.
 tshark 4.0 reads past the option silently (not even `-V` shows it) and editcap copies it;
-only our own reader decodes it (`Packet.key`).
+only our own reader decodes it (`Packet.key`). A flow put's megaflow mask travels the same
+way, its value after the PEN starting with MASK_TAG (`Packet.mask`): no key starts with
+those bytes, as its first attribute would be 28159 bytes long.
 
 Reading: `iter_blocks` parses SHB, IDB, EPB, SPB and ISB of either byte order and yields other
 block types with their framing only; `complete_length` gives the length of the leading run of
@@ -158,6 +160,12 @@ def interface_description(
 
 _INBOUND_OPTION = _option(EPB_FLAGS, _pack_u32(EPB_FLAG_INBOUND))
 _KEY_OPTION_PEN = _pack_u32(KEY_OPTION_PEN)
+MASK_TAG = b"\xffmsk"
+
+
+def mask_option(mask: bytes) -> bytes:
+    """The custom option that holds a flow put's megaflow mask."""
+    return _option(OPT_CUSTOM_BINARY, _KEY_OPTION_PEN + MASK_TAG + mask)
 
 
 def dropcount_option(dropped: int) -> bytes:
@@ -171,12 +179,14 @@ def packet_options(
     inbound: bool = True,
     dropcount: int | None = None,
     key: bytes | None = None,
+    more_comments: tuple[str | bytes, ...] = (),
+    mask: bytes | None = None,
 ) -> bytes:
     """Encoded EPB options without the closing opt_endofopt, for `enhanced_packet`.
 
     A bytes `comment` must already be UTF-8. `inbound=False` omits epb_flags (direction not
-    stated) rather than claiming outbound. `key` is stored in the custom option described in
-    the module docstring.
+    stated) rather than claiming outbound. `key` and `mask` are stored in the custom options
+    described in the module docstring; `more_comments` follow the first, each an option.
     """
     parts = []
     if comment is not None:
@@ -187,6 +197,9 @@ def packet_options(
         parts.append(dropcount_option(dropcount))
     if key is not None:
         parts.append(_option(OPT_CUSTOM_BINARY, _KEY_OPTION_PEN + key))
+    parts += (_option(OPT_COMMENT, _encode_text(text)) for text in more_comments)
+    if mask is not None:
+        parts.append(mask_option(mask))
     return b"".join(parts)
 
 
@@ -408,6 +421,15 @@ class Packet(Block):
     def inbound(self) -> bool:
         return self.flags is not None and self.flags & 3 == EPB_FLAG_INBOUND
 
+    @property
+    def mask(self) -> bytes | None:
+        """A flow put's megaflow mask, from our custom option (read in our byte order:
+        only our writer, little-endian, makes it)."""
+        for value in self.options.get(OPT_CUSTOM_BINARY, ()):
+            if value[:8] == _KEY_OPTION_PEN + MASK_TAG:
+                return bytes(value[8:])
+        return None
+
 
 @dataclass(frozen=True, slots=True)
 class InterfaceStatistics(Block):
@@ -503,7 +525,8 @@ def _option_timestamp(options: Options, code: int, order: _ByteOrder) -> int | N
 
 def _our_key(options: Options, order: _ByteOrder) -> bytes | None:
     for value in options.get(OPT_CUSTOM_BINARY, ()):
-        if len(value) >= 4 and order.u32(value)[0] == KEY_OPTION_PEN:
+        if len(value) >= 4 and order.u32(value)[0] == KEY_OPTION_PEN and \
+                value[4:8] != MASK_TAG:
             return value[4:]
     return None
 

@@ -140,9 +140,11 @@ class Rewriter:
             options = b""
             if block is not None:
                 interface.dropped += block.dropcount or 0
+                comments = self._comments(item)
                 options = pcapng.packet_options(
-                    comment="\n\n".join(self._comments(item)) or None, key=block.key,
-                    inbound=block.inbound, dropcount=block.dropcount)
+                    comment=comments[0] if comments else None, key=block.key,
+                    inbound=block.inbound, dropcount=block.dropcount,
+                    more_comments=tuple(comments[1:]), mask=block.mask)
             upcall = item.upcall
             out.append(pcapng.enhanced_packet(if_id, item.wall_ns, upcall.packet,
                                               upcall.pkt_size, options))

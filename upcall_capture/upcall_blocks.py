@@ -30,6 +30,7 @@ from upcall_capture import comment, pcapng
 from upcall_capture.flowkey import decode_key, format_key, shape_port_and_eth
 from upcall_capture.interfaces import Interface, InterfaceTable
 from upcall_capture.probe.record import (
+    DID_PUT,
     ENQUEUE_TRAILER,
     F_FAILED,
     F_KERNEL,
@@ -41,6 +42,7 @@ from upcall_capture.probe.record import (
     UNREADABLE,
     header_format,
     header_offset,
+    outcome_mask,
     outcome_span,
     parse,
     unpack_enqueue,
@@ -126,7 +128,10 @@ def _extra_options(record: bytes | memoryview, described: _Described) -> bytes:
 
 
 def _outcome_option(record: bytes | memoryview) -> bytes:
-    start, end = outcome_span(record)
+    span = outcome_span(record)
+    if span is None:
+        return b""
+    start, end = span
     handling = _HANDLING.unpack_from(record, start + _HANDLING_AT)[0]
     key_end = HEADER_SIZE + _KEY_LEN.unpack_from(record, _KEY_LEN_AT)[0]
     cache_key = b"".join((record[start:start + _HANDLING_AT],
@@ -139,8 +144,11 @@ def _outcome_option(record: bytes | memoryview) -> bytes:
         what = _WHAT[cache_key] = comment.outcome_what(
             unpack_outcome(record), bytes(record[HEADER_SIZE:key_end])).encode(
                 "utf-8", "backslashreplace")
-    return pcapng.comment_option(
-        what + comment.handled_text(None if handling < 0 else handling))
+    option = pcapng.comment_option(what + comment.handled_text(None if handling < 0
+                                                                else handling))
+    if record[start] & DID_PUT:  # the put's mask, so that -r can print its megaflow whole
+        return option + pcapng.mask_option(outcome_mask(record, start))
+    return option
 
 
 def _enqueue_option(record: bytes | memoryview) -> bytes:

@@ -185,18 +185,31 @@ _TRAILER_LENGTH = struct.Struct("<I")
 
 
 def pack_outcome(outcome: Outcome) -> bytes:
-    flags = (1 if outcome.ufid is not None else 0) | (2 if outcome.create else 0)
-    body = b"".join((
-        OUTCOME_HEAD.pack(outcome.did, outcome.unknown, flags,
-                          -1 if outcome.handling_ns is None else outcome.handling_ns,
-                          outcome.ufid or bytes(16), len(outcome.mask),
-                          len(outcome.put_actions), len(outcome.execute_actions)),
-        outcome.mask, outcome.put_actions, outcome.execute_actions))
-    return body + _TRAILER_LENGTH.pack(len(body) + _TRAILER_LENGTH.size)
+    return pack_outcome_fields(outcome.did, outcome.unknown, outcome.handling_ns, outcome.ufid,
+                               outcome.create, outcome.mask, outcome.put_actions,
+                               outcome.execute_actions)
 
 
-def unpack_outcome(record: bytes | memoryview) -> Outcome:
-    at = outcome_span(record)[0]
+def pack_outcome_fields(did: int, unknown: int, handling_ns: int | None, ufid: bytes | None,
+                        create: bool, mask: bytes, put_actions: bytes,
+                        execute_actions: bytes) -> bytes:
+    """pack_outcome() of an Outcome's fields (the capture's hot path makes none)."""
+    flags = (1 if ufid is not None else 0) | (2 if create else 0)
+    return b"".join((
+        OUTCOME_HEAD.pack(did, unknown, flags, -1 if handling_ns is None else handling_ns,
+                          ufid or bytes(16), len(mask), len(put_actions),
+                          len(execute_actions)),
+        mask, put_actions, execute_actions,
+        _TRAILER_LENGTH.pack(OUTCOME_HEAD.size + len(mask) + len(put_actions) +
+                             len(execute_actions) + _TRAILER_LENGTH.size)))
+
+
+def unpack_outcome(record: bytes | memoryview) -> Outcome | None:
+    """The record's outcome (F_OUTCOME); None if its trailer does not hold together."""
+    span = outcome_span(record)
+    if span is None:
+        return None
+    at = span[0]
     did, unknown, flags, handling, ufid, mask_len, put_len, execute_len = \
         OUTCOME_HEAD.unpack_from(record, at)
     at += OUTCOME_HEAD.size
@@ -209,11 +222,33 @@ def unpack_outcome(record: bytes | memoryview) -> Outcome:
                    bytes(record[at:at + execute_len]))
 
 
-def outcome_span(record: bytes | memoryview) -> tuple[int, int]:
-    """Where the record's OUTCOME trailer lies (F_OUTCOME): (start, end)."""
+_LENGTHS = struct.Struct("<III")  # mask, put actions, execute actions: OUTCOME_HEAD's end
+
+
+def outcome_span(record: bytes | memoryview) -> tuple[int, int] | None:
+    """Where the record's OUTCOME trailer lies (F_OUTCOME): (start, end). None if its
+    lengths do not add up: the flag is the capture's, but a corrupt record may carry it."""
     end = len(record) - (ENQUEUE_TRAILER.size if
                          U32.unpack_from(record, FLAGS_OFFSET)[0] & F_KERNEL else 0)
-    return end - _TRAILER_LENGTH.unpack_from(record, end - _TRAILER_LENGTH.size)[0], end
+    if end - _TRAILER_LENGTH.size < HEADER_SIZE:
+        return None
+    length = _TRAILER_LENGTH.unpack_from(record, end - _TRAILER_LENGTH.size)[0]
+    start = end - length
+    if length < OUTCOME_HEAD.size + _TRAILER_LENGTH.size or start < HEADER_SIZE:
+        return None
+    lengths = _LENGTHS.unpack_from(record, start + OUTCOME_HEAD.size - _LENGTHS.size)
+    if OUTCOME_HEAD.size + sum(lengths) + _TRAILER_LENGTH.size != length:
+        return None
+    return start, end
+
+
+_MASK_LEN_AT = OUTCOME_HEAD.size - _LENGTHS.size
+
+
+def outcome_mask(record: bytes | memoryview, start: int) -> bytes:
+    """The mask of the OUTCOME trailer at `start` (outcome_span), without unpacking it all."""
+    length = U32.unpack_from(record, start + _MASK_LEN_AT)[0]
+    return bytes(record[start + OUTCOME_HEAD.size:start + OUTCOME_HEAD.size + length])
 
 
 def with_outcome(record: bytes | memoryview, outcome: Outcome | bytes) -> bytes:
