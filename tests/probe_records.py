@@ -9,7 +9,10 @@ from dataclasses import replace
 
 import upcalls  # samples/replay/upcalls.py
 
+from upcall_capture.probe.ops_record import OP_EXECUTE, OP_HEAD, OP_PUT
 from upcall_capture.probe.record import HEADER
+
+OUTPUT_1 = struct.pack("<HHI", 8, 1, 1)  # the actions list output:1
 
 
 def probe_record(upcall: upcalls.Upcall, *, ktime_ns: int, pid: int = 42, tid: int = 43,
@@ -39,3 +42,35 @@ def storm(sent: list[upcalls.Upcall], count: int, *, unique: bool) -> list[bytes
         out.append(probe_record(upcall, ktime_ns=10**12 + index * 5000, pid=4242, tid=4243,
                                 cpu=index // 500 % 2))
     return out
+
+
+# ---- flow_ops.c's events: a handler's flow puts and executes, as netlink requests ----
+
+def nla(kind: int, payload: bytes) -> bytes:
+    return struct.pack("<HH", 4 + len(payload), kind) + payload + bytes(-len(payload) % 4)
+
+
+def _request(family: int, cmd: int, attributes: bytes) -> bytes:
+    """nlmsghdr, genlmsghdr and ovs_header (dp_ifindex 7), then the attributes; nlmsg_len
+    0, as OVS leaves it until the message is sent."""
+    body = struct.pack("<BBH i", cmd, 1, 0, 7) + attributes
+    return struct.pack("<IHHII", 0, family, 1, 0, 0) + body
+
+
+def op_event(kind: int, message: bytes, *, ktime_ns: int, tid: int = 43) -> bytes:
+    return OP_HEAD.pack(ktime_ns, 42, tid, kind, len(message), len(message), 0) + message
+
+
+def put_event(key: bytes, mask: bytes, *, ktime_ns: int, tid: int = 43,
+              ufid: bytes = bytes(16), actions: bytes = OUTPUT_1) -> bytes:
+    """An op_flow_put: OVS_FLOW_CMD_NEW with ufid, key, mask and actions."""
+    return op_event(OP_PUT, _request(0x1D, 1, nla(9, ufid) + nla(1, key) + nla(7, mask)
+                                     + nla(2, actions)), ktime_ns=ktime_ns, tid=tid)
+
+
+def execute_event(packet: bytes, *, ktime_ns: int, tid: int = 43,
+                  actions: bytes = OUTPUT_1) -> bytes:
+    """An op_flow_execute: OVS_PACKET_CMD_EXECUTE with packet, metadata key, actions."""
+    metadata = nla(2, struct.pack("<I", 0)) + nla(3, struct.pack("<I", 1))
+    return op_event(OP_EXECUTE, _request(0x1F, 3, nla(1, packet) + nla(2, metadata)
+                                         + nla(3, actions)), ktime_ns=ktime_ns, tid=tid)

@@ -45,11 +45,13 @@ class Run:
 
 def capture(replay_bin: Path, records: Path, out: Path, replay_args: list[str],
             tool_args: list[str]) -> Run:
-    """Fire the records with the tool attached (-w out --print -v), until the replay exits."""
+    """Fire the records with the tool attached (-w out --print -v), until the replay exits.
+    The replay fires no flow puts or executes here (test_outcomes.py has those), so
+    outcomes are off: each upcall prints its line and its key."""
     source = Replay(replay_bin, records, *replay_args)
     try:
-        tool = Tool("-p", str(source.pid), "-w", str(out), "--print", "-v", *tool_args,
-                    stdout=subprocess.PIPE)
+        tool = Tool("-p", str(source.pid), "-w", str(out), "--print", "-v", "--no-outcomes",
+                    *tool_args, stdout=subprocess.PIPE)
         tool.wait_listening()
         source.start()
         fired = source.wait()

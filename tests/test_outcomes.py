@@ -13,7 +13,9 @@ from pathlib import Path
 import pytest
 import upcalls  # samples/replay/upcalls.py
 from conftest import Tool
-from probe_records import probe_record
+from probe_records import OUTPUT_1, probe_record
+from probe_records import execute_event as execute
+from probe_records import put_event as put
 
 from upcall_capture import comment, pcapng
 from upcall_capture.actions import format_actions, format_megaflow
@@ -39,34 +41,6 @@ from upcall_capture.probe.record import (
 
 REPLAY = Path(__file__).parent.parent / "samples" / "replay"
 SENT = upcalls.read_records(REPLAY / "basic.upc")
-OUTPUT_1 = struct.pack("<HHI", 8, 1, 1)  # output:1
-
-
-def nla(kind: int, payload: bytes) -> bytes:
-    return struct.pack("<HH", 4 + len(payload), kind) + payload + bytes(-len(payload) % 4)
-
-
-def request(family: int, cmd: int, attributes: bytes) -> bytes:
-    body = struct.pack("<BBH i", cmd, 1, 0, 7) + attributes
-    return struct.pack("<IHHII", 16 + len(body), family, 1, 0, 0) + body
-
-
-def op_event(kind: int, message: bytes, *, ktime_ns: int, tid: int = 43,
-             size: int | None = None) -> bytes:
-    size = len(message) if size is None else size
-    return OP_HEAD.pack(ktime_ns, 42, tid, kind, size, len(message), 0) + message
-
-
-def put(key: bytes, mask: bytes, *, ktime_ns: int, tid: int = 43, ufid: bytes = bytes(16),
-        actions: bytes = OUTPUT_1) -> bytes:
-    return op_event(OP_PUT, request(0x1D, 1, nla(10, ufid) + nla(1, key) + nla(7, mask)
-                                    + nla(2, actions)), ktime_ns=ktime_ns, tid=tid)
-
-
-def execute(packet: bytes, *, ktime_ns: int, tid: int = 43, actions: bytes = OUTPUT_1) -> bytes:
-    metadata = nla(2, struct.pack("<I", 0)) + nla(3, struct.pack("<I", 1))
-    return op_event(OP_EXECUTE, request(0x1F, 3, nla(1, packet) + nla(2, metadata)
-                                        + nla(3, actions)), ktime_ns=ktime_ns, tid=tid)
 
 
 def exact_mask(key: bytes) -> bytes:
@@ -241,6 +215,11 @@ def test_a_put_line_has_ufid_megaflow_and_actions_and_reads_back():
     read = comment.parse_outcome(text)
     assert (read.kind, read.megaflow, read.put_actions, read.execute_actions,
             read.handling_ns) == ("put", megaflow, "1", "1", 1_234_567)
+    # A put without a ufid (a kernel without ufid support) says so and reads back.
+    no_ufid = comment.outcome_line(replace(outcome, ufid=None), key)
+    assert no_ufid.startswith("flow put ufid:? megaflow=")
+    assert (comment.parse_outcome(no_ufid).kind, comment.parse_outcome(no_ufid).ufid) == \
+        ("put", None)
     # A megaflow with spaces in it (an unknown attribute) reads back whole.
     spaced = "in_port(1),key32(00 00/ff ff)"
     read = comment.parse_outcome(text.replace(megaflow, spaced))
@@ -275,6 +254,37 @@ def test_summary_line():
                                        "installed, 1 unknown (1 capture ended); 3 flow "
                                        "operation events lost (ring full)")
     assert format_actions(OUTPUT_1) == "1"
+
+
+def test_blocks_carry_the_outcome_line_and_the_mask_and_r_w_keeps_them(tmp_path):
+    from upcall_capture.upcall_blocks import UpcallBlocks
+
+    key = SENT[3].key
+    mask = bytes(0xFF for _ in key)
+    put_outcome = Outcome(DID_PUT | DID_EXECUTE, handling_ns=2_000, ufid=bytes(range(16)),
+                          mask=mask, put_actions=OUTPUT_1, execute_actions=OUTPUT_1)
+    records = [with_outcome(record(3, 10), put_outcome),
+               with_outcome(record(3, 20), Outcome(DID_EXECUTE, handling_ns=5,
+                                                   execute_actions=OUTPUT_1)),
+               with_outcome(record(4, 30), Outcome(0, UNKNOWN_TIMEOUT))]
+    blocks = UpcallBlocks(snaplen=9216, clock_offset_ns=0, port_name=lambda d, p: None)
+    written = pcapng.section_header(userappl="t", os="t", hardware="t") + \
+        bytes(blocks.packets(records)) + blocks.statistics(40, start_ktime_ns=0)
+    path = tmp_path / "in.pcapng"
+    path.write_bytes(written)
+    rewritten = tmp_path / "out.pcapng"
+    done = subprocess.run([*Tool.command(), "-r", str(path), "-w", str(rewritten)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    for file in (path, rewritten):
+        packets = [b for b in pcapng.iter_blocks(file.read_bytes())
+                   if isinstance(b, pcapng.Packet)]
+        assert [p.comments[1] for p in packets] == [
+            comment.outcome_line(put_outcome, key),
+            "no flow installed; executed actions=1; handled in 0.000005 ms",
+            comment.outcome_line(Outcome(0, UNKNOWN_TIMEOUT), SENT[4].key)]
+        assert [p.mask for p in packets] == [mask, None, None]
+        assert [p.key for p in packets] == [key, key, SENT[4].key]
 
 
 # ---- the capture: real eBPF on the replay firing a handler's puts and executes (-O) ----

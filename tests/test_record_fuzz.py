@@ -36,6 +36,7 @@ from upcall_capture.probe.record import (
     F_FAILED,
     F_KERNEL,
     F_KEY_UNREADABLE,
+    F_OUTCOME,
     F_PKT_UNREADABLE,
     HEADER,
     HEADER_SIZE,
@@ -141,9 +142,9 @@ def probe_records(draw: st.DrawFn, snaplen: int | None) -> bytes:
     key, packet = draw(KEYS), draw(PACKETS)
     flags = draw(st.one_of(st.integers(0, 15), U32))
     if snaplen is not None:
-        # F_KERNEL and F_FAILED mark records the capture makes itself (the kernel side's),
-        # never one of recv_upcall.c's.
-        flags &= ~(F_KERNEL | F_FAILED)
+        # F_KERNEL, F_FAILED and F_OUTCOME mark records the capture makes itself (the
+        # kernel side's and the outcomes stage's), never one of recv_upcall.c's.
+        flags &= ~(F_KERNEL | F_FAILED | F_OUTCOME)
         key = b"" if flags & F_KEY_UNREADABLE else key
         key_len, key_size = len(key), draw(st.one_of(st.just(len(key)), U32))
         key_size = max(key_size, key_len)

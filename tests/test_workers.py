@@ -17,6 +17,14 @@ from upcall_capture.capture import InlineBlocks, PooledBlocks
 from upcall_capture.flowkey import format_key, shape_port_and_eth
 from upcall_capture.interfaces import InterfaceTable, WorkerBatch, adopt_batch
 from upcall_capture.ports import no_port_names
+from upcall_capture.probe.record import (
+    DID_EXECUTE,
+    DID_PUT,
+    UNKNOWN_TIMEOUT,
+    Outcome,
+    parse,
+    with_outcome,
+)
 from upcall_capture.upcall_blocks import UpcallBlocks, port_and_eth
 
 SETTINGS = workers.BlockSettings(snaplen=9216, clock_offset_ns=1_700_000_000 * 10**9,
@@ -52,9 +60,24 @@ def in_batches(records: list[bytes], size: int = 97) -> list[list[memoryview]]:
     return [views[start:start + size] for start in range(0, len(views), size)]
 
 
-@pytest.mark.parametrize("unique", [False, True], ids=["repeated", "unique"])
-def test_any_number_of_workers_writes_the_bytes_of_one_process(unique):
-    batches = in_batches(storm(MIXED, 3000, unique=unique))
+def with_outcomes(records: list[bytes]) -> list[bytes]:
+    """Each record with an outcome, of every kind in turn (a put's mask: the key's)."""
+    out = []
+    for index, record in enumerate(records):
+        key = parse(record).key
+        outcome = [Outcome(DID_PUT | DID_EXECUTE, handling_ns=index, ufid=bytes(16),
+                           mask=key, put_actions=b"", execute_actions=b""),
+                   Outcome(DID_EXECUTE, handling_ns=index), Outcome(0),
+                   Outcome(0, UNKNOWN_TIMEOUT)][index % 4]
+        out.append(with_outcome(record, outcome))
+    return out
+
+
+@pytest.mark.parametrize("unique, outcomes", [(False, False), (True, False), (True, True)],
+                         ids=["repeated", "unique", "outcomes"])
+def test_any_number_of_workers_writes_the_bytes_of_one_process(unique, outcomes):
+    records = storm(MIXED, 3000, unique=unique)
+    batches = in_batches(with_outcomes(records) if outcomes else records)
     expected = section(inline_builder(), batches, drops=3)
     for count in (1, 2):
         pool = workers.WorkerPool(count, SETTINGS, decode_backlog=10**9)
