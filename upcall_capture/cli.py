@@ -76,6 +76,8 @@ examples:
   {PROG} -w x.pcapng -G 3600
   # read a capture back with the keys, action upcalls only
   {PROG} -r x.pcapng -v --filter type=action
+  # the upcalls whose handler installed no flow, with what it did instead
+  {PROG} -r x.pcapng -v --filter outcome=none --filter outcome=execute
   # what an upcall storm was made of: ports, sources, protocols, handlers...
   {PROG} -r x.pcapng --stats
   # ...counted by source /16 and destination port together
@@ -278,6 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--filter", action="append", metavar="EXPR",
         help="name=value terms: dpif=, type=miss|action|N, in_port=N, port=NAME, pid=, tid=, "
              "result=ok|failed|any|ERRNO (failed upcalls are the kernel side's), "
+             "outcome=put|execute|none|unknown (what the handler did; execute: executed "
+             "with no flow installed), "
              "thread=, and key fields recirc_id, eth_type, proto, tp_src, tp_dst (numbers take "
              "/MASK), ipv4.src, ipv4.dst, ipv6.src, ipv6.dst (with /PREFIX), ct_state (N[/M] "
              "or flags like +trk+est-new)")
