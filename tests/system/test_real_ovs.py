@@ -540,8 +540,8 @@ def test_received_upcalls_carry_their_queueing_delay(guest: GuestRun) -> None:
     packets = read_packets(guest.results / "capture.pcapng")
     assert packets
     for packet, _ in packets:
-        assert len(packet.comments) == 2, packet.comments
-        found = _QUEUED.match(packet.comments[1])
+        assert len(packet.comments) == 3, packet.comments  # the upcall, its outcome, this
+        found = _QUEUED.match(packet.comments[2])
         assert found, f"no matched enqueue: {packet.comments}"
         assert 0 < float(found[1]) < 10_000
         assert found[2] in ("veth-a", "veth-b")
@@ -593,7 +593,7 @@ def test_upcalls_queued_while_stopped_waited_about_the_stop(failed_run: FailedRu
     for packet, _ in failed_run.packets:
         if packet.comments[0].startswith("upcall miss") and \
                 _FLOOD_PAYLOAD.fullmatch(packet.data[42:]):
-            found = _QUEUED.match(packet.comments[1])
+            found = _QUEUED.match(packet.comments[-1])  # the kernel side's comment is last
             assert found, packet.comments
             delays.append(float(found[1]) / 1000)
     assert delays, "no flood packet got through once ovs-vswitchd continued"
@@ -602,3 +602,129 @@ def test_upcalls_queued_while_stopped_waited_about_the_stop(failed_run: FailedRu
     longest = failed_run.longest_wait_s
     assert longest - 0.5 < max(delays) < longest + 2, (max(delays), longest)
     assert longest > 5  # the stop was long enough to tell from ordinary delays
+
+
+# ---------------------------------------------------------------------------------------------
+# Outcomes: what the handlers did with the upcalls, as OVS's dpif:dbg log says it (lib/dpif.c
+# log_flow_message(), log_execute_message()):
+#   <dpif>: [failed to ]put[create] [(error) ]ufid:<uuid> <verbose megaflow>, actions:<actions>
+#   <dpif>: [failed to ]execute <actions>[ failed (error)] on packet <flow_format()>
+#    with metadata <key> mtu <n>
+
+_LOG_PUT = re.compile(
+    r"^(?P<time>\S+?)\|\d+\|dpif\((?P<thread>handler\d+)\)\|DBG\|(?P<dpif>\S+): "
+    r"(?:failed to )?put\[create\] (?:\([^)]*\) )?ufid:(?P<ufid>[0-9a-f-]{36}) "
+    r"(?P<megaflow>.*), actions:(?P<actions>.*)$")
+_LOG_EXECUTE = re.compile(
+    r"^(?P<time>\S+?)\|\d+\|dpif\((?P<thread>handler\d+)\)\|DBG\|(?P<dpif>\S+): "
+    r"(?:failed to )?execute (?P<actions>.*?)(?: failed \([^)]*\))? on packet (?P<packet>.*)$")
+
+
+@dataclass
+class CapturedOutcome:
+    frame: int  # from 1
+    thread: str
+    key: bytes
+    mask: bytes | None
+    text: str  # the outcome comment
+
+
+@dataclass
+class Outcomes:
+    puts: list[re.Match[str]]  # logged by handlers while the tool listened
+    executes: list[re.Match[str]]
+    captured: list[CapturedOutcome]
+
+
+@pytest.fixture(scope="module")
+def outcomes(guest: GuestRun) -> Outcomes:
+    start = (guest.results / "capture-start").read_text().strip()
+    stop = (guest.results / "capture-stop").read_text().strip()
+    log = (guest.results / "ovs-vswitchd.log").read_text().splitlines()
+    puts = [m for line in log if (m := _LOG_PUT.match(line)) and start < m["time"] < stop]
+    executes = [m for line in log
+                if (m := _LOG_EXECUTE.match(line)) and start < m["time"] < stop]
+    captured = []
+    for frame, (packet, _) in enumerate(read_packets(guest.results / "capture.pcapng"), 1):
+        thread = re.search(r" thread=(\S+) ", packet.comments[0])[1]
+        captured.append(CapturedOutcome(frame, thread, packet.key, packet.mask,
+                                        packet.comments[1]))
+    return Outcomes(puts, executes, captured)
+
+
+def test_the_traffic_made_puts_and_executes_on_two_handlers(outcomes: Outcomes) -> None:
+    assert len(outcomes.puts) >= 10 and len(outcomes.executes) >= 10
+    assert len({m["thread"] for m in outcomes.puts + outcomes.executes}) == 2, \
+        "the guest's OVS should run two handler threads"
+    assert any("ct(" in m["actions"] for m in outcomes.puts), "no conntrack flow put"
+
+
+def test_every_logged_put_is_on_its_upcall_with_ovs_megaflow_and_actions(
+        outcomes: Outcomes) -> None:
+    from upcall_capture import comment
+    from upcall_capture.actions import format_megaflow
+
+    by_ufid: dict[str, list[CapturedOutcome]] = {}
+    for item in outcomes.captured:
+        read = comment.parse_outcome(item.text)
+        assert read is not None, f"frame {item.frame}: not an outcome: {item.text!r}"
+        if read.ufid:
+            by_ufid.setdefault(read.ufid, []).append(item)
+    wrong = []
+    for put in outcomes.puts:
+        found = by_ufid.pop(put["ufid"], [])
+        if len(found) != 1:
+            wrong.append(f"ufid:{put['ufid']} ({put['thread']}) on {len(found)} packets")
+            continue
+        item = found[0]
+        read = comment.parse_outcome(item.text)
+        verbose = format_megaflow(item.key, item.mask, verbose=True)
+        if (item.thread, verbose, read.put_actions) != (put["thread"], put["megaflow"],
+                                                        put["actions"]):
+            wrong.append(f"frame {item.frame} ufid:{put['ufid']}:\n"
+                         f"  OVS:  {put['thread']} {put['megaflow']} actions:{put['actions']}\n"
+                         f"  tool: {item.thread} {verbose} actions:{read.put_actions}")
+        if read.megaflow != format_megaflow(item.key, item.mask):
+            wrong.append(f"frame {item.frame}: the comment's megaflow is not the mask's")
+    wrong += [f"frame {item.frame}: ufid:{ufid} put by no handler in OVS's log"
+              for ufid, items in by_ufid.items() for item in items]
+    assert not wrong, _listing(wrong)
+
+
+def test_every_logged_execute_is_on_its_upcall_in_handler_order(
+        guest: GuestRun, outcomes: Outcomes) -> None:
+    from upcall_capture import comment
+
+    wrong = []
+    for thread in sorted({m["thread"] for m in outcomes.executes}):
+        logged = [m for m in outcomes.executes if m["thread"] == thread]
+        executed = [item for item in outcomes.captured if item.thread == thread and
+                    comment.parse_outcome(item.text).execute_actions is not None]
+        if len(logged) != len(executed):
+            wrong.append(f"{thread}: OVS logged {len(logged)} executes, the capture has "
+                         f"{len(executed)}")
+            continue
+        for execute, item in zip(logged, executed, strict=True):
+            actions = comment.parse_outcome(item.text).execute_actions
+            described = LoggedUpcall(execute["time"], thread, execute["dpif"], "", "",
+                                     execute["packet"])
+            problems = packet_disagreements(described, guest.captured[item.frame - 1])
+            if actions != execute["actions"] or problems:
+                wrong.append(f"frame {item.frame} ({thread}): OVS executed "
+                             f"{execute['actions']} on {execute['packet']}; the tool says "
+                             f"{actions}; {'; '.join(problems)}")
+    assert not wrong, _listing(wrong)
+
+
+def test_outcomes_are_unknown_only_where_no_later_op_could_settle_them(
+        outcomes: Outcomes) -> None:
+    # An upcall its handler did nothing for (a controller action upcall, say) is settled
+    # by the handler's next op; after a handler's last op, only the window closes.
+    from upcall_capture import comment
+
+    kinds = [(item, comment.parse_outcome(item.text).kind) for item in outcomes.captured]
+    assert sum(1 for _, kind in kinds if kind == "put") == len(outcomes.puts)
+    last_op = {item.thread: item.frame for item, kind in kinds if kind in ("put", "execute")}
+    early = [f"frame {item.frame} ({item.thread}): {item.text}" for item, kind in kinds
+             if kind == "unknown" and item.frame < last_op.get(item.thread, 0)]
+    assert not early, _listing(early)
