@@ -64,17 +64,23 @@ sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
 
 import upcalls  # noqa: E402  samples/replay/upcalls.py
-from probe_records import storm  # noqa: E402  tests/probe_records.py
+from probe_records import (  # noqa: E402  tests/probe_records.py
+    execute_event,
+    put_event,
+    storm,
+)
 from ringbuf_kernel import PAGE, KernelSide  # noqa: E402  tests/ringbuf_kernel.py
 
 from upcall_capture import kernel_side, pcapng  # noqa: E402
 from upcall_capture.flowkey import format_key  # noqa: E402
+from upcall_capture.outcomes import Outcomes  # noqa: E402
 from upcall_capture.probe import loader  # noqa: E402
 from upcall_capture.probe.kernel_record import EV_ENQUEUE, EVENT_HEAD  # noqa: E402
 from upcall_capture.probe.record import (  # noqa: E402
     DEFAULT_KEY_CAP,
     DEFAULT_SNAPLEN,
     TimeMerger,
+    ktime,
     parse,
 )
 from upcall_capture.probe.ring_buffer import RingReader  # noqa: E402
@@ -314,7 +320,9 @@ def run_capture(records: Path, workdir: Path, rate: int, count: int, unique: boo
                 workers: int | None = None) -> Trial:
     out = workdir / "capture.pcapng"
     out.unlink(missing_ok=True)
-    replay = Replay(records, "-n", str(count), "-r", str(rate), *(["-u"] if unique else []))
+    # -O: each upcall's flow put and execute, as a handler would, so outcomes are on.
+    replay = Replay(records, "-O", "-n", str(count), "-r", str(rate),
+                    *(["-u"] if unique else []))
     chosen = [] if workers is None else ["--workers", str(workers)]
     tool = subprocess.Popen([*TOOL, "-p", str(replay.pid), "-w", str(out), "-c", str(count),
                              *chosen],
@@ -376,7 +384,9 @@ class CopyOnly:
 
 def run_copy_only(records: Path, rate: int, count: int, unique: bool) -> CopyOnly:
     """The ceiling for any reader in Python here: our probe, its ring copied and dropped."""
-    replay = Replay(records, "-n", str(count), "-r", str(rate), *(["-u"] if unique else []))
+    # -O: each upcall's flow put and execute, as a handler would, so outcomes are on.
+    replay = Replay(records, "-O", "-n", str(count), "-r", str(rate),
+                    *(["-u"] if unique else []))
     probe = OurProbe(replay.pid)
     try:
         replay.fire()
@@ -616,15 +626,47 @@ def kernel_side_costs(sent: list[upcalls.Upcall], count: int = 40_000, batch: in
     batches = [records[i:i + batch] for i in range(0, count, batch)]
     match_s, annotated = _cpu(lambda: [(side.drain(), side.annotate(b))[1] for b in batches])
     assert side.matcher.matched == count, side.matcher.matched
-
-    def warm_blocks(of: list[list[bytes]]) -> float:
-        blocks = UpcallBlocks(snaplen=DEFAULT_SNAPLEN, clock_offset_ns=0,
-                              port_name=lambda dpif, port: None)
-        [blocks.packets(b) for b in of]  # the option cache filled, as in a long storm
-        return _cpu(lambda: [blocks.packets(b) for b in of])[0]
-
-    extra_blocks_s = warm_blocks(annotated) - warm_blocks(batches)
+    extra_blocks_s = _warm_blocks_s(annotated) - _warm_blocks_s(batches)
     return match_s * 1e6 / count, max(extra_blocks_s, 0.0) * 1e6 / count
+
+
+def _warm_blocks_s(batches: list[list[bytes]]) -> float:
+    """CPU seconds to build blocks for the batches, the option cache filled first, as in a
+    long storm."""
+    blocks = UpcallBlocks(snaplen=DEFAULT_SNAPLEN, clock_offset_ns=0,
+                          port_name=lambda dpif, port: None)
+    [blocks.packets(b) for b in batches]
+    return _cpu(lambda: [blocks.packets(b) for b in batches])[0]
+
+
+def outcome_costs(sent: list[upcalls.Upcall], count: int = 40_000, batch: int = 2000
+                  ) -> tuple[float, float]:
+    """CPU per upcall, in µs, that outcomes add (offline, repeated keys, each upcall with a
+    flow put and an execute, as the replay's -O fires them): in the main process, reading
+    the ops events and tying them to their upcalls; and in building blocks, the outcome
+    comment and the mask option."""
+    records = storm(sent, count, unique=False)
+    ops = []
+    for record in records:
+        upcall = parse(record)
+        ops.append(put_event(upcall.key, b"\xff" * len(upcall.key), tid=upcall.tid,
+                             ktime_ns=upcall.ktime_ns + 3000))
+        ops.append(execute_event(upcall.packet, tid=upcall.tid,
+                                 ktime_ns=upcall.ktime_ns + 4000))
+    stage = Outcomes()
+    batches = [records[i:i + batch] for i in range(0, count, batch)]
+
+    def resolve_all() -> list[list[bytes]]:
+        out = []
+        for number, records_batch in enumerate(batches):
+            stage.add_ops(ops[2 * number * batch:2 * (number + 1) * batch], 0)
+            out.append(stage.resolve(records_batch, ktime(records_batch[-1]) + 4500))
+        return out
+
+    tie_s, resolved = _cpu(resolve_all)
+    assert stage.counts.put == stage.counts.execute == count, stage.counts
+    extra_blocks_s = _warm_blocks_s(resolved) - _warm_blocks_s(batches)
+    return tie_s * 1e6 / count, max(extra_blocks_s, 0.0) * 1e6 / count
 
 
 def describe_throughput(sent: list[upcalls.Upcall], count: int = 40_000
@@ -694,7 +736,8 @@ def _k(rate: float) -> str:
 
 def report(args, repeated: Search, unique: Search, startup_s: float, overhead: Overhead,
            stages: dict[str, StageCosts], lat: tuple[list[float], list[float]],
-           record_sizes: tuple[float, float], kernel: tuple[float, float]) -> str:
+           record_sizes: tuple[float, float], kernel: tuple[float, float],
+           outcomes: tuple[float, float]) -> str:
     seconds = args.seconds
     lines = [
         f"upcall-capture benchmark: {os.cpu_count()} CPUs, Linux {platform.release()}, "
@@ -734,6 +777,11 @@ def report(args, repeated: Search, unique: Search, startup_s: float, overhead: O
         "|---|---|",
         f"| main process: ENQUEUE events read, each upcall matched | {kernel[0]:.2f} |",
         f"| building blocks: the queueing-delay comment | {kernel[1]:.2f} |",
+        "",
+        "| outcomes, offline, repeated keys, a put and an execute each | µs per upcall |",
+        "|---|---|",
+        f"| main process: ops events read, each tied to its upcall | {outcomes[0]:.2f} |",
+        f"| building blocks: the outcome comment and the mask | {outcomes[1]:.2f} |",
         "",
         "| probe overhead (traced program, per upcall) | ns |",
         "|---|---|",
@@ -782,6 +830,8 @@ def main(argv: list[str] | None = None) -> int:
                                         warm_blocks_us=repeated_stages.blocks)}
         print("the kernel side's CPU per upcall (offline)...", flush=True)
         kernel = kernel_side_costs(sent)
+        print("outcomes' CPU per upcall (offline)...", flush=True)
+        outcomes = outcome_costs(sent)
         print("probe overhead...", flush=True)
         overhead = probe_overhead(records, args.overhead_count, 5 if args.full else 3)
         print("latency at 10/s...", flush=True)
@@ -811,7 +861,7 @@ def main(argv: list[str] | None = None) -> int:
         per_worker = describe_throughput(sent)
         print()
         print(report(args, repeated, unique, startup_s, overhead, stages, lat, sizes,
-                     kernel))
+                     kernel, outcomes))
         print()
         print(scaling_report(unique, ceiling, decoded, per_worker))
     return 0

@@ -12,8 +12,9 @@ rm -f "$OUT"
 log=$(mktemp)
 trap 'kill "$replay" 2>/dev/null || true; rm -f "$log"' EXIT
 
-# The replay source waits for SIGUSR1, so that the capture is attached before it fires.
-samples/replay/upcall-replay -S -k -r 200 "$RECORDS" >/dev/null &
+# The replay source waits for SIGUSR1, so that the capture is attached before it fires;
+# -O: after each batch, the flow puts and executes a handler would ask for (outcomes).
+samples/replay/upcall-replay -S -k -O -r 200 "$RECORDS" >/dev/null &
 replay=$!
 .venv/bin/upcall-capture -p "$replay" -w "$OUT" -c "$COUNT" 2>"$log" &
 capture=$!
@@ -21,7 +22,7 @@ for _ in $(seq 100); do grep -q listening "$log" && break; sleep 0.1; done
 cat "$log"
 kill -USR1 "$replay"
 wait "$capture"
-tail -n 1 "$log"
+grep -E "upcalls captured|outcomes:" "$log"
 
 echo
 echo "== $OUT, as tshark reads it (interface, packet, comment) =="
