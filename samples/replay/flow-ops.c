@@ -216,13 +216,19 @@ in_port_of(const struct nlattr *key, size_t key_len)
     return 0;
 }
 
-/* A ufid as OVS makes one (a random 128-bit hash, UUID version 4), here from k. */
+/* A ufid from the flow's key, as OVS makes one (odp_flow_key_hash(): a 128-bit hash of
+ * the key, here FNV-1a spread by splitmix64, with the bits of a version 4 UUID). So an
+ * upcall of a flow seen before gets the same ufid, as in OVS. */
 static ovs_u128
-ufid_of(uint64_t k)
+ufid_of(const struct nlattr *key, size_t key_len)
 {
-    uint64_t x = k * 0x9e3779b97f4a7c15ull + 0x632be59bd9b4e019ull;
+    const uint8_t *byte = (const uint8_t *) key;
+    uint64_t x = 0xcbf29ce484222325ull;
     ovs_u128 ufid;
 
+    for (size_t i = 0; i < key_len; i++) {
+        x = (x ^ byte[i]) * 0x100000001b3ull;
+    }
     for (int i = 0; i < 4; i++) {
         x ^= x >> 31;
         x *= 0xbf58476d1ce4e5b9ull;
@@ -250,7 +256,7 @@ ops_add(struct op_batch *batch, uint64_t k, unsigned int type, const struct nlat
     if (slot->what & DO_PUT) {
         uint8_t *mask;
 
-        slot->ufid = ufid_of(k);
+        slot->ufid = ufid_of(key, key_len);
         at = start_message(slot->put_buf, OVS_FLOW_FAMILY, NLM_F_CREATE, OVS_FLOW_CMD_NEW);
         at = put_attr(at, OVS_FLOW_ATTR_UFID, &slot->ufid, sizeof slot->ufid);
         const struct nlattr *put_key = (const struct nlattr *) (at + NLA_HDRLEN);
