@@ -29,6 +29,7 @@ from upcall_capture.probe.record import (
     F_KERNEL,
     UNKNOWN_CAPTURE_ENDED,
     UNKNOWN_EVENTS_LOST,
+    UNKNOWN_SHED,
     UNKNOWN_TIMEOUT,
     UNKNOWN_WINDOW_FULL,
     UNMATCHED_ENQUEUE,
@@ -159,6 +160,34 @@ def test_unknown_outcomes_say_why():
     stage.add_ops([put(SENT[1].key, exact_mask(SENT[1].key), ktime_ns=2000)], lost=5)
     out = outcomes_of(stage.resolve_all([]))
     assert [(o.did, o.unknown) for o in out] == [(0, UNKNOWN_EVENTS_LOST), (DID_PUT, 0)]
+
+
+def test_while_ops_are_shed_no_outcome_is_guessed():
+    stage = Outcomes(window_ns=10_000)
+    # Before the shedding, on one handler: a and c have puts; b's turn ended (c's put)
+    # before it began; d's did not, and it saw no op. z, another handler's, saw no op
+    # either, and keeps the others waiting behind it.
+    z = probe_record(SENT[6], ktime_ns=999, tid=45)
+    a, b, c, d = (record(i, 1000 + i) for i in range(4))
+    stage.add_ops([put(SENT[0].key, exact_mask(SENT[0].key), ktime_ns=1100),
+                   put(SENT[2].key, exact_mask(SENT[2].key), ktime_ns=1200)], lost=0)
+    assert stage.resolve([z, a, b, c, d], horizon_ns=1300) == []
+    stage.shed(True, now_ns=1500)
+    # e: received while shedding; it is not kept waiting for ops.
+    e = record(4, 1600)
+    stage.add_ops([], lost=0)
+    assert stage.resolve([e], horizon_ns=1700) == []  # z comes first
+    stage.shed(False, now_ns=2000)
+    # f: received after, by another handler: its put is copied again, and tied.
+    f = probe_record(SENT[5], ktime_ns=2100, tid=44)
+    stage.add_ops([put(SENT[5].key, exact_mask(SENT[5].key), ktime_ns=2200, tid=44)], lost=0)
+    assert stage.resolve([f], horizon_ns=2300) == []
+    out = stage.resolve_all([])
+    assert [(o.did, o.unknown) for o in outcomes_of(out)] == [
+        (0, UNKNOWN_SHED), (DID_PUT, 0), (0, 0), (DID_PUT, 0), (0, UNKNOWN_SHED),
+        (0, UNKNOWN_SHED), (DID_PUT, 0)]
+    assert [parse(r).ktime_ns for r in out] == [999, 1000, 1001, 1002, 1003, 1600, 2100]
+    assert stage.counts.unknown == {UNKNOWN_SHED: 3} and stage.counts.none == 1
 
 
 def test_records_leave_in_order_failed_ones_at_once_and_a_put_still_waits():
@@ -292,6 +321,9 @@ def test_blocks_carry_the_outcome_line_and_the_mask_and_r_w_keeps_them(tmp_path)
 MIXED = REPLAY / "mixed.upc"
 MIXED_SENT = upcalls.read_records(MIXED)
 FIRES = 3000
+# A ring of 128 MiB sheds ops only past a 2 MiB backlog, more than FIRES records of
+# MIXED (1.6 MiB): a slow moment of a loaded machine cannot make the outcomes unknown.
+NO_SHEDDING = ("--buffer-pages", "32768")
 _NESTED = {1, 16}  # OVS_KEY_ATTR_ENCAP, OVS_KEY_ATTR_TUNNEL
 
 
@@ -316,10 +348,12 @@ def replay_mask(key: bytes) -> bytes:
     return bytes(out)
 
 
-def replay_ufid(k: int) -> bytes:
-    """The ufid flow-ops.c gives fire k's put."""
+def replay_ufid(key: bytes) -> bytes:
+    """The ufid flow-ops.c gives a put of this key."""
     words = []
-    x = (k * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019) % 2**64
+    x = 0xCBF29CE484222325
+    for byte in key:
+        x = (x ^ byte) * 0x100000001B3 % 2**64
     for _ in range(4):
         x ^= x >> 31
         x = x * 0xBF58476D1CE4E5B9 % 2**64
@@ -349,7 +383,7 @@ def expected_line(k: int, key: bytes) -> str | None:
     actions = "2" if in_port == 1 else "1"
     if k % 16 == 7:
         return f"no flow installed; executed actions={actions}"
-    return (f"flow put ufid:{comment.ufid_text(replay_ufid(k))} "
+    return (f"flow put ufid:{comment.ufid_text(replay_ufid(key))} "
             f"megaflow={format_megaflow(key, replay_mask(key))} actions={actions}; "
             f"executed actions={actions}")
 
@@ -384,17 +418,24 @@ def check_outcomes(packets, *, fires: int = FIRES) -> dict[str, int]:
     return kinds
 
 
-@pytest.mark.capture
-def test_every_upcall_carries_what_its_handler_did(replay, tmp_path):
+def capture_mixed(replay, out: Path, *replay_args: str, tool_args: tuple[str, ...]
+                  ) -> tuple[list[tuple[int, str, str]], str]:
+    """FIRES upcalls of MIXED at 30,000/s with their puts and executes (-O), captured to
+    `out`: its packets (captured()) and the tool's stderr."""
     from conftest import start_capture
 
-    out = tmp_path / "out.pcapng"
-    source, tool = start_capture(replay, MIXED, out, "-O", "-u", "-T", "2", "-n", str(FIRES),
-                                 "-r", "30000")
+    source, tool = start_capture(replay, MIXED, out, "-O", *replay_args, "-n", str(FIRES),
+                                 "-r", "30000", tool_args=tool_args)
     source.wait()
     status, stderr = tool.wait()
     assert status == 0, stderr
-    packets = captured(out)
+    return captured(out), stderr
+
+
+@pytest.mark.capture
+def test_every_upcall_carries_what_its_handler_did(replay, tmp_path):
+    out = tmp_path / "out.pcapng"
+    packets, stderr = capture_mixed(replay, out, "-u", "-T", "2", tool_args=NO_SHEDDING)
     assert len(packets) == FIRES and {thread for _, thread, _, _ in packets} == \
         {"handler1", "handler2"}
     kinds = check_outcomes(packets)
@@ -424,15 +465,8 @@ def read_back(path: Path, *args: str) -> str:
 
 @pytest.mark.capture
 def test_ops_of_filtered_upcalls_are_tied_to_no_other(replay, tmp_path):
-    from conftest import start_capture
-
-    out = tmp_path / "out.pcapng"
-    source, tool = start_capture(replay, MIXED, out, "-O", "-u", "-T", "2", "-n", str(FIRES),
-                                 "-r", "30000", tool_args=("--filter", "in_port=1"))
-    source.wait()
-    status, stderr = tool.wait()
-    assert status == 0, stderr
-    packets = captured(out)
+    packets, _ = capture_mixed(replay, tmp_path / "out.pcapng", "-u", "-T", "2",
+                               tool_args=("--filter", "in_port=1", *NO_SHEDDING))
     assert packets and all(upcalls.key_fields(key)["in_port"] == 1
                            for _, _, _, key in packets)
     check_outcomes(packets)
@@ -440,15 +474,8 @@ def test_ops_of_filtered_upcalls_are_tied_to_no_other(replay, tmp_path):
 
 @pytest.mark.capture
 def test_filter_by_outcome(replay, tmp_path):
-    from conftest import start_capture
-
-    out = tmp_path / "out.pcapng"
-    source, tool = start_capture(replay, MIXED, out, "-O", "-u", "-n", str(FIRES),
-                                 "-r", "30000", tool_args=("--filter", "outcome=execute"))
-    source.wait()
-    status, stderr = tool.wait()
-    assert status == 0, stderr
-    packets = captured(out)
+    packets, stderr = capture_mixed(replay, tmp_path / "out.pcapng", "-u",
+                                    tool_args=("--filter", "outcome=execute", *NO_SHEDDING))
     assert sorted(k for k, _, _, _ in packets) == [
         k for k in range(FIRES) if MIXED_SENT[k % len(MIXED_SENT)].type == 0 and k % 16 == 7]
     check_outcomes(packets)
@@ -489,3 +516,21 @@ def test_a_process_without_the_probes_is_said_and_outcomes_can_be_required(tmp_p
     assert stderr.startswith("upcall-capture: --outcomes: outcomes are unavailable: the "
                              "process has no dpif_netlink_operate__:op_flow_put or "
                              "dpif_netlink_operate__:op_flow_execute probe")
+
+
+@pytest.mark.capture
+def test_an_overloaded_capture_sheds_outcomes_never_guesses_and_says_so(replay, tmp_path):
+    from conftest import SUMMARY
+
+    # A ring of 16 pages (64 KiB) holds about 60 records: at 30,000/s it is more than
+    # 1/64 full at reads, and the capture sheds the ops until it drains.
+    packets, stderr = capture_mixed(replay, tmp_path / "out.pcapng", "-u",
+                                    tool_args=("--buffer-pages", "16"))
+    captured_count, lost = (int(n) for n in SUMMARY.search(stderr).groups()[:2])
+    assert len(packets) == captured_count and captured_count + lost == FIRES
+    shed_line = comment.UNKNOWN_OUTCOME + comment.UNKNOWN_REASONS[UNKNOWN_SHED]
+    shed = [p for p in packets if p[2] == shed_line]
+    assert shed, "the capture never shed: the test's ring is not small enough"
+    assert f"{len(shed)} capture overloaded" in stderr
+    # Every other outcome is still exactly the replay's.
+    check_outcomes([p for p in packets if p[2] != shed_line])

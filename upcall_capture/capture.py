@@ -136,6 +136,10 @@ class UserspaceFiltered:
     def backlog(self) -> bool:
         return self.probe.backlog
 
+    @property
+    def fill(self) -> float:
+        return self.probe.fill
+
     def counters(self) -> Counters:
         counters = self.probe.counters()
         return Counters(counters.fired, counters.filtered + self.filtered, counters.lost)
@@ -487,6 +491,8 @@ class Capture:
             drain_start = time.monotonic_ns()
             records = self._dpif_names.resolve(self.probe.drain())
             self._merger.add(records)
+            if self.ops is not None:
+                self.ops.pace(self.probe.fill)
             # Every record fired before drain_start is in hand, unless the read left a
             # backlog: then only those fired before the last one read.
             horizon = ktime(records[-1]) if records and self.probe.backlog else drain_start

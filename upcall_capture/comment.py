@@ -37,6 +37,7 @@ from upcall_capture.probe.record import (
     FLAG_NAMES,
     UNKNOWN_CAPTURE_ENDED,
     UNKNOWN_EVENTS_LOST,
+    UNKNOWN_SHED,
     UNKNOWN_TIMEOUT,
     UNKNOWN_WINDOW_FULL,
     UNMATCHED_ENQUEUE,
@@ -234,6 +235,8 @@ UNKNOWN_REASONS = {
     UNKNOWN_EVENTS_LOST: "flow operation events were lost (their ring was full)",
     UNKNOWN_CAPTURE_ENDED: "the capture ended first",
     UNKNOWN_WINDOW_FULL: "too many upcalls were waiting for their outcome",
+    UNKNOWN_SHED: "the capture was overloaded and did not copy its handler's flow "
+                  "operations",
 }
 _OUTCOME = re.compile(
     r"^(?:flow (?P<verb>put|modify) ufid:(?P<ufid>[0-9a-f-]{36}|\?) megaflow=(?P<megaflow>.*?) "

@@ -14,9 +14,14 @@ time order (flow_ops.c's events carry the clock of recv_upcall's records):
 Nothing is matched by position alone, so an op whose upcall the capture does not hold
 (filtered out, or lost in the ring) is tied to no other upcall. An upcall whose turn did
 not come within the window (WINDOW_NS after it was received), whose ops may have been
-lost (the ops ring was full), or that was still waiting when the capture ended, says its
-outcome is unknown: it is never given a guess. At most CAPACITY upcalls wait; past that
-the oldest leaves, unknown, and is counted.
+lost (the ops ring was full) or not copied (shed, below), or that was still waiting when
+the capture ended, says its outcome is unknown: it is never given a guess. At most
+CAPACITY upcalls wait; past that the oldest leaves, unknown, and is counted.
+
+Tying ops costs the capture's main process more than the upcalls themselves, and packets
+come first: while recv_upcall's ring fills up (HandlerOps.pace), the probe stops copying
+ops, and the upcalls of that time, with any earlier one still waiting then, leave
+unknown at once (UNKNOWN_SHED).
 
 Records leave in the order they came, each with an OUTCOME trailer (record.with_outcome).
 Failed upcalls (the kernel side's) pass through: no handler had them.
@@ -27,6 +32,7 @@ from __future__ import annotations
 import bisect
 import math
 import struct
+import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +47,7 @@ from upcall_capture.probe.record import (
     HEADER_SIZE,
     UNKNOWN_CAPTURE_ENDED,
     UNKNOWN_EVENTS_LOST,
+    UNKNOWN_SHED,
     UNKNOWN_TIMEOUT,
     UNKNOWN_WINDOW_FULL,
     Outcome,
@@ -56,9 +63,13 @@ WINDOW_NS = 100_000_000
 _NONE_TRAILER = pack_outcome(Outcome(0))
 _UNKNOWN_TRAILERS = {reason: pack_outcome(Outcome(0, reason)) for reason in
                      (UNKNOWN_TIMEOUT, UNKNOWN_EVENTS_LOST, UNKNOWN_CAPTURE_ENDED,
-                      UNKNOWN_WINDOW_FULL)}
+                      UNKNOWN_WINDOW_FULL, UNKNOWN_SHED)}
 CAPACITY = 65536
 MAX_BATCH = 1024
+# recv_upcall's ring this full at a read: the capture is behind, and sheds the ops until
+# the ring is down to SHED_UNTIL (HandlerOps.pace).
+SHED_ABOVE = 1 / 64
+SHED_UNTIL = 1 / 256
 _NUMBERS = struct.Struct(header_format("comm"))
 
 
@@ -80,7 +91,7 @@ class _Waiting:
         self.lost_before = lost_before  # ops events lost before it was read
         self.put: FlowOp | None = None
         self.execute: FlowOp | None = None
-        self.settled = False
+        self.settled: int | None = None  # when its turn was over (probe time)
 
 
 @dataclass(slots=True)
@@ -117,6 +128,15 @@ class Outcomes:
         self._ops: list[FlowOp] = []  # not applied yet, in time order
         self._lost = 0  # ops events lost, as last told (ops_lost)
         self._lost_before = 0
+        # When ops were not copied: [start, end] in probe time, end infinite while on.
+        self._shed: list[list[float]] = []
+
+    def shed(self, on: bool, now_ns: int) -> None:
+        """From now_ns on, the probe copies no ops (on), or copies them again."""
+        if on:
+            self._shed.append([now_ns, math.inf])
+        elif self._shed and self._shed[-1][1] == math.inf:
+            self._shed[-1][1] = now_ns
 
     def add_ops(self, events: Sequence[bytes | memoryview], lost: int) -> None:
         """Ops events read from the ring, and the ring's count of lost ones so far."""
@@ -140,6 +160,9 @@ class Outcomes:
 
     def _take(self, records: Sequence[bytes | memoryview], horizon_ns: int | None) -> None:
         ops, at = self._ops, 0
+        # The shedding that goes on, or went on last: in a storm, most records fall in it.
+        shed_from, shed_to = self._shed[-1] if self._shed else (math.inf, math.inf)
+        shed_trailer, shed = _UNKNOWN_TRAILERS[UNKNOWN_SHED], 0
         for record in records:
             (ktime, key_size, _, tid, _, _, pkt_size, pkt_len, key_len, pkt_offset,
              flags) = _NUMBERS.unpack_from(record)
@@ -149,6 +172,10 @@ class Outcomes:
             if flags & F_FAILED:
                 self._queue.append(record)
                 continue
+            if shed_from <= ktime < shed_to or len(self._shed) > 1 and self._shed_at(ktime):
+                shed += 1
+                self._queue.append(with_outcome(record, shed_trailer, flags))
+                continue
             waiting = _Waiting(record, ktime,
                                HEADER_SIZE + key_len if key_len == key_size else None,
                                HEADER_SIZE + pkt_offset, pkt_len, pkt_size, self._lost_before)
@@ -156,10 +183,12 @@ class Outcomes:
             if handler is None:
                 handler = self._handlers[tid] = _Handler()
             elif handler.operating:  # a new batch: the last one's turns are over
-                self._settle(handler, len(handler.batch))
+                self._settle(handler, len(handler.batch), ktime)
                 handler.batch, handler.turn, handler.operating = [], 0, False
             handler.batch.append(waiting)
             self._queue.append(waiting)
+        if shed:
+            self._count_unknown(UNKNOWN_SHED, shed)
         end = len(ops) if horizon_ns is None else \
             bisect.bisect_left(ops, horizon_ns, lo=at, key=lambda op: op.ktime_ns)
         for op in ops[at:end]:
@@ -180,7 +209,7 @@ class Outcomes:
                 if waiting.key_end == key_end and waiting.put is None and \
                         waiting.execute is None and \
                         waiting.record[HEADER_SIZE:key_end] == key:
-                    self._settle(handler, index)
+                    self._settle(handler, index, op.ktime_ns)
                     waiting.put = op
                     return
         elif op.complete and op.kind == OP_EXECUTE and op.packet is not None:
@@ -191,15 +220,18 @@ class Outcomes:
                 if waiting.pkt_size == size and waiting.execute is None and \
                         waiting.record[at:at + waiting.pkt_len] == packet[:waiting.pkt_len]:
                     waiting.execute = op
-                    self._settle(handler, index + 1)
+                    self._settle(handler, index + 1, op.ktime_ns)
                     return
         self.counts.unmatched_ops += 1
 
     @staticmethod
-    def _settle(handler: _Handler, turn: int) -> None:
+    def _settle(handler: _Handler, turn: int, at_ns: int) -> None:
         for waiting in handler.batch[handler.turn:turn]:
-            waiting.settled = True
+            waiting.settled = at_ns
         handler.turn = max(handler.turn, turn)
+
+    def _shed_at(self, ktime_ns: int) -> bool:
+        return any(start <= ktime_ns < end for start, end in self._shed)
 
     def _release(self, horizon_ns: int | None) -> list:
         out = []
@@ -209,33 +241,47 @@ class Outcomes:
             if not isinstance(head, _Waiting):
                 out.append(queue.popleft())
                 continue
-            if head.settled:
-                unknown = self._lost_unknown(head)
-            elif horizon_ns is None:
-                unknown = 0 if head.put or head.execute else UNKNOWN_CAPTURE_ENDED
-            elif head.ktime_ns + self.window_ns <= horizon_ns:
-                unknown = 0 if head.put or head.execute else UNKNOWN_TIMEOUT
-            elif len(queue) > self.capacity:
-                unknown = 0 if head.put or head.execute else UNKNOWN_WINDOW_FULL
-            else:
+            unknown = self._unknown(head, horizon_ns)
+            if unknown is None:
                 break
             queue.popleft()
             out.append(with_outcome(head.record, self._trailer(head, unknown)))
         self._forget_settled()
+        if horizon_ns is not None:  # no upcall still waiting came before these ended
+            self._shed = [span for span in self._shed
+                          if span[1] > horizon_ns - self.window_ns]
         return out
 
-    def _lost_unknown(self, waiting: _Waiting) -> int:
-        """A settled upcall with no op: unknown if ops events were lost since it came."""
-        if waiting.put or waiting.execute or self._lost == waiting.lost_before:
+    def _unknown(self, waiting: _Waiting, horizon_ns: int | None) -> int | None:
+        """Why the upcall's outcome is unknown (0: it is known), or None: it waits on."""
+        if waiting.settled is not None:
+            until, reason = waiting.settled, 0
+        elif horizon_ns is None:
+            until, reason = math.inf, UNKNOWN_CAPTURE_ENDED
+        elif waiting.ktime_ns + self.window_ns <= horizon_ns:
+            until, reason = waiting.ktime_ns + self.window_ns, UNKNOWN_TIMEOUT
+        elif len(self._queue) > self.capacity:
+            until, reason = horizon_ns, UNKNOWN_WINDOW_FULL
+        else:
+            return None
+        if waiting.put is not None or waiting.execute is not None:
             return 0
-        return UNKNOWN_EVENTS_LOST
+        # With no op, "nothing" is known only if no op of its time can be missing.
+        if self._lost != waiting.lost_before:
+            return UNKNOWN_EVENTS_LOST
+        if any(start < until and end > waiting.ktime_ns for start, end in self._shed):
+            return UNKNOWN_SHED
+        return reason
+
+    def _count_unknown(self, reason: int, count: int = 1) -> None:
+        self.counts.unknown[reason] = self.counts.unknown.get(reason, 0) + count
 
     def _trailer(self, waiting: _Waiting, unknown: int) -> bytes:
         """The OUTCOME trailer (record.pack_outcome_fields) of a leaving upcall."""
         counts = self.counts
         put, execute = waiting.put, waiting.execute
         if unknown:
-            counts.unknown[unknown] = counts.unknown.get(unknown, 0) + 1
+            self._count_unknown(unknown)
             return _UNKNOWN_TRAILERS[unknown]
         if put is None and execute is None:
             counts.none += 1
@@ -278,6 +324,7 @@ class HandlerOps:
         self.stage = Outcomes()
         self.keep = keep  # a --filter with outcome=: applied once outcomes are known
         self.filtered = 0  # upcalls it rejected
+        self.shedding = False
         self._lost_earlier = 0  # the ops lost by the probes of earlier processes
 
     def resolve(self, records: Sequence[bytes | memoryview], horizon_ns: int | None) -> list:
@@ -303,6 +350,23 @@ class HandlerOps:
         return OP_HEAD.unpack_from(events[-1])[0] if events and self.probe.backlog \
             else math.inf
 
+    def pace(self, recv_fill: float) -> None:
+        """Shed the ops while recv_upcall's ring fills up (its share held at the last
+        read): no packet is lost for an outcome."""
+        if self.probe is None:
+            return
+        if not self.shedding and recv_fill >= SHED_ABOVE:
+            self.shedding = True
+            self.stage.shed(True, time.monotonic_ns())  # the clock of bpf_ktime_get_ns()
+            self.probe.shed(True)
+        elif self.shedding and recv_fill <= SHED_UNTIL:
+            self._resume()
+
+    def _resume(self) -> None:
+        self.probe.shed(False)
+        self.stage.shed(False, time.monotonic_ns())
+        self.shedding = False
+
     def stop(self) -> None:
         if self.probe is not None:
             self.stage.add_ops(self.probe.stop(), self.lost)
@@ -315,6 +379,8 @@ class HandlerOps:
         """The traced process was replaced by `pid`: attach to its probes, where it has
         them (where not, its upcalls' outcomes are unknown)."""
         self._lost_earlier = self.lost
+        if self.shedding:
+            self._resume()
         self.close()
         self.probe = None
         if not missing_probes(pid):
@@ -345,4 +411,4 @@ def report(counts: OutcomeCounts, lost: int) -> str:
 
 UNKNOWN_SHORT = {UNKNOWN_TIMEOUT: "no op within the window",
                  UNKNOWN_EVENTS_LOST: "events lost", UNKNOWN_CAPTURE_ENDED: "capture ended",
-                 UNKNOWN_WINDOW_FULL: "window full"}
+                 UNKNOWN_WINDOW_FULL: "window full", UNKNOWN_SHED: "capture overloaded"}

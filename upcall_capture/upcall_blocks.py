@@ -40,6 +40,7 @@ from upcall_capture.probe.record import (
     PID_OFFSET,
     U32,
     UNREADABLE,
+    Outcome,
     header_format,
     header_offset,
     outcome_mask,
@@ -111,6 +112,7 @@ MAX_CACHED_WHERE = 1024
 # repeated keys.
 _WHAT: dict[bytes, bytes] = {}
 MAX_CACHED_WHAT = 16384
+_UNKNOWN_OPTIONS: dict[int, bytes] = {}  # the comment option of each unknown outcome
 _KEY_LEN = struct.Struct("<I")
 _KEY_LEN_AT = header_offset("key_len")
 _HANDLING = struct.Struct("<q")
@@ -132,21 +134,28 @@ def _outcome_option(record: bytes | memoryview) -> bytes:
     if span is None:
         return b""
     start, end = span
+    unknown = record[start + 1]
+    if unknown:  # one of a few lines, with no time: in an overloaded storm, every upcall's
+        return _UNKNOWN_OPTIONS.get(unknown) or _UNKNOWN_OPTIONS.setdefault(
+            unknown, pcapng.comment_option(comment.outcome_what(
+                Outcome(0, unknown), b"").encode()))
     handling = _HANDLING.unpack_from(record, start + _HANDLING_AT)[0]
-    key_end = HEADER_SIZE + _KEY_LEN.unpack_from(record, _KEY_LEN_AT)[0]
+    put = record[start] & DID_PUT
+    # Only a put's text depends on the key (its megaflow): in a storm of new flows, the
+    # other outcomes are a few entries.
+    key = bytes(record[HEADER_SIZE:HEADER_SIZE + _KEY_LEN.unpack_from(record, _KEY_LEN_AT)[0]]
+                ) if put else b""
     cache_key = b"".join((record[start:start + _HANDLING_AT],
-                          record[start + _HANDLING_AT + _HANDLING.size:end],
-                          record[HEADER_SIZE:key_end]))
+                          record[start + _HANDLING_AT + _HANDLING.size:end], key))
     what = _WHAT.get(cache_key)
     if what is None:
         if len(_WHAT) >= MAX_CACHED_WHAT:
             _WHAT.clear()
-        what = _WHAT[cache_key] = comment.outcome_what(
-            unpack_outcome(record), bytes(record[HEADER_SIZE:key_end])).encode(
-                "utf-8", "backslashreplace")
+        what = _WHAT[cache_key] = comment.outcome_what(unpack_outcome(record), key).encode(
+            "utf-8", "backslashreplace")
     option = pcapng.comment_option(what + comment.handled_text(None if handling < 0
                                                                 else handling))
-    if record[start] & DID_PUT:  # the put's mask, so that -r can print its megaflow whole
+    if put:  # the put's mask, so that -r can print its megaflow whole
         return option + pcapng.mask_option(outcome_mask(record, start))
     return option
 

@@ -35,11 +35,15 @@ struct ofpbuf_head {
     u32 size;
 };
 
-enum counter { C_PUT, C_EXECUTE, C_LOST, C_MAX };
+enum counter { C_PUT, C_EXECUTE, C_LOST, C_SHED, C_MAX };
 
 BPF_PERCPU_ARRAY(scratch, struct op_event, 1);
 BPF_PERCPU_ARRAY(counters, u64, C_MAX);
-BPF_ARRAY(control, u32, 1);  /* control[0] != 0: stopped (see recv_upcall.c) */
+/* control[0]: 0 runs; 1 stopped (see recv_upcall.c); SHEDDING while the capture is
+ * overloaded: ops are counted (C_SHED) but not copied, and their upcalls' outcomes are
+ * unknown. */
+BPF_ARRAY(control, u32, 1);
+#define SHEDDING 2
 BPF_RINGBUF_OUTPUT(op_events, RING_PAGES);
 
 #include "probe_common.h"   /* CLAMP(), count() */
@@ -47,10 +51,14 @@ BPF_RINGBUF_OUTPUT(op_events, RING_PAGES);
 static __always_inline int submit(u64 request, u32 kind)
 {
     u32 zero = 0;
-    u32 *stopped = control.lookup(&zero);
-    if (!stopped || *stopped)
+    u32 *state = control.lookup(&zero);
+    if (!state || (*state && *state != SHEDDING))
         return 0;
     count(kind == OP_PUT ? C_PUT : C_EXECUTE);
+    if (*state == SHEDDING) {
+        count(C_SHED);
+        return 0;
+    }
     struct op_event *ev = scratch.lookup(&zero);
     if (!ev)
         return 0;

@@ -111,6 +111,11 @@ class RingProbe:
         """The last read left records in the ring (it reads at most READ_LIMIT bytes)."""
         return self._buffer.backlog
 
+    @property
+    def fill(self) -> float:
+        """The share of the ring that held records at the last read."""
+        return self._buffer.fill
+
     def stop(self) -> list[memoryview]:
         """Stop counting and submitting, and return the records still in the ring.
 

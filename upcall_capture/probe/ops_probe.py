@@ -18,6 +18,7 @@ PROBES = {"op_flow_put": "trace_op_flow_put", "op_flow_execute": "trace_op_flow_
 OPS_CAP = 16384
 # 16 MiB: a put is about 400 bytes, an execute its packet and 150 more.
 DEFAULT_RING_PAGES = 4096
+_SHEDDING = 2  # control[0]'s value for it (SHEDDING in flow_ops.c)
 
 
 def missing_probes(pid: int) -> list[str]:
@@ -31,6 +32,7 @@ class OpsCounters:
     puts: int
     executes: int
     lost: int  # events that found the ring full
+    shed: int  # events not copied while shedding (OpsProbe.shed)
 
 
 class OpsProbe(RingProbe):
@@ -58,6 +60,11 @@ class OpsProbe(RingProbe):
     def drain(self) -> list[memoryview]:
         return self._buffer.read()
 
+    def shed(self, on: bool) -> None:
+        """Count the ops but copy none (on), or copy them again; outcomes.py says which
+        upcalls that leaves unknown."""
+        self._bpf["control"][ctypes.c_int(0)] = ctypes.c_uint32(_SHEDDING if on else 0)
+
     def counters(self) -> OpsCounters:
         table = self._bpf["counters"]
-        return OpsCounters(*(int(table.sum(ctypes.c_int(i)).value) for i in range(3)))
+        return OpsCounters(*(int(table.sum(ctypes.c_int(i)).value) for i in range(4)))

@@ -147,8 +147,8 @@ def with_enqueue(record: bytes | memoryview, enqueue: Enqueue | bytes) -> bytes:
 # What a handler did with an upcall (Outcome.did): a flow put, an execute, both, or nothing.
 DID_PUT, DID_EXECUTE = 1, 2
 # Why an outcome is unknown (Outcome.unknown); 0: it is known.
-(UNKNOWN_TIMEOUT, UNKNOWN_EVENTS_LOST, UNKNOWN_CAPTURE_ENDED,
- UNKNOWN_WINDOW_FULL) = range(1, 5)
+(UNKNOWN_TIMEOUT, UNKNOWN_EVENTS_LOST, UNKNOWN_CAPTURE_ENDED, UNKNOWN_WINDOW_FULL,
+ UNKNOWN_SHED) = range(1, 6)
 
 
 def outcome_kind(did: int, unknown: bool) -> str:
@@ -251,10 +251,12 @@ def outcome_mask(record: bytes | memoryview, start: int) -> bytes:
     return bytes(record[start + OUTCOME_HEAD.size:start + OUTCOME_HEAD.size + length])
 
 
-def with_outcome(record: bytes | memoryview, outcome: Outcome | bytes) -> bytes:
+def with_outcome(record: bytes | memoryview, outcome: Outcome | bytes,
+                 flags: int | None = None) -> bytes:
     """The record with its outcome after its packet (flag F_OUTCOME). It is given its
-    outcome before the kernel side's enqueue (kernel_side.annotate), which stays last."""
-    flags = U32.unpack_from(record, FLAGS_OFFSET)[0] | F_OUTCOME
+    outcome before the kernel side's enqueue (kernel_side.annotate), which stays last.
+    `flags` are the record's, when the caller has them unpacked already."""
+    flags = (U32.unpack_from(record, FLAGS_OFFSET)[0] if flags is None else flags) | F_OUTCOME
     trailer = outcome if isinstance(outcome, bytes) else pack_outcome(outcome)
     return b"".join((record[:FLAGS_OFFSET], U32.pack(flags), record[FLAGS_OFFSET + 4:],
                      trailer))

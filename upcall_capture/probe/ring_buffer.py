@@ -83,6 +83,7 @@ class RingReader:
         self._position = self._consumer_position.load()
         self.backlog = False  # the last read left finished records behind
         self._peak_fill = 0  # bytes: the most the ring held at a read since peak_fill()
+        self.fill = 0.0  # the share of the ring that held records at the last read
 
     def peak_fill(self) -> float:
         """The largest share of the ring that held records at a read since the last call."""
@@ -101,6 +102,7 @@ class RingReader:
         # record is reserved.
         available = self._producer_position.load() - position
         self._peak_fill = max(self._peak_fill, available)
+        self.fill = available / (self._mask + 1)
         length = min(available, limit)
         self.backlog = False
         if length < _HEADER.size:
