@@ -13,6 +13,8 @@ packets up to 1,500 bytes of IP, as in an upcall storm), with `-u` for unique ke
   A run keeps up when nothing is lost, every upcall fired is a packet in the file, and
   the tool has written the last one within 1 s of it being fired. The search raises the
   rate while runs keep up and then narrows down between the last good and first bad.
+  The replay fires each upcall's flow put and execute too (-O), so outcomes are on; the
+  share of upcalls whose outcome the tool shed to keep up is in the table.
 - **Probe overhead**: the replay fires N upcalls as fast as it can with no probe, with a
   bare counting uprobe, and with our BPF program attached (and its rings read by a
   copy-only reader, so that none is lost); the ratio of the cost per upcall with ours to
@@ -90,6 +92,7 @@ from upcall_capture.upcall_blocks import UpcallBlocks, port_and_eth  # noqa: E40
 
 FIRED = re.compile(r"fired (\d+) upcalls in ([\d.]+) s")
 SUMMARY = re.compile(r"(\d+) upcalls captured(?:, (\d+) without key text)?, (\d+) lost")
+SHED_OUTCOMES = re.compile(r"(\d+) capture overloaded")  # in the outcomes line
 MAX_LAG_S = 1.0
 TOOL = [sys.executable, "-m", "upcall_capture"]
 
@@ -248,6 +251,7 @@ class Trial:
     lag_s: float  # from the replay's last fire to the tool's exit with everything written
     cpu_s: float  # the tool's user + system time
     maxrss_kb: int  # peak VmHWM seen
+    outcomes_shed: int  # upcalls whose outcome is unknown as the capture was overloaded
 
     @property
     def kept_up(self) -> bool:
@@ -353,11 +357,13 @@ def run_capture(records: Path, workdir: Path, rate: int, count: int, unique: boo
         raise RuntimeError("upcall-capture failed: " + "".join(stderr))
     in_file = count_packets(out)
     out.unlink()
+    shed = SHED_OUTCOMES.search("".join(stderr))
     return Trial(rate=rate, unique=unique, fired=fired, achieved_rate=fired / seconds,
                  captured=int(summary.group(1)), undecoded=int(summary.group(2) or 0),
                  lost=int(summary.group(3)),
                  in_file=in_file, lag_s=tool_end - replay_end,
-                 cpu_s=usage.ru_utime + usage.ru_stime, maxrss_kb=peak.kb)
+                 cpu_s=usage.ru_utime + usage.ru_stime, maxrss_kb=peak.kb,
+                 outcomes_shed=int(shed.group(1)) if shed else 0)
 
 
 @dataclass
@@ -761,6 +767,8 @@ def report(args, repeated: Search, unique: Search, startup_s: float, overhead: O
         ("last upcall in the file after", lambda t: f"{t.lag_s * 1000:.0f} ms"),
         ("tool CPU per upcall (online)", cpu),
         ("tool peak RSS", lambda t: f"{t.maxrss_kb / 1024:.0f} MB"),
+        ("outcomes shed (capture overloaded)",
+         lambda t: f"{t.outcomes_shed / max(t.fired, 1):.1%}"),
     ]
     for label, what in rows:
         lines.append(f"| {label} | {best(repeated, what)} | {best(unique, what)} |")
