@@ -112,7 +112,10 @@ MAX_CACHED_WHERE = 1024
 # repeated keys.
 _WHAT: dict[bytes, bytes] = {}
 MAX_CACHED_WHAT = 16384
-_UNKNOWN_OPTIONS: dict[int, bytes] = {}  # the comment option of each unknown outcome
+# The comment option of each unknown outcome, by reason: a line with no time.
+_UNKNOWN_OPTIONS = {reason: pcapng.comment_option(comment.outcome_what(Outcome(0, reason),
+                                                                        b"").encode())
+                    for reason in comment.UNKNOWN_REASONS}
 _KEY_LEN = struct.Struct("<I")
 _KEY_LEN_AT = header_offset("key_len")
 _HANDLING = struct.Struct("<q")
@@ -134,11 +137,9 @@ def _outcome_option(record: bytes | memoryview) -> bytes:
     if span is None:
         return b""
     start, end = span
-    unknown = record[start + 1]
-    if unknown:  # one of a few lines, with no time: in an overloaded storm, every upcall's
-        return _UNKNOWN_OPTIONS.get(unknown) or _UNKNOWN_OPTIONS.setdefault(
-            unknown, pcapng.comment_option(comment.outcome_what(
-                Outcome(0, unknown), b"").encode()))
+    unknown = _UNKNOWN_OPTIONS.get(record[start + 1])
+    if unknown is not None:  # in an overloaded storm, every upcall's
+        return unknown
     handling = _HANDLING.unpack_from(record, start + _HANDLING_AT)[0]
     put = record[start] & DID_PUT
     # Only a put's text depends on the key (its megaflow): in a storm of new flows, the
