@@ -5,6 +5,7 @@ replay firing op_flow_put/op_flow_execute (-O), the whole capture."""
 from __future__ import annotations
 
 import json
+import re
 import struct
 import subprocess
 from dataclasses import replace
@@ -279,9 +280,11 @@ def test_summary_line():
     stage = Outcomes()
     stage.add_ops([], lost=0)
     stage.resolve_all([record(0, 1)])
-    assert report(stage.counts, 3) == ("outcomes: 0 flow puts, 0 executes, 0 with no flow "
-                                       "installed, 1 unknown (1 capture ended); 3 flow "
-                                       "operation events lost (ring full)")
+    assert report(stage.counts, 3, 0) == ("outcomes: 0 flow puts, 0 executes, 0 with no flow "
+                                          "installed, 1 unknown (1 capture ended); 3 flow "
+                                          "operation events lost (ring full)")
+    assert report(stage.counts, 0, 7).endswith(" (1 capture ended); 7 not copied (capture "
+                                                "overloaded)")
     assert format_actions(OUTPUT_1) == "1"
 
 
@@ -532,5 +535,7 @@ def test_an_overloaded_capture_sheds_outcomes_never_guesses_and_says_so(replay, 
     shed = [p for p in packets if p[2] == shed_line]
     assert shed, "the capture never shed: the test's ring is not small enough"
     assert f"{len(shed)} capture overloaded" in stderr
+    # The probe counted the ops it did not copy: there were some.
+    assert re.search(r"; [1-9]\d* not copied \(capture overloaded\)$", stderr, re.M)
     # Every other outcome is still exactly the replay's.
     check_outcomes([p for p in packets if p[2] != shed_line])

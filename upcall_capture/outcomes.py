@@ -35,10 +35,10 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import astuple, dataclass, field
 
 from upcall_capture.errors import UsageError
-from upcall_capture.probe.ops_probe import OpsProbe, missing_probes
+from upcall_capture.probe.ops_probe import OpsCounters, OpsProbe, missing_probes
 from upcall_capture.probe.ops_record import OP_EXECUTE, OP_HEAD, OP_PUT, FlowOp, parse_op
 from upcall_capture.probe.record import (
     DID_EXECUTE,
@@ -325,7 +325,7 @@ class HandlerOps:
         self.keep = keep  # a --filter with outcome=: applied once outcomes are known
         self.filtered = 0  # upcalls it rejected
         self.shedding = False
-        self._lost_earlier = 0  # the ops lost by the probes of earlier processes
+        self._earlier = OpsCounters(0, 0, 0, 0)  # the probes' of earlier processes
 
     def resolve(self, records: Sequence[bytes | memoryview], horizon_ns: int | None) -> list:
         """The records whose outcome is known, with it (all of them: horizon_ns None)."""
@@ -373,12 +373,20 @@ class HandlerOps:
 
     @property
     def lost(self) -> int:
-        return self._lost_earlier + (0 if self.probe is None else self.probe.counters().lost)
+        return self.totals.lost
+
+    @property
+    def totals(self) -> OpsCounters:
+        """The probes' counters, summed over the processes followed."""
+        if self.probe is None:
+            return self._earlier
+        return OpsCounters(*map(sum, zip(astuple(self._earlier),
+                                         astuple(self.probe.counters()), strict=True)))
 
     def follow(self, pid: int) -> None:
         """The traced process was replaced by `pid`: attach to its probes, where it has
         them (where not, its upcalls' outcomes are unknown)."""
-        self._lost_earlier = self.lost
+        self._earlier = self.totals
         if self.shedding:
             self._resume()
         self.close()
@@ -396,8 +404,8 @@ class HandlerOps:
             self.probe.close()
 
 
-def report(counts: OutcomeCounts, lost: int) -> str:
-    """The summary's line for outcomes."""
+def report(counts: OutcomeCounts, lost: int, shed: int) -> str:
+    """The summary's line for outcomes: `lost` and `shed` ops events (OpsCounters)."""
     text = (f"outcomes: {counts.put} flow puts, {counts.execute} executes, "
             f"{counts.none} with no flow installed")
     if counts.unknown_total:
@@ -406,6 +414,8 @@ def report(counts: OutcomeCounts, lost: int) -> str:
         text += f", {counts.unknown_total} unknown ({reasons})"
     if lost:
         text += f"; {lost} flow operation events lost (ring full)"
+    if shed:
+        text += f"; {shed} not copied (capture overloaded)"
     return text
 
 
