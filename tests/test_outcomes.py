@@ -28,6 +28,9 @@ from upcall_capture.probe.record import (
     DID_PUT,
     F_FAILED,
     F_KERNEL,
+    F_OUTCOME_SHED,
+    FLAGS_OFFSET,
+    SHED_OUTCOME,
     UNKNOWN_CAPTURE_ENDED,
     UNKNOWN_EVENTS_LOST,
     UNKNOWN_SHED,
@@ -174,20 +177,24 @@ def test_while_ops_are_shed_no_outcome_is_guessed():
                    put(SENT[2].key, exact_mask(SENT[2].key), ktime_ns=1200)], lost=0)
     assert stage.resolve([z, a, b, c, d], horizon_ns=1300) == []
     stage.shed(True, now_ns=1500)
-    # e: received while shedding; it is not kept waiting for ops.
+    # Not every op before the shedding is in hand yet: they wait on.
+    assert stage.resolve([], horizon_ns=1400) == []
+    # Then the shedding cuts their turns short, well within the window; e, received
+    # while shedding, is not kept waiting for ops either.
     e = record(4, 1600)
     stage.add_ops([], lost=0)
-    assert stage.resolve([e], horizon_ns=1700) == []  # z comes first
+    out = stage.resolve([e], horizon_ns=1700)
+    assert [(o.did, o.unknown) for o in outcomes_of(out)] == [
+        (0, UNKNOWN_SHED), (DID_PUT, 0), (0, 0), (DID_PUT, 0), (0, UNKNOWN_SHED),
+        (0, UNKNOWN_SHED)]
+    assert [parse(r).ktime_ns for r in out] == [999, 1000, 1001, 1002, 1003, 1600]
     stage.shed(False, now_ns=2000)
     # f: received after, by another handler: its put is copied again, and tied.
     f = probe_record(SENT[5], ktime_ns=2100, tid=44)
     stage.add_ops([put(SENT[5].key, exact_mask(SENT[5].key), ktime_ns=2200, tid=44)], lost=0)
-    assert stage.resolve([f], horizon_ns=2300) == []
+    assert stage.resolve([f], horizon_ns=2300) == []  # it may still get its execute
     out = stage.resolve_all([])
-    assert [(o.did, o.unknown) for o in outcomes_of(out)] == [
-        (0, UNKNOWN_SHED), (DID_PUT, 0), (0, 0), (DID_PUT, 0), (0, UNKNOWN_SHED),
-        (0, UNKNOWN_SHED), (DID_PUT, 0)]
-    assert [parse(r).ktime_ns for r in out] == [999, 1000, 1001, 1002, 1003, 1600, 2100]
+    assert [(o.did, o.unknown) for o in outcomes_of(out)] == [(DID_PUT, 0)]
     assert stage.counts.unknown == {UNKNOWN_SHED: 3} and stage.counts.none == 1
 
 
@@ -298,7 +305,8 @@ def test_blocks_carry_the_outcome_line_and_the_mask_and_r_w_keeps_them(tmp_path)
     records = [with_outcome(record(3, 10), put_outcome),
                with_outcome(record(3, 20), Outcome(DID_EXECUTE, handling_ns=5,
                                                    execute_actions=OUTPUT_1)),
-               with_outcome(record(4, 30), Outcome(0, UNKNOWN_TIMEOUT))]
+               with_outcome(record(4, 30), Outcome(0, UNKNOWN_TIMEOUT)),
+               marked_shed(record(4, 40))]
     blocks = UpcallBlocks(snaplen=9216, clock_offset_ns=0, port_name=lambda d, p: None)
     written = pcapng.section_header(userappl="t", os="t", hardware="t") + \
         bytes(blocks.packets(records)) + blocks.statistics(40, start_ktime_ns=0)
@@ -314,9 +322,25 @@ def test_blocks_carry_the_outcome_line_and_the_mask_and_r_w_keeps_them(tmp_path)
         assert [p.comments[1] for p in packets] == [
             comment.outcome_line(put_outcome, key),
             "no flow installed; executed actions=1; handled in 0.000005 ms",
-            comment.outcome_line(Outcome(0, UNKNOWN_TIMEOUT), SENT[4].key)]
-        assert [p.mask for p in packets] == [mask, None, None]
-        assert [p.key for p in packets] == [key, key, SENT[4].key]
+            comment.outcome_line(Outcome(0, UNKNOWN_TIMEOUT), SENT[4].key),
+            comment.UNKNOWN_OUTCOME + comment.UNKNOWN_REASONS[UNKNOWN_SHED]]
+        assert [p.mask for p in packets] == [mask, None, None, None]
+        assert [p.key for p in packets] == [key, key, SENT[4].key, SENT[4].key]
+
+
+def marked_shed(record: bytes) -> bytes:
+    """The record as recv_upcall.c makes it while outcomes are shed."""
+    flags = struct.unpack_from("<I", record, FLAGS_OFFSET)[0] | F_OUTCOME_SHED
+    return record[:FLAGS_OFFSET] + struct.pack("<I", flags) + record[FLAGS_OFFSET + 4:]
+
+
+def test_a_record_marked_shed_passes_at_once_as_it_is():
+    stage = Outcomes()
+    stage.add_ops([], lost=0)
+    marked = marked_shed(record(0, 1000))
+    assert stage.resolve([marked], horizon_ns=1001) == [marked]
+    assert stage.counts.unknown == {UNKNOWN_SHED: 1}
+    assert parse(marked).outcome == SHED_OUTCOME and parse(marked).outcome.kind == "unknown"
 
 
 # ---- the capture: real eBPF on the replay firing a handler's puts and executes (-O) ----

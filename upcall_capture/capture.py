@@ -140,6 +140,9 @@ class UserspaceFiltered:
     def fill(self) -> float:
         return self.probe.fill
 
+    def mark_outcomes_shed(self, on: bool) -> None:
+        self.probe.mark_outcomes_shed(on)
+
     def counters(self) -> Counters:
         counters = self.probe.counters()
         return Counters(counters.fired, counters.filtered + self.filtered, counters.lost)
@@ -493,7 +496,7 @@ class Capture:
             records = self._dpif_names.resolve(self.probe.drain())
             self._merger.add(records)
             if self.ops is not None:
-                self.ops.pace(self.probe.fill)
+                self.ops.pace(self.probe)
             # Every record fired before drain_start is in hand, unless the read left a
             # backlog: then only those fired before the last one read.
             horizon = ktime(records[-1]) if records and self.probe.backlog else drain_start

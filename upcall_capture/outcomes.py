@@ -19,9 +19,10 @@ the capture ended, says its outcome is unknown: it is never given a guess. At mo
 CAPACITY upcalls wait; past that the oldest leaves, unknown, and is counted.
 
 Tying ops costs the capture's main process more than the upcalls themselves, and packets
-come first: while recv_upcall's ring fills up (HandlerOps.pace), the probe stops copying
-ops, and the upcalls of that time, with any earlier one still waiting then, leave
-unknown at once (UNKNOWN_SHED).
+come first: while recv_upcall's ring fills up (HandlerOps.pace), flow_ops.c stops copying
+ops, and recv_upcall.c marks its records F_OUTCOME_SHED. Those pass at once, as they
+are, and any earlier upcall still waiting then leaves unknown (UNKNOWN_SHED): its op may
+not have been copied.
 
 Records leave in the order they came, each with an OUTCOME trailer (record.with_outcome).
 Failed upcalls (the kernel side's) pass through: no handler had them.
@@ -38,12 +39,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import astuple, dataclass, field
 
 from upcall_capture.errors import UsageError
+from upcall_capture.probe.loader import RecvUpcallProbe
 from upcall_capture.probe.ops_probe import OpsCounters, OpsProbe, missing_probes
 from upcall_capture.probe.ops_record import OP_EXECUTE, OP_HEAD, OP_PUT, FlowOp, parse_op
 from upcall_capture.probe.record import (
     DID_EXECUTE,
     DID_PUT,
     F_FAILED,
+    F_OUTCOME_SHED,
     HEADER_SIZE,
     UNKNOWN_CAPTURE_ENDED,
     UNKNOWN_EVENTS_LOST,
@@ -70,6 +73,12 @@ MAX_BATCH = 1024
 # the ring is down to SHED_UNTIL (HandlerOps.pace).
 SHED_ABOVE = 1 / 64
 SHED_UNTIL = 1 / 256
+# A shedding lasts at least MIN_SHED_NS, twice as long as the last one (up to MAX_SHED_NS)
+# when it comes back within RECOVERED_NS of a resume: each resume costs a burst of ties,
+# which a storm must not pay every few milliseconds.
+MIN_SHED_NS = 1_000_000_000
+MAX_SHED_NS = 16_000_000_000
+RECOVERED_NS = 10_000_000_000
 _NUMBERS = struct.Struct(header_format("comm"))
 
 
@@ -169,7 +178,8 @@ class Outcomes:
             while at < len(ops) and ops[at].ktime_ns < ktime:
                 self._apply(ops[at])
                 at += 1
-            if flags & F_FAILED:
+            if flags & (F_FAILED | F_OUTCOME_SHED):  # no handler had it, or none is known
+                shed += bool(flags & F_OUTCOME_SHED)
                 self._queue.append(record)
                 continue
             if shed_from <= ktime < shed_to or len(self._shed) > 1 and self._shed_at(ktime):
@@ -230,6 +240,14 @@ class Outcomes:
             waiting.settled = at_ns
         handler.turn = max(handler.turn, turn)
 
+    def _cut(self, ktime_ns: int, horizon_ns: int) -> int | None:
+        """When a shedding that began after ktime_ns, with every op before it in hand,
+        cut the upcall's turn short: what it got until then is all that can be known."""
+        for start, _ in self._shed:
+            if ktime_ns < start <= horizon_ns:
+                return start
+        return None
+
     def _shed_at(self, ktime_ns: int) -> bool:
         return any(start <= ktime_ns < end for start, end in self._shed)
 
@@ -258,6 +276,8 @@ class Outcomes:
             until, reason = waiting.settled, 0
         elif horizon_ns is None:
             until, reason = math.inf, UNKNOWN_CAPTURE_ENDED
+        elif (cut := self._cut(waiting.ktime_ns, horizon_ns)) is not None:
+            until, reason = cut, UNKNOWN_SHED
         elif waiting.ktime_ns + self.window_ns <= horizon_ns:
             until, reason = waiting.ktime_ns + self.window_ns, UNKNOWN_TIMEOUT
         elif len(self._queue) > self.capacity:
@@ -325,6 +345,9 @@ class HandlerOps:
         self.keep = keep  # a --filter with outcome=: applied once outcomes are known
         self.filtered = 0  # upcalls it rejected
         self.shedding = False
+        self._shed_for_ns = MIN_SHED_NS
+        self._shed_until_ns = 0
+        self._resumed_ns = -RECOVERED_NS
         self._earlier = OpsCounters(0, 0, 0, 0)  # the probes' of earlier processes
 
     def resolve(self, records: Sequence[bytes | memoryview], horizon_ns: int | None) -> list:
@@ -350,17 +373,25 @@ class HandlerOps:
         return OP_HEAD.unpack_from(events[-1])[0] if events and self.probe.backlog \
             else math.inf
 
-    def pace(self, recv_fill: float) -> None:
+    def pace(self, recv: RecvUpcallProbe) -> None:
         """Shed the ops while recv_upcall's ring fills up (its share held at the last
-        read): no packet is lost for an outcome."""
+        read): no packet is lost for an outcome. The stage's span covers both switches,
+        so that a record of the moments between them is shed too."""
         if self.probe is None:
             return
-        if not self.shedding and recv_fill >= SHED_ABOVE:
+        now = time.monotonic_ns()  # the clock of bpf_ktime_get_ns()
+        if not self.shedding and recv.fill >= SHED_ABOVE:
+            self._shed_for_ns = min(2 * self._shed_for_ns, MAX_SHED_NS) \
+                if now - self._resumed_ns < RECOVERED_NS else MIN_SHED_NS
+            self._shed_until_ns = now + self._shed_for_ns
             self.shedding = True
-            self.stage.shed(True, time.monotonic_ns())  # the clock of bpf_ktime_get_ns()
+            self.stage.shed(True, now)
             self.probe.shed(True)
-        elif self.shedding and recv_fill <= SHED_UNTIL:
+            recv.mark_outcomes_shed(True)
+        elif self.shedding and recv.fill <= SHED_UNTIL and now >= self._shed_until_ns:
+            recv.mark_outcomes_shed(False)
             self._resume()
+            self._resumed_ns = now
 
     def _resume(self) -> None:
         self.probe.shed(False)

@@ -35,10 +35,12 @@ from upcall_capture.probe.record import (
     F_FAILED,
     F_KERNEL,
     F_OUTCOME,
+    F_OUTCOME_SHED,
     FLAGS_OFFSET,
     HEADER_SIZE,
     PID_OFFSET,
     U32,
+    UNKNOWN_SHED,
     UNREADABLE,
     Outcome,
     header_format,
@@ -120,6 +122,16 @@ _KEY_LEN = struct.Struct("<I")
 _KEY_LEN_AT = header_offset("key_len")
 _HANDLING = struct.Struct("<q")
 _HANDLING_AT = 4  # in OUTCOME_HEAD, after did, unknown, flags and a pad byte
+
+
+def _with_shed_line(tail: bytes, record: bytes | memoryview) -> bytes:
+    """The tail of a record marked F_OUTCOME_SHED, with its outcome's line after the
+    upcall's own comment: flags are part of the cache key, so this costs nothing per
+    packet, as shedding must."""
+    if U32.unpack_from(record, FLAGS_OFFSET)[0] & F_OUTCOME_SHED:
+        end = len(tail) - len(pcapng.ENDOFOPT)
+        return b"".join((tail[:end], _UNKNOWN_OPTIONS[UNKNOWN_SHED], tail[end:]))
+    return tail
 
 
 def _extra_options(record: bytes | memoryview, described: _Described) -> bytes:
@@ -387,7 +399,8 @@ class UpcallBlocks:
             tail = pcapng.packet_tail(text, key)
         except ValueError:
             return self._describe_in_full(record, out)  # which says what is wrong
-        return _Described(if_id, self.table.interfaces[if_id], tail, True, extras)
+        return _Described(if_id, self.table.interfaces[if_id], _with_shed_line(tail, record),
+                          True, extras)
 
     def _describe_undecoded(self, record: bytes | memoryview, out: bytearray) -> _Described:
         """As _describe, without the key's text; where the key's shape is not known yet,
@@ -400,8 +413,8 @@ class UpcallBlocks:
         if_id, head_text = self._head(record, port, comment.linktype(has_eth, key), out)
         self.undecoded += 1
         return _Described(if_id, self.table.interfaces[if_id],
-                          pcapng.packet_tail(head_text + _NOT_DECODED, key), False,
-                          _has_extras(record))
+                          _with_shed_line(pcapng.packet_tail(head_text + _NOT_DECODED, key),
+                                          record), False, _has_extras(record))
 
     def _describe_sampled(self, record: bytes | memoryview, out: bytearray) -> _Described:
         self._sampled += 1
@@ -450,9 +463,9 @@ class UpcallBlocks:
             text = comment.text(upcall, decoded.text, port, name)
         options = pcapng.packet_options(comment=text, key=upcall.key)
         # A failed upcall's comment has its errno and portid: it is not cached.
-        return _Described(if_id, self.table.interfaces[if_id], options + pcapng.ENDOFOPT,
-                          not upcall.failed, not upcall.failed and (
-                              upcall.enqueue is not None or upcall.outcome is not None))
+        return _Described(if_id, self.table.interfaces[if_id],
+                          _with_shed_line(options + pcapng.ENDOFOPT, record),
+                          not upcall.failed, not upcall.failed and _has_extras(record))
 
     def _interface(self, dpif: str, port: int | None, linktype: int, name: str | None,
                    out: bytearray) -> int:

@@ -150,6 +150,10 @@ class RecvUpcallProbe(RingProbe):
         self._bpf = None
         self._buffer: RingBuffer | None = None
 
+    def mark_outcomes_shed(self, on: bool) -> None:
+        """Mark the records F_OUTCOME_SHED from now on (on), or no longer."""
+        self._bpf["control"][ctypes.c_int(1)] = ctypes.c_uint32(1 if on else 0)
+
     def attach(self) -> None:
         bcc = import_bcc()
         usdt = bcc.USDT(pid=self.pid)

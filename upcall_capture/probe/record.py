@@ -51,6 +51,9 @@ F_FAILED = 32  # a failed upcall, made from the kernel's event: ovs-vswitchd nev
 # Set by the capture when outcomes are on (outcomes.py): an OUTCOME trailer follows the
 # packet, before any ENQUEUE trailer.
 F_OUTCOME = 64
+# Set by recv_upcall.c while the capture sheds outcomes (outcomes.py): this upcall's is
+# unknown, and it has no OUTCOME trailer.
+F_OUTCOME_SHED = 128
 FLAG_NAMES = {
     F_ARG_UNREADABLE: "probe arguments unreadable",
     F_DPIF_UNREADABLE: "dpif name unreadable",
@@ -176,6 +179,8 @@ class Outcome:
     def kind(self) -> str:
         return outcome_kind(self.did, bool(self.unknown))
 
+
+SHED_OUTCOME = Outcome(0, UNKNOWN_SHED)  # an F_OUTCOME_SHED record's
 
 # The OUTCOME trailer: did, unknown, put flags (1: ufid, 2: create), handling_ns (-1: none),
 # ufid, the lengths of mask, put actions and execute actions; then those bytes, then the
@@ -309,7 +314,8 @@ def parse(record: bytes | memoryview) -> Upcall:
         key=bytes(record[HEADER_SIZE:HEADER_SIZE + key_len]), key_size=key_size,
         packet=bytes(record[packet_at:packet_at + pkt_len]), pkt_size=pkt_size,
         enqueue=unpack_enqueue(record) if flags & F_KERNEL else None,
-        outcome=unpack_outcome(record) if flags & F_OUTCOME else None,
+        outcome=unpack_outcome(record) if flags & F_OUTCOME else
+        SHED_OUTCOME if flags & F_OUTCOME_SHED else None,
     )
 
 

@@ -21,6 +21,9 @@
 #define F_DPIF_UNREADABLE 2
 #define F_KEY_UNREADABLE  4   /* key_len is larger than the memory behind the key */
 #define F_PKT_UNREADABLE  8
+/* Not a failure: while control[1] != 0 the capture sheds outcomes (outcomes.py), and the
+ * record says so at no cost to the capture. */
+#define F_OUTCOME_SHED    128
 
 struct upcall_record {
     u64 ktime_ns;           /* bpf_ktime_get_ns(): CLOCK_MONOTONIC */
@@ -65,8 +68,9 @@ struct cpu_state {
 BPF_PERCPU_ARRAY(scratch, struct cpu_state, 1);
 BPF_PERCPU_ARRAY(counters, u64, C_MAX);
 /* control[0] != 0 stops the probe before it counts anything, so that the loader can
- * drain the ring and read final counters that agree with what it received. */
-BPF_ARRAY(control, u32, 1);
+ * drain the ring and read final counters that agree with what it received. control[1]
+ * != 0 marks records F_OUTCOME_SHED. */
+BPF_ARRAY(control, u32, 2);
 /* One ring for all CPUs, which never wakes the reader: it polls (probe/ring_buffer.py). */
 BPF_RINGBUF_OUTPUT(events, RING_PAGES);
 
@@ -170,6 +174,10 @@ int trace_recv_upcall(struct pt_regs *ctx)
     rec->key_len = key_len;
     rec->pkt_offset = pkt_offset;
     rec->pkt_len = pkt_len;
+    u32 one = 1;
+    u32 *shedding = control.lookup(&one);
+    if (shedding && *shedding)
+        flags |= F_OUTCOME_SHED;
     rec->flags = flags;
 
     if (!packet_match(rec)) {
