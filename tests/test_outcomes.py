@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import upcalls  # samples/replay/upcalls.py
 from conftest import Tool
-from probe_records import OUTPUT_1, probe_record
+from probe_records import OUTPUT_1, probe_record, storm
 from probe_records import execute_event as execute
 from probe_records import put_event as put
 
@@ -328,6 +328,54 @@ def test_blocks_carry_the_outcome_line_and_the_mask_and_r_w_keeps_them(tmp_path)
         assert [p.key for p in packets] == [key, key, SENT[4].key, SENT[4].key]
 
 
+def test_outcomes_not_decoded_under_load_are_decoded_by_r_and_written_in_by_r_w(tmp_path):
+    from upcall_capture.upcall_blocks import NEW_OUTCOME_TEXTS, UpcallBlocks
+
+    records = []
+    for index, raw in enumerate(storm(MIXED_SENT, 400, unique=True)):
+        key = parse(raw).key
+        records.append(with_outcome(raw, Outcome(
+            DID_PUT | DID_EXECUTE, handling_ns=index, ufid=struct.pack("<4I", index, 1, 2, 3),
+            mask=exact_mask(key), put_actions=OUTPUT_1, execute_actions=OUTPUT_1)))
+
+    def written(name: str, batch: int, decode: bool = True) -> Path:
+        blocks = UpcallBlocks(snaplen=9216, clock_offset_ns=0, port_name=lambda d, p: None)
+        path = tmp_path / name
+        path.write_bytes(b"".join((
+            pcapng.section_header(userappl="t", os="t", hardware="t"),
+            *(bytes(blocks.packets(records[at:at + batch], decode=decode))
+              for at in range(0, len(records), batch)),
+            blocks.statistics(10**13, start_ktime_ns=0))))
+        return path
+
+    def packets_of(path: Path) -> list[pcapng.Packet]:
+        return [b for b in pcapng.iter_blocks(path.read_bytes()) if isinstance(b, pcapng.Packet)]
+
+    def not_decoded(path: Path) -> list[pcapng.Packet]:
+        found = [p for p in packets_of(path) if p.comments[1] == comment.OUTCOME_NOT_DECODED]
+        assert all(p.raw_outcome and p.mask is None for p in found)
+        return found
+
+    # A batch makes at most NEW_OUTCOME_TEXTS new texts, none when its keys are not
+    # decoded (the workers are behind); in batches that small, all of them.
+    assert len(not_decoded(written("big.pcapng", 400))) == 400 - NEW_OUTCOME_TEXTS
+    assert len(not_decoded(written("shed.pcapng", 100, decode=False))) == 400
+    decoded = written("decoded.pcapng", NEW_OUTCOME_TEXTS)
+    assert not not_decoded(decoded)
+    shed = tmp_path / "shed.pcapng"
+    assert len(packets_of(shed)) == 400
+    # -r -v decodes them on the fly; -r -w writes them in: as if decoded at the time.
+    expected = [p.comments[1] for p in packets_of(decoded)]
+    shown = read_back(shed, "-v")
+    assert all(f"\t{text}\n" in shown for text in expected)
+    new = tmp_path / "new.pcapng"
+    read_back(shed, "-w", str(new))
+    again = packets_of(new)
+    assert [p.comments[1] for p in again] == expected
+    assert [p.mask for p in again] == [p.mask for p in packets_of(decoded)]
+    assert not any(p.raw_outcome for p in again)
+
+
 def marked_shed(record: bytes) -> bytes:
     """The record as recv_upcall.c makes it while outcomes are shed."""
     flags = struct.unpack_from("<I", record, FLAGS_OFFSET)[0] | F_OUTCOME_SHED
@@ -456,7 +504,16 @@ def capture_mixed(replay, out: Path, *replay_args: str, tool_args: tuple[str, ..
     source.wait()
     status, stderr = tool.wait()
     assert status == 0, stderr
-    return captured(out), stderr
+    # Outcome texts the capture had no time for are written in by -r -w, as they would
+    # have been; the others are those texts already.
+    whole = out.with_name("whole.pcapng")
+    read_back(out, "-w", str(whole))
+    packets = captured(whole)
+    live = captured(out)
+    assert len(live) == len(packets)
+    for (_, _, said, _), (_, _, text, _) in zip(live, packets, strict=True):
+        assert said in (text, comment.OUTCOME_NOT_DECODED), (said, text)
+    return packets, stderr
 
 
 @pytest.mark.capture

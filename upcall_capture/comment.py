@@ -50,6 +50,8 @@ from upcall_capture.probe.record import (
 
 NOT_DECODED = ("key not decoded: the capture was overloaded "
                "(the raw key is kept; upcall-capture -r FILE -w NEW adds the text)")
+OUTCOME_NOT_DECODED = ("outcome not decoded: the capture was overloaded (the raw outcome "
+                       "is kept; upcall-capture -r FILE -w NEW adds the text)")
 
 _TYPE_NUMBERS = {name: number for number, name in UPCALL_TYPES.items()}
 _HEAD = re.compile(

@@ -15,8 +15,9 @@ Private Enterprise Number 32473, the IANA example PEN reserved for documentation
 as this project owns no PEN. The PEN is in the section's byte order, as the spec requires.
 tshark 4.0 reads past the option silently (not even `-V` shows it) and editcap copies it;
 only our own reader decodes it (`Packet.key`). A flow put's megaflow mask travels the same
-way, its value after the PEN starting with MASK_TAG (`Packet.mask`): no key starts with
-those bytes, as its first attribute would be 28159 bytes long.
+way, its value after the PEN starting with MASK_TAG (`Packet.mask`), and so does an
+outcome left undecoded, tagged OUTCOME_TAG (`Packet.raw_outcome`): no key starts with
+those bytes, as its first attribute would be over 28,000 bytes long.
 
 Reading: `iter_blocks` parses SHB, IDB, EPB, SPB and ISB of either byte order and yields other
 block types with their framing only; `complete_length` gives the length of the leading run of
@@ -161,11 +162,18 @@ def interface_description(
 _INBOUND_OPTION = _option(EPB_FLAGS, _pack_u32(EPB_FLAG_INBOUND))
 _KEY_OPTION_PEN = _pack_u32(KEY_OPTION_PEN)
 MASK_TAG = b"\xffmsk"
+OUTCOME_TAG = b"\xffout"
+_TAGS = (MASK_TAG, OUTCOME_TAG)
 
 
 def mask_option(mask: bytes) -> bytes:
     """The custom option that holds a flow put's megaflow mask."""
     return _option(OPT_CUSTOM_BINARY, _KEY_OPTION_PEN + MASK_TAG + mask)
+
+
+def raw_outcome_option(trailer: bytes) -> bytes:
+    """The custom option that holds an outcome not decoded (record.py's OUTCOME trailer)."""
+    return _option(OPT_CUSTOM_BINARY, _KEY_OPTION_PEN + OUTCOME_TAG + trailer)
 
 
 def dropcount_option(dropped: int) -> bytes:
@@ -423,10 +431,18 @@ class Packet(Block):
 
     @property
     def mask(self) -> bytes | None:
-        """A flow put's megaflow mask, from our custom option (read in our byte order:
-        only our writer, little-endian, makes it)."""
+        """A flow put's megaflow mask, from our custom option."""
+        return self._tagged(MASK_TAG)
+
+    @property
+    def raw_outcome(self) -> bytes | None:
+        """An outcome the capture did not decode, from our custom option."""
+        return self._tagged(OUTCOME_TAG)
+
+    def _tagged(self, tag: bytes) -> bytes | None:
+        # In our byte order: only our writer, little-endian, makes these.
         for value in self.options.get(OPT_CUSTOM_BINARY, ()):
-            if value[:8] == _KEY_OPTION_PEN + MASK_TAG:
+            if value[:8] == _KEY_OPTION_PEN + tag:
                 return bytes(value[8:])
         return None
 
@@ -526,7 +542,7 @@ def _option_timestamp(options: Options, code: int, order: _ByteOrder) -> int | N
 def _our_key(options: Options, order: _ByteOrder) -> bytes | None:
     for value in options.get(OPT_CUSTOM_BINARY, ()):
         if len(value) >= 4 and order.u32(value)[0] == KEY_OPTION_PEN and \
-                value[4:8] != MASK_TAG:
+                value[4:8] not in _TAGS:
             return value[4:]
     return None
 

@@ -19,7 +19,15 @@ from upcall_capture import comment, pcapng
 from upcall_capture.errors import UsageError
 from upcall_capture.flowkey import format_key
 from upcall_capture.interfaces import InterfaceTable
-from upcall_capture.probe.record import F_FAILED, F_KERNEL, F_OUTCOME, Upcall
+from upcall_capture.probe.record import (
+    DID_PUT,
+    F_FAILED,
+    F_KERNEL,
+    F_OUTCOME,
+    Outcome,
+    Upcall,
+    unpack_outcome_trailer,
+)
 from upcall_capture.view import CapturedUpcall
 
 _GZIP_MAGIC = b"\x1f\x8b"
@@ -76,7 +84,7 @@ def _upcall_from_block(block: pcapng.Packet, interface: pcapng.InterfaceDescript
         enqueue = said.failure or next(
             (found for text in block.comments[1:] if (found := comment.parse_enqueue(text))),
             None)
-        outcome = next((found for text in block.comments[1:]
+        outcome = next((found for text in _comments_of(block, _undecoded_outcome(block))[1:]
                         if (found := comment.parse_outcome(text))), None)
         flags = F_FAILED | F_KERNEL if said.failure else F_KERNEL if enqueue else 0
         upcall = Upcall(
@@ -92,6 +100,22 @@ def _upcall_from_block(block: pcapng.Packet, interface: pcapng.InterfaceDescript
         port, name = None, None
     return CapturedUpcall(upcall, block.timestamp_ns or 0, interface.linktype,
                           interface.name or f"interface {block.interface_id}", port, name, block)
+
+
+def _undecoded_outcome(block: pcapng.Packet) -> Outcome | None:
+    """The outcome of a packet whose comment says it was not decoded, from its raw option."""
+    raw = block.raw_outcome
+    if raw is None or comment.OUTCOME_NOT_DECODED not in block.comments:
+        return None
+    return unpack_outcome_trailer(raw)
+
+
+def _comments_of(block: pcapng.Packet, undecoded: Outcome | None) -> list[str]:
+    """The packet's comments, an outcome not decoded (_undecoded_outcome) in its text."""
+    if undecoded is None:
+        return list(block.comments)
+    text = comment.outcome_line(undecoded, block.key or b"")
+    return [text if said == comment.OUTCOME_NOT_DECODED else said for said in block.comments]
 
 
 def _from_pcap(path: str, data: bytes | mmap.mmap) -> Iterator[CapturedUpcall]:
@@ -140,18 +164,20 @@ class Rewriter:
             options = b""
             if block is not None:
                 interface.dropped += block.dropcount or 0
-                comments = self._comments(item)
+                undecoded = _undecoded_outcome(block)
+                comments = self._comments(item, _comments_of(block, undecoded))
+                mask = undecoded.mask if undecoded and undecoded.did & DID_PUT else block.mask
                 options = pcapng.packet_options(
                     comment=comments[0] if comments else None, key=block.key,
                     inbound=block.inbound, dropcount=block.dropcount,
-                    more_comments=tuple(comments[1:]), mask=block.mask)
+                    more_comments=tuple(comments[1:]), mask=mask)
             upcall = item.upcall
             out.append(pcapng.enhanced_packet(if_id, item.wall_ns, upcall.packet,
                                               upcall.pkt_size, options))
         return b"".join(out)
 
-    def _comments(self, item: CapturedUpcall) -> list[str]:
-        comments = item.packet_block.comments
+    def _comments(self, item: CapturedUpcall, comments: list[str]) -> list[str]:
+        """The packet's comments, with its key's text if it was not decoded."""
         said = comment.parse(comments[0]) if comments else None
         if said is None or said.decoded or item.packet_block.key is None:
             return comments

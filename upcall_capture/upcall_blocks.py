@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from upcall_capture import comment, pcapng
 from upcall_capture.flowkey import decode_key, format_key, shape_port_and_eth
@@ -51,11 +51,6 @@ from upcall_capture.probe.record import (
     unpack_enqueue,
     unpack_outcome,
 )
-
-# ktime_ns, key_size, pid, tid, cpu, type, pkt_size, pkt_len, key_len, pkt_offset: the
-# numbers of the record header that the hot path needs; the rest of the header (flags,
-# comm, dpif) starts at FLAGS_OFFSET and runs into the key.
-_NUMBERS = struct.Struct(header_format("flags"))
 
 # Bounds the cache of encoded options: an entry is about a kilobyte (key bytes, comment
 # and key option), so this is about 32 MB at most.
@@ -109,68 +104,62 @@ _QUEUED = struct.Struct("<q")
 # one entry per handler socket, device and MRU.
 _WHERE: dict[bytes, bytes] = {}
 MAX_CACHED_WHERE = 1024
-# The outcome comment without its handling time, by the trailer's bytes other than that
-# time and by the key (a put's megaflow is the key's): one entry per flow in a storm of
-# repeated keys.
-_WHAT: dict[bytes, bytes] = {}
 MAX_CACHED_WHAT = 16384
+# New outcome texts per batch, when its keys are decoded (none when they are not): at
+# most 6 ms of a worker's time.
+NEW_OUTCOME_TEXTS = 64
 # The comment option of each unknown outcome, by reason: a line with no time.
 _UNKNOWN_OPTIONS = {reason: pcapng.comment_option(comment.outcome_what(Outcome(0, reason),
                                                                         b"").encode())
                     for reason in comment.UNKNOWN_REASONS}
+_UNDECODED_OUTCOME = pcapng.comment_option(comment.OUTCOME_NOT_DECODED.encode())
 _KEY_LEN = struct.Struct("<I")
 _KEY_LEN_AT = header_offset("key_len")
 _HANDLING = struct.Struct("<q")
 _HANDLING_AT = 4  # in OUTCOME_HEAD, after did, unknown, flags and a pad byte
 
 
-def _with_shed_line(tail: bytes, record: bytes | memoryview) -> bytes:
-    """The tail of a record marked F_OUTCOME_SHED, with its outcome's line after the
-    upcall's own comment: flags are part of the cache key, so this costs nothing per
-    packet, as shedding must."""
-    if U32.unpack_from(record, FLAGS_OFFSET)[0] & F_OUTCOME_SHED:
-        end = len(tail) - len(pcapng.ENDOFOPT)
-        return b"".join((tail[:end], _UNKNOWN_OPTIONS[UNKNOWN_SHED], tail[end:]))
-    return tail
+class _OutcomeLines:
+    """Outcome comments. A text is made once per flow (the megaflow's text is dear: 0.1 ms
+    for a new flow) and only while there is time for it: past `budget` new texts, the raw
+    outcome is written instead, for -r to decode."""
 
+    def __init__(self) -> None:
+        # The comment without its handling time, by the trailer's bytes other than that
+        # time and by the key (a put's megaflow is the key's).
+        self.texts: dict[bytes, bytes] = {}
+        self.budget = 0
 
-def _extra_options(record: bytes | memoryview, described: _Described) -> bytes:
-    """A received upcall's comments after its first: its outcome and its wait in the
-    kernel, when it has them. This runs for every upcall while either is on."""
-    if not described.extras:
-        return b""
-    flags = U32.unpack_from(record, FLAGS_OFFSET)[0]
-    options = _outcome_option(record) if flags & F_OUTCOME else b""
-    return (options + _enqueue_option(record)) if flags & F_KERNEL else options
-
-
-def _outcome_option(record: bytes | memoryview) -> bytes:
-    span = outcome_span(record)
-    if span is None:
-        return b""
-    start, end = span
-    unknown = _UNKNOWN_OPTIONS.get(record[start + 1])
-    if unknown is not None:  # in an overloaded storm, every upcall's
-        return unknown
-    handling = _HANDLING.unpack_from(record, start + _HANDLING_AT)[0]
-    put = record[start] & DID_PUT
-    # Only a put's text depends on the key (its megaflow): in a storm of new flows, the
-    # other outcomes are a few entries.
-    key = bytes(record[HEADER_SIZE:HEADER_SIZE + _KEY_LEN.unpack_from(record, _KEY_LEN_AT)[0]]
-                ) if put else b""
-    cache_key = b"".join((record[start:start + _HANDLING_AT],
-                          record[start + _HANDLING_AT + _HANDLING.size:end], key))
-    what = _WHAT.get(cache_key)
-    if what is None:
-        if len(_WHAT) >= MAX_CACHED_WHAT:
-            _WHAT.clear()
-        what = _WHAT[cache_key] = comment.outcome_what(unpack_outcome(record), key).encode(
-            "utf-8", "backslashreplace")
-    option = pcapng.comment_option(what + comment.handled_text(None if handling < 0
-                                                                else handling))
-    if put:  # the put's mask, so that -r can print its megaflow whole
-        return option + pcapng.mask_option(outcome_mask(record, start))
-    return option
+    def option(self, record: bytes | memoryview) -> bytes:
+        span = outcome_span(record)
+        if span is None:
+            return b""
+        start, end = span
+        unknown = _UNKNOWN_OPTIONS.get(record[start + 1])
+        if unknown is not None:  # in an overloaded storm, every upcall's
+            return unknown
+        handling = _HANDLING.unpack_from(record, start + _HANDLING_AT)[0]
+        put = record[start] & DID_PUT
+        # Only a put's text depends on the key: in a storm of new flows, the other
+        # outcomes are a few entries.
+        key = bytes(record[HEADER_SIZE:HEADER_SIZE +
+                           _KEY_LEN.unpack_from(record, _KEY_LEN_AT)[0]]) if put else b""
+        cache_key = b"".join((record[start:start + _HANDLING_AT],
+                              record[start + _HANDLING_AT + _HANDLING.size:end], key))
+        what = self.texts.get(cache_key)
+        if what is None:
+            if self.budget <= 0:
+                return _UNDECODED_OUTCOME + pcapng.raw_outcome_option(bytes(record[start:end]))
+            self.budget -= 1
+            if len(self.texts) >= MAX_CACHED_WHAT:
+                self.texts.clear()
+            what = self.texts[cache_key] = comment.outcome_what(
+                unpack_outcome(record), key).encode("utf-8", "backslashreplace")
+        option = pcapng.comment_option(what + comment.handled_text(None if handling < 0
+                                                                    else handling))
+        if put:  # the put's mask, so that -r can print its megaflow whole
+            return option + pcapng.mask_option(outcome_mask(record, start))
+        return option
 
 
 def _enqueue_option(record: bytes | memoryview) -> bytes:
@@ -195,8 +184,9 @@ def interface_name(dpif: str, port: int | None, port_name: str | None) -> str:
     return f"port {port} ({dpif})"
 
 
-# What _describe reads of a record: its numbers and flags (all but the names); and where
-# the parts of the header that the comment's first line depends on start.
+# What the hot path and _describe read of a record: its numbers and flags (all but the
+# names, which start after the flags and run into the key); and where the parts of the
+# header that the comment's first line depends on start.
 _DESCRIBE = struct.Struct(header_format("comm"))
 _PKT_SIZE_AT, _COMM_AT = header_offset("pkt_size"), header_offset("comm")
 _NOT_DECODED = comment.NOT_DECODED.encode()
@@ -212,15 +202,26 @@ class _Described:
     tail: bytes
     decoded: bool  # False: written without the key's text, or a failed upcall (not cached)
     extras: bool = False  # the record has an outcome or an enqueue: their comments follow
+    # The tail of a record marked F_OUTCOME_SHED: its outcome's line after the upcall's
+    # own comment. Made here, once per flow, as shedding must cost nothing per packet.
+    shed_tail: bytes = field(init=False)
+
+    def __post_init__(self) -> None:
+        end = len(self.tail) - len(pcapng.ENDOFOPT)
+        object.__setattr__(self, "shed_tail", b"".join(
+            (self.tail[:end], _UNKNOWN_OPTIONS[UNKNOWN_SHED], self.tail[end:])))
+
+    def tail_for(self, flags: int) -> bytes:
+        return self.shed_tail if flags & F_OUTCOME_SHED else self.tail
 
 
-def _packet_apart(out: bytearray, described: _Described, timestamp: int,
+def _packet_apart(out: bytearray, described: _Described, tail: bytes, timestamp: int,
                   packet: bytes | memoryview, original_length: int, dropped: int,
                   extra_options: bytes = b"") -> None:
     """A packet block built on its own rather than from the cached tail alone: one that
     carries losses (epb_dropcount) or options of its own."""
     described.interface.dropped += dropped
-    options = described.tail[:-len(pcapng.ENDOFOPT)] + extra_options
+    options = tail[:-len(pcapng.ENDOFOPT)] + extra_options
     if dropped:
         options += pcapng.dropcount_option(dropped)
     out += pcapng.enhanced_packet(described.if_id, timestamp, bytes(packet), original_length,
@@ -243,6 +244,7 @@ class UpcallBlocks:
         self.table = InterfaceTable() if table is None else table
         self.emitted: list[int] = []
         self.undecoded = 0  # packets written without their key's text
+        self._outcomes = _OutcomeLines()
         self._sampled = 0  # misses while not decoding
         # Two generations, as in flowkey.KeyCache: hits come from the recent one or are
         # promoted from the older one; a full recent one becomes the older one.
@@ -284,11 +286,12 @@ class UpcallBlocks:
         out = bytearray()
         self.emitted = []
         describe = self._describe if decode else self._describe_sampled
+        self._outcomes.budget = NEW_OUTCOME_TEXTS if decode else 0
         dropped += self._pending_drops
         self._pending_drops = 0
         cache = self._described
         offset = self.clock_offset_ns
-        unpack = _NUMBERS.unpack_from
+        unpack = _DESCRIBE.unpack_from
         pack_head = pcapng.pack_epb_head
         pack_end = pcapng.pack_block_end
         padding = pcapng.PADDING
@@ -302,7 +305,7 @@ class UpcallBlocks:
             records = records[1:]
         for record in records:
             (ktime, key_size, pid, tid, cpu, type_, pkt_size, pkt_len, key_len,
-             pkt_offset) = unpack(record)
+             pkt_offset, flags) = unpack(record)
             key_end = HEADER_SIZE + key_len
             packet_at = HEADER_SIZE + pkt_offset
             packet_end = packet_at + pkt_len
@@ -314,11 +317,13 @@ class UpcallBlocks:
                 described = describe(record, out)
                 misses += 1
             else:
-                # What the comment and interface depend on: the flags, thread, dpif and
-                # key bytes, the numbers other than time and lengths, and the packet's
-                # lengths only when it was cut (the comment says so).
-                cache_key = (bytes(record[FLAGS_OFFSET:key_end]), key_size, pid, tid, cpu,
-                             type_, pkt_size << 32 | pkt_len if pkt_len < pkt_size else -1)
+                # What the comment and interface depend on: the flags (but F_OUTCOME_SHED:
+                # both tails are cached), thread, dpif and key bytes, the numbers other
+                # than time and lengths, and the packet's lengths only when it was cut (the
+                # comment says so).
+                cache_key = (flags & ~F_OUTCOME_SHED, bytes(record[FLAGS_OFFSET + 4:key_end]),
+                             key_size, pid, tid, cpu, type_,
+                             pkt_size << 32 | pkt_len if pkt_len < pkt_size else -1)
                 described = cache.get(cache_key)
                 if described is None:
                     described = self._described_older.get(cache_key)
@@ -337,14 +342,16 @@ class UpcallBlocks:
             described.interface.received += 1
             timestamp = ktime + offset
             if dropped:
-                _packet_apart(out, described, timestamp, record[packet_at:packet_end],
-                              pkt_size, dropped, _extra_options(record, described))
+                _packet_apart(out, described, described.tail_for(flags), timestamp,
+                              record[packet_at:packet_end], pkt_size, dropped,
+                              self._extra_options(record, described))
                 dropped = 0
                 continue
             pad = padding[pkt_len & 3]
-            tail = described.tail
+            tail = described.tail_for(flags)
             if described.extras:  # the packet's own comments, before opt_endofopt
-                tail = b"".join((tail[:-4], _extra_options(record, described), tail[-4:]))
+                tail = b"".join((tail[:-4], self._extra_options(record, described),
+                                 tail[-4:]))
             total = fixed + pkt_len + len(pad) + len(tail)
             out += pack_head(pcapng.BLOCK_EPB, total, described.if_id, timestamp >> 32,
                              timestamp & 0xFFFFFFFF, pkt_len, pkt_size)
@@ -368,10 +375,20 @@ class UpcallBlocks:
         upcall = parse(record)
         described = self._describe(record, out)
         described.interface.received += 1
-        _packet_apart(out, described, upcall.ktime_ns + self.clock_offset_ns, upcall.packet,
+        _packet_apart(out, described, described.tail_for(upcall.flags),
+                      upcall.ktime_ns + self.clock_offset_ns, upcall.packet,
                       max(upcall.pkt_size, len(upcall.packet)), dropped,
-                      _extra_options(record, described) + extra_options)
+                      self._extra_options(record, described) + extra_options)
         return described
+
+    def _extra_options(self, record: bytes | memoryview, described: _Described) -> bytes:
+        """A received upcall's comments after its first: its outcome and its wait in the
+        kernel, when it has them. This runs for every upcall while either is on."""
+        if not described.extras:
+            return b""
+        flags = U32.unpack_from(record, FLAGS_OFFSET)[0]
+        options = self._outcomes.option(record) if flags & F_OUTCOME else b""
+        return (options + _enqueue_option(record)) if flags & F_KERNEL else options
 
     def _charge_to_last(self, dropped: int) -> None:
         last = self._last_interface
@@ -399,8 +416,7 @@ class UpcallBlocks:
             tail = pcapng.packet_tail(text, key)
         except ValueError:
             return self._describe_in_full(record, out)  # which says what is wrong
-        return _Described(if_id, self.table.interfaces[if_id], _with_shed_line(tail, record),
-                          True, extras)
+        return _Described(if_id, self.table.interfaces[if_id], tail, True, extras)
 
     def _describe_undecoded(self, record: bytes | memoryview, out: bytearray) -> _Described:
         """As _describe, without the key's text; where the key's shape is not known yet,
@@ -413,8 +429,8 @@ class UpcallBlocks:
         if_id, head_text = self._head(record, port, comment.linktype(has_eth, key), out)
         self.undecoded += 1
         return _Described(if_id, self.table.interfaces[if_id],
-                          _with_shed_line(pcapng.packet_tail(head_text + _NOT_DECODED, key),
-                                          record), False, _has_extras(record))
+                          pcapng.packet_tail(head_text + _NOT_DECODED, key), False,
+                          _has_extras(record))
 
     def _describe_sampled(self, record: bytes | memoryview, out: bytearray) -> _Described:
         self._sampled += 1
@@ -464,8 +480,8 @@ class UpcallBlocks:
         options = pcapng.packet_options(comment=text, key=upcall.key)
         # A failed upcall's comment has its errno and portid: it is not cached.
         return _Described(if_id, self.table.interfaces[if_id],
-                          _with_shed_line(options + pcapng.ENDOFOPT, record),
-                          not upcall.failed, not upcall.failed and _has_extras(record))
+                          options + pcapng.ENDOFOPT, not upcall.failed,
+                          not upcall.failed and _has_extras(record))
 
     def _interface(self, dpif: str, port: int | None, linktype: int, name: str | None,
                    out: bytearray) -> int:

@@ -187,6 +187,8 @@ SHED_OUTCOME = Outcome(0, UNKNOWN_SHED)  # an F_OUTCOME_SHED record's
 # trailer's whole length (u32), so that it is found from the record's end.
 OUTCOME_HEAD = struct.Struct("<BBBxq16sIII")
 _TRAILER_LENGTH = struct.Struct("<I")
+_LENGTHS = struct.Struct("<III")  # mask, put actions, execute actions: OUTCOME_HEAD's end
+_MASK_LEN_AT = OUTCOME_HEAD.size - _LENGTHS.size
 
 
 def pack_outcome(outcome: Outcome) -> bytes:
@@ -212,22 +214,30 @@ def pack_outcome_fields(did: int, unknown: int, handling_ns: int | None, ufid: b
 def unpack_outcome(record: bytes | memoryview) -> Outcome | None:
     """The record's outcome (F_OUTCOME); None if its trailer does not hold together."""
     span = outcome_span(record)
-    if span is None:
+    return None if span is None else _outcome_at(record, span[0])
+
+
+def unpack_outcome_trailer(trailer: bytes) -> Outcome | None:
+    """An OUTCOME trailer on its own (pcapng.raw_outcome_option's); None if it does not
+    hold together."""
+    if len(trailer) < _TRAILER_LENGTH.size or \
+            _TRAILER_LENGTH.unpack_from(trailer, len(trailer) - _TRAILER_LENGTH.size)[0] \
+            != len(trailer) or not _holds_together(trailer, 0, len(trailer)):
         return None
-    at = span[0]
+    return _outcome_at(trailer, 0)
+
+
+def _outcome_at(data: bytes | memoryview, at: int) -> Outcome:
     did, unknown, flags, handling, ufid, mask_len, put_len, execute_len = \
-        OUTCOME_HEAD.unpack_from(record, at)
+        OUTCOME_HEAD.unpack_from(data, at)
     at += OUTCOME_HEAD.size
-    mask = bytes(record[at:at + mask_len])
+    mask = bytes(data[at:at + mask_len])
     at += mask_len
-    put_actions = bytes(record[at:at + put_len])
+    put_actions = bytes(data[at:at + put_len])
     at += put_len
     return Outcome(did, unknown, None if handling < 0 else handling,
                    ufid if flags & 1 else None, bool(flags & 2), mask, put_actions,
-                   bytes(record[at:at + execute_len]))
-
-
-_LENGTHS = struct.Struct("<III")  # mask, put actions, execute actions: OUTCOME_HEAD's end
+                   bytes(data[at:at + execute_len]))
 
 
 def outcome_span(record: bytes | memoryview) -> tuple[int, int] | None:
@@ -237,17 +247,18 @@ def outcome_span(record: bytes | memoryview) -> tuple[int, int] | None:
                          U32.unpack_from(record, FLAGS_OFFSET)[0] & F_KERNEL else 0)
     if end - _TRAILER_LENGTH.size < HEADER_SIZE:
         return None
-    length = _TRAILER_LENGTH.unpack_from(record, end - _TRAILER_LENGTH.size)[0]
-    start = end - length
-    if length < OUTCOME_HEAD.size + _TRAILER_LENGTH.size or start < HEADER_SIZE:
-        return None
-    lengths = _LENGTHS.unpack_from(record, start + OUTCOME_HEAD.size - _LENGTHS.size)
-    if OUTCOME_HEAD.size + sum(lengths) + _TRAILER_LENGTH.size != length:
+    start = end - _TRAILER_LENGTH.unpack_from(record, end - _TRAILER_LENGTH.size)[0]
+    if start < HEADER_SIZE or not _holds_together(record, start, end):
         return None
     return start, end
 
 
-_MASK_LEN_AT = OUTCOME_HEAD.size - _LENGTHS.size
+def _holds_together(data: bytes | memoryview, start: int, end: int) -> bool:
+    """data[start:end] is as long as the OUTCOME trailer there says."""
+    length = end - start
+    return length >= OUTCOME_HEAD.size + _TRAILER_LENGTH.size and \
+        OUTCOME_HEAD.size + sum(_LENGTHS.unpack_from(data, start + _MASK_LEN_AT)) + \
+        _TRAILER_LENGTH.size == length
 
 
 def outcome_mask(record: bytes | memoryview, start: int) -> bytes:
