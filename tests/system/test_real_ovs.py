@@ -598,9 +598,11 @@ def test_upcalls_queued_while_stopped_waited_about_the_stop(failed_run: FailedRu
             delays.append(float(found[1]) / 1000)
     assert delays, "no flood packet got through once ovs-vswitchd continued"
     # The first packet sent waited longest: from its send (a millisecond before its
-    # enqueue) until a handler read it, soon after SIGCONT.
+    # enqueue) until a handler read it after SIGCONT. Under TCG the handlers take seconds
+    # to get through what queued meanwhile, the more with the flow-op probes of outcomes
+    # attached (a uprobe per put and execute): one run read it 2.7 s after SIGCONT.
     longest = failed_run.longest_wait_s
-    assert longest - 0.5 < max(delays) < longest + 2, (max(delays), longest)
+    assert longest - 0.5 < max(delays) < longest + 5, (max(delays), longest)
     assert longest > 5  # the stop was long enough to tell from ordinary delays
 
 
