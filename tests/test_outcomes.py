@@ -22,6 +22,7 @@ from upcall_capture import comment, pcapng
 from upcall_capture.actions import format_actions, format_megaflow
 from upcall_capture.filters import FilterError, compile_filters
 from upcall_capture.outcomes import Outcomes, report
+from upcall_capture.probe.ops_probe import OpsCounters
 from upcall_capture.probe.ops_record import OP_EXECUTE, OP_HEAD, OP_PUT, parse_op
 from upcall_capture.probe.record import (
     DID_EXECUTE,
@@ -287,11 +288,12 @@ def test_summary_line():
     stage = Outcomes()
     stage.add_ops([], lost=0)
     stage.resolve_all([record(0, 1)])
-    assert report(stage.counts, 3, 0) == ("outcomes: 0 flow puts, 0 executes, 0 with no flow "
+    lost, shed = OpsCounters(0, 0, 3, 0), OpsCounters(0, 0, 0, 7)
+    assert report(stage.counts, lost) == ("outcomes: 0 flow puts, 0 executes, 0 with no flow "
                                           "installed, 1 unknown (1 capture ended); 3 flow "
                                           "operation events lost (ring full)")
-    assert report(stage.counts, 0, 7).endswith(" (1 capture ended); 7 not copied (capture "
-                                                "overloaded)")
+    assert report(stage.counts, shed).endswith(" (1 capture ended); 7 not copied (capture "
+                                               "overloaded)")
     assert format_actions(OUTPUT_1) == "1"
 
 

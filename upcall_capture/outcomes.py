@@ -435,8 +435,9 @@ class HandlerOps:
             self.probe.close()
 
 
-def report(counts: OutcomeCounts, lost: int, shed: int) -> str:
-    """The summary's line for outcomes: `lost` and `shed` ops events (OpsCounters)."""
+def report(counts: OutcomeCounts, probes: OpsCounters) -> str:
+    """The summary's line for outcomes, with the probes' lost and shed ops events."""
+    lost, shed = probes.lost, probes.shed
     text = (f"outcomes: {counts.put} flow puts, {counts.execute} executes, "
             f"{counts.none} with no flow installed")
     if counts.unknown_total:
