@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import upcalls  # samples/replay/upcalls.py
 
-from upcall_capture.probe.ops_record import OP_EXECUTE, OP_HEAD, OP_PUT
+from upcall_capture.probe.ops_record import ATTR_TYPES, MESSAGE_SIZE, OP_EXECUTE, OP_HEAD, OP_PUT
 from upcall_capture.probe.record import HEADER
 
 OUTPUT_1 = struct.pack("<HHI", 8, 1, 1)  # the actions list output:1
@@ -57,8 +57,24 @@ def _request(family: int, cmd: int, attributes: bytes) -> bytes:
     return struct.pack("<IHHII", 0, family, 1, 0, 0) + body
 
 
+def attribute_spans(message: bytes) -> bytes:
+    """The head's table of where each top-level attribute's payload is, as flow_ops.c
+    finds them: (offset, length) by type, offset 0 for one absent."""
+    spans = [0] * (2 * ATTR_TYPES)
+    at = MESSAGE_SIZE
+    while at + 4 <= len(message):
+        length, kind = struct.unpack_from("<HH", message, at)
+        if length < 4 or at + length > len(message):
+            break
+        if kind & 0x3FFF < ATTR_TYPES:
+            spans[2 * (kind & 0x3FFF):2 * (kind & 0x3FFF) + 2] = at + 4, length - 4
+        at += (length + 3) & ~3
+    return struct.pack(f"<{2 * ATTR_TYPES}H", *spans)
+
+
 def op_event(kind: int, message: bytes, *, ktime_ns: int, tid: int = 43) -> bytes:
-    return OP_HEAD.pack(ktime_ns, 42, tid, kind, len(message), len(message), 0) + message
+    return OP_HEAD.pack(ktime_ns, 42, tid, kind, len(message), len(message), 0) + \
+        attribute_spans(message) + message
 
 
 def put_event(key: bytes, mask: bytes, *, ktime_ns: int, tid: int = 43,

@@ -9,6 +9,10 @@
  * the other arguments are not. Only the ofpbuf's head is relied on:
  * {void *base; void *data; uint32_t size}. The loader defines OPS_CAP and RING_PAGES;
  * the layout is decoded in probe/ops_record.py.
+ *
+ * The request's top-level attributes are found here, one walk in the kernel, rather than
+ * by the capture: it ties every op to its upcall in one Python thread, where that walk
+ * cost it more than the rest of the tie.
  */
 #include <uapi/linux/ptrace.h>
 
@@ -16,6 +20,19 @@
 #define OP_EXECUTE 2
 
 #define F_REQUEST_UNREADABLE 1  /* the ofpbuf or its data could not be read */
+
+/* nlmsghdr (16), genlmsghdr (4) and struct ovs_header (4): the attributes follow. */
+#define MESSAGE_SIZE 24
+#define ATTR_TYPES 10           /* OVS_FLOW_ATTR_UFID (9) is the highest one wanted */
+#define MAX_ATTRS 16            /* a put has 4 to 6, an execute 3 to 7 */
+#define NLA_TYPE_MASK 0x3FFF
+
+/* Where a top-level attribute's payload is in data: its offset (0: absent, or cut off by
+ * OPS_CAP) and its length. */
+struct attr_span {
+    u16 at;
+    u16 len;
+};
 
 struct op_event {
     u64 ktime_ns;           /* bpf_ktime_get_ns(), the clock of recv_upcall's records */
@@ -25,6 +42,7 @@ struct op_event {
     u32 size;               /* the request's real length */
     u32 len;                /* bytes of it copied into data */
     u32 flags;
+    struct attr_span attrs[ATTR_TYPES];  /* by attribute type */
     u8 data[OPS_CAP];
 };
 
@@ -48,6 +66,28 @@ BPF_RINGBUF_OUTPUT(op_events, RING_PAGES);
 
 #include "probe_common.h"   /* CLAMP(), count() */
 
+/* The top-level attributes of the `len` bytes of the message copied into ev->data; the
+ * walk stops at the first one that is malformed or cut off, as the capture's did. */
+static __always_inline void find_attributes(struct op_event *ev, u32 len)
+{
+    u32 at = MESSAGE_SIZE;
+    for (int i = 0; i < MAX_ATTRS; i++) {
+        if (at + 4 > len)
+            break;
+        /* As len <= OPS_CAP, the clamp changes nothing: it is for the verifier. */
+        u64 off = CLAMP(at, OPS_CAP - 4);
+        u16 nla_len = *(u16 *)&ev->data[off];
+        u16 type = *(u16 *)&ev->data[off + 2] & NLA_TYPE_MASK;
+        if (nla_len < 4 || at + nla_len > len)
+            break;
+        if (type < ATTR_TYPES) {
+            ev->attrs[type].at = at + 4;
+            ev->attrs[type].len = nla_len - 4;
+        }
+        at += (nla_len + 3) & ~3;
+    }
+}
+
 static __always_inline int submit(u64 request, u32 kind)
 {
     u32 zero = 0;
@@ -70,16 +110,19 @@ static __always_inline int submit(u64 request, u32 kind)
     ev->flags = 0;
     ev->size = 0;
     ev->len = 0;
+    __builtin_memset(ev->attrs, 0, sizeof(ev->attrs));
     struct ofpbuf_head head = {};
     if (!request || bpf_probe_read_user(&head, sizeof(head), (void *)request) < 0) {
         ev->flags = F_REQUEST_UNREADABLE;
     } else {
         ev->size = head.size;
         u64 len = CLAMP(head.size, OPS_CAP);
-        if (bpf_probe_read_user(ev->data, len, (void *)head.data) < 0)
+        if (bpf_probe_read_user(ev->data, len, (void *)head.data) < 0) {
             ev->flags = F_REQUEST_UNREADABLE;
-        else
+        } else {
             ev->len = len;
+            find_attributes(ev, len);
+        }
     }
     u64 size = offsetof(struct op_event, data) + CLAMP(*(volatile u32 *)&ev->len, OPS_CAP);
     if (op_events.ringbuf_output(ev, size, BPF_RB_NO_WAKEUP) < 0)
