@@ -93,6 +93,7 @@ from upcall_capture.upcall_blocks import UpcallBlocks, port_and_eth  # noqa: E40
 FIRED = re.compile(r"fired (\d+) upcalls in ([\d.]+) s")
 SUMMARY = re.compile(r"(\d+) upcalls captured(?:, (\d+) without key text)?, (\d+) lost")
 SHED_OUTCOMES = re.compile(r"(\d+) capture overloaded")  # in the outcomes line
+UNKNOWN_OUTCOMES = re.compile(r"(\d+) unknown \(")  # the same line's total of unknown
 MAX_LAG_S = 1.0
 TOOL = [sys.executable, "-m", "upcall_capture"]
 
@@ -252,6 +253,7 @@ class Trial:
     cpu_s: float  # the tool's user + system time
     maxrss_kb: int  # peak VmHWM seen
     outcomes_shed: int  # upcalls whose outcome is unknown as the capture was overloaded
+    outcomes_unknown: int  # for any reason (shed included); 0 with --no-outcomes
 
     @property
     def kept_up(self) -> bool:
@@ -264,11 +266,19 @@ class Trial:
         return self.kept_up and self.undecoded <= self.fired // 100
 
     @property
+    def outcomes_known(self) -> bool:
+        """Kept up, and at least 99% of the upcalls have their outcome."""
+        return self.kept_up and self.outcomes_unknown <= self.fired // 100
+
+    @property
     def source_limited(self) -> bool:
         return self.achieved_rate < 0.97 * self.rate
 
     def describe(self) -> str:
-        shed = f", {self.undecoded / max(self.fired, 1):.1%} undecoded" if self.undecoded else ""
+        fired = max(self.fired, 1)
+        shed = f", {self.undecoded / fired:.1%} undecoded" if self.undecoded else ""
+        if self.outcomes_unknown:
+            shed += f", {self.outcomes_unknown / fired:.1%} outcomes unknown"
         return self._verdict() + shed
 
     def _verdict(self) -> str:
@@ -321,7 +331,7 @@ def count_packets(path: Path) -> int:
 
 
 def run_capture(records: Path, workdir: Path, rate: int, count: int, unique: bool,
-                workers: int | None = None) -> Trial:
+                workers: int | None = None, *extra: str) -> Trial:
     out = workdir / "capture.pcapng"
     out.unlink(missing_ok=True)
     # -O: each upcall's flow put and execute, as a handler would, so outcomes are on.
@@ -329,7 +339,7 @@ def run_capture(records: Path, workdir: Path, rate: int, count: int, unique: boo
                     *(["-u"] if unique else []))
     chosen = [] if workers is None else ["--workers", str(workers)]
     tool = subprocess.Popen([*TOOL, "-p", str(replay.pid), "-w", str(out), "-c", str(count),
-                             *chosen],
+                             *chosen, *extra],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             cwd=ROOT)
     stderr = []
@@ -358,12 +368,14 @@ def run_capture(records: Path, workdir: Path, rate: int, count: int, unique: boo
     in_file = count_packets(out)
     out.unlink()
     shed = SHED_OUTCOMES.search("".join(stderr))
+    unknown = UNKNOWN_OUTCOMES.search("".join(stderr))
     return Trial(rate=rate, unique=unique, fired=fired, achieved_rate=fired / seconds,
                  captured=int(summary.group(1)), undecoded=int(summary.group(2) or 0),
                  lost=int(summary.group(3)),
                  in_file=in_file, lag_s=tool_end - replay_end,
                  cpu_s=usage.ru_utime + usage.ru_stime, maxrss_kb=peak.kb,
-                 outcomes_shed=int(shed.group(1)) if shed else 0)
+                 outcomes_shed=int(shed.group(1)) if shed else 0,
+                 outcomes_unknown=int(unknown.group(1)) if unknown else 0)
 
 
 @dataclass
@@ -423,6 +435,14 @@ class DecodedSearch(Search):
 
     def good(self, trial) -> bool:
         return trial.decoded_all
+
+
+@dataclass
+class OutcomesSearch(Search):
+    """Good runs keep every packet and know at least 99% of the outcomes."""
+
+    def good(self, trial) -> bool:
+        return trial.outcomes_known
 
 
 def search_rate(search: Search, run, *, start: int, seconds: float,
@@ -736,6 +756,24 @@ def scaling_report(unique: Search, ceiling: Search, decoded: dict[int, Search],
 # The table
 
 
+def outcomes_report(with_outcomes: Search, without: Search, known: Search) -> str:
+    """What outcomes cost the packet path, as shares of the same run's --no-outcomes."""
+    top = without.best
+    lines = ["| repeated keys | highest rate | of --no-outcomes |", "|---|---|---|"]
+    for label, search in (("every upcall in the file, --no-outcomes", without),
+                          ("every upcall in the file, outcomes on (the default)",
+                           with_outcomes),
+                          ("every upcall in the file, 99% of outcomes known", known)):
+        trial = search.best
+        share = f"{trial.rate / top.rate:.0%}" if trial and top else "-"
+        lines.append(f"| {label} | **{_k(trial.rate)}/s** | {share} |" if trial
+                     else f"| {label} | none kept up | - |")
+    lines.append("| runs | " + "; ".join(
+        f"{search.label}: " + ", ".join(t.describe() for t in search.trials)
+        for search in (without, known)) + " | |")
+    return "\n".join(lines)
+
+
 def _k(rate: float) -> str:
     return f"{rate / 1000:,.0f}k"
 
@@ -847,9 +885,9 @@ def main(argv: list[str] | None = None) -> int:
         print("lossless rates...", flush=True)
         startup_s = startup_cpu(records, workdir)
         trials = 6 if args.full else 5
-        def tool(unique: bool, workers: int | None = None):
+        def tool(unique: bool, workers: int | None = None, *extra: str):
             return lambda rate, count: run_capture(records, workdir, rate, count, unique,
-                                                   workers)
+                                                   workers, *extra)
 
         def searched(search: Search, run, start: int) -> Search:
             return search_rate(search, run, start=start, seconds=args.seconds,
@@ -865,6 +903,10 @@ def main(argv: list[str] | None = None) -> int:
         decoded = {workers: searched(DecodedSearch(f"--workers {workers}, keys decoded"),
                                      tool(True, workers), 60_000 + 20_000 * workers)
                    for workers in (0, 1, 2)}
+        print("repeated keys with outcomes off, and with every outcome known...", flush=True)
+        without_outcomes = searched(Search("--no-outcomes"), tool(False, None, "--no-outcomes"),
+                                    100_000)
+        known = searched(OutcomesSearch("every outcome known"), tool(False), 20_000)
         print("offline describe throughput...", flush=True)
         per_worker = describe_throughput(sent)
         print()
@@ -872,6 +914,8 @@ def main(argv: list[str] | None = None) -> int:
                      kernel, outcomes))
         print()
         print(scaling_report(unique, ceiling, decoded, per_worker))
+        print()
+        print(outcomes_report(repeated, without_outcomes, known))
     return 0
 
 
