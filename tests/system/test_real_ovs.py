@@ -260,10 +260,13 @@ def match_upcalls(
     required: list[LoggedUpcall], others: list[LoggedUpcall], captured: list[CapturedUpcall]
 ) -> Matching:
     """Pairs logged and captured upcalls, each logged one (in log order) with the first
-    unpaired captured one whose key text and packet both agree; then the rest, on the key text
-    or the packet alone, so that a wrong key or a wrong packet still pairs and the tests below
-    say which. The type is not used: the same packet can make a miss and then an action
-    upcall, and order tells them apart.
+    unpaired captured one whose key text, packet and handler thread agree; then with one
+    whose key text and packet agree; then the rest, on the key text or the packet alone, so
+    that a wrong key, packet or thread still pairs and the tests below say which. The
+    thread comes first because two handlers can receive upcalls of the same key and packet
+    (an ARP request sent again, say) at nearly the same time, and log them in the other
+    order. The type is not used: the same packet can make a
+    miss and then an action upcall, and order tells them apart.
 
     `required` upcalls (logged while the tool listened) must all pair; `others` (logged
     before or after) only account for captured upcalls at the edges of that window, and are
@@ -271,14 +274,19 @@ def match_upcalls(
     free = list(captured)
     pairs = []
     unpaired = [(True, u) for u in required] + [(False, u) for u in others]
-    for agreement in (all, any):
+    for agreement, same_thread in ((all, True), (all, False), (any, False)):
         left = []
         for is_required, entry in unpaired:
             def agrees(
                 c: CapturedUpcall,
                 entry: LoggedUpcall = entry,
                 agreement: Callable[[tuple[bool, bool]], bool] = agreement,
+                same_thread: bool = same_thread,
             ) -> bool:
+                if same_thread:
+                    head = _COMMENT_HEAD.match(c.comment.split("\n")[0])
+                    if head is None or head["thread"] != entry.thread:
+                        return False
                 return agreement((c.key == entry.key, not packet_disagreements(entry, c)))
 
             chosen = _first(free, agrees)
