@@ -21,7 +21,7 @@ from probe_records import put_event as put
 from upcall_capture import comment, pcapng
 from upcall_capture.actions import format_actions, format_megaflow
 from upcall_capture.filters import FilterError, compile_filters
-from upcall_capture.outcomes import Outcomes, report
+from upcall_capture.outcomes import WINDOW_NS, Outcomes, report
 from upcall_capture.probe.ops_probe import OpsCounters
 from upcall_capture.probe.ops_record import OP_EXECUTE, OP_HEAD, OP_PUT, parse_op
 from upcall_capture.probe.record import (
@@ -209,7 +209,7 @@ def test_records_leave_in_order_failed_ones_at_once_and_a_put_still_waits():
     stage.add_ops([put(SENT[0].key, exact_mask(SENT[0].key), ktime_ns=1200)], lost=0)
     out = stage.resolve([record(0, 1000), failed], horizon_ns=2000)
     assert out == []  # the put's upcall may still get its execute, and it comes first
-    out = stage.resolve([], horizon_ns=1000 + 100_000_000)
+    out = stage.resolve([], horizon_ns=1000 + WINDOW_NS)
     assert len(out) == 2 and out[1] == failed
     assert unpack_outcome(out[0]).did == DID_PUT
 

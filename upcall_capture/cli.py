@@ -263,7 +263,7 @@ def build_parser() -> argparse.ArgumentParser:
     outcomes.add_argument(
         "--no-outcomes", action="store_true",
         help="do not capture outcomes (each upcall is then written without waiting up to "
-             "100 ms for its handler's flow operations)")
+             "250 ms for its handler's flow operations)")
     capture.add_argument(
         "--buffer-pages", type=_ranged(1, 1 << 20, "buffer pages"), metavar="PAGES",
         default=loader.DEFAULT_BUFFER_PAGES,
