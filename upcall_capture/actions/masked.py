@@ -23,7 +23,7 @@ from upcall_capture.actions.flags import (
     flags_text,
     masked_flags_text,
 )
-from upcall_capture.actions.netlink import find, read, walk
+from upcall_capture.actions.netlink import Attr, first_of_each, read, walk
 from upcall_capture.actions.nsh import NshKey
 from upcall_capture.flowkey import attrs
 from upcall_capture.flowkey.layouts import hex_int
@@ -77,7 +77,7 @@ def _shown(mask: Mask) -> bool:
 
 
 def _full(mask: Mask) -> bool:
-    return mask is None or all(b == 0xFF for b in mask)
+    return mask is None or mask.count(0xFF) == len(mask)
 
 
 def _field(render: Callable[[bytes], str], mask_render: Callable[[bytes], str] | None = None):
@@ -188,15 +188,15 @@ def mask_is(attr_type: int, mask: bytes, ones: bool) -> bool:
     """odp_mask_is_constant__(): all ones (exact) or all zeros (wildcard)?"""
     byte = 0xFF if ones else 0
     if attr_type in _ALL_BYTES:
-        return all(b == byte for b in mask)
+        return mask.count(byte) == len(mask)
     if attr_type in _PREFIX_BYTES:
-        return all(b == byte for b in read(mask, 0, _PREFIX_BYTES[attr_type]))
+        return read(mask, 0, _PREFIX_BYTES[attr_type]).count(byte) == _PREFIX_BYTES[attr_type]
     if attr_type == TCP_FLAGS:
         return _int(read(mask, 0, 2)) & 0xFFF == (0xFFF if ones else 0)
     if attr_type == IPV6:
         m = read(mask, 0, 40)
         label = _int(m[32:36]) & 0xFFFFF
-        return label == (0xFFFFF if ones else 0) and all(b == byte for b in m[:32] + m[36:])
+        return label == (0xFFFFF if ones else 0) and (m[:32] + m[36:]).count(byte) == 36
     return False
 
 
@@ -307,8 +307,9 @@ def _nsh(key: bytes, mask: Mask) -> str:
     nsh = NshKey()
     nsh_mask = NshKey.all_ones()
     out = []
+    mask_attrs = {} if mask is None else first_of_each(mask, 0, len(mask))
     for sub in walk(key, 0, len(key))[0]:
-        sub_mask_attr = None if mask is None else find(mask, 0, len(mask), sub.type)
+        sub_mask_attr = mask_attrs.get(sub.type)
         value = sub.payload(key)
         sub_mask = None if sub_mask_attr is None else sub_mask_attr.payload(mask)
         error = _length_error(sub.type, value, sub_mask, NSH_LENGTHS, True)
@@ -400,9 +401,10 @@ def unknown_key_text(attr_type: int, key: bytes, mask: Mask) -> str:
 
 def _nested(key: bytes, mask: Mask, lengths: tuple[int, ...]):
     """Each attribute nested in `key`: (type, value, its mask, its length error or None)."""
+    mask_attrs = None if mask is None else first_of_each(mask, 0, len(mask))
     for sub in walk(key, 0, len(key))[0]:
         value = sub.payload(key)
-        sub_mask = _sub_mask(mask, sub.type, value, lengths)
+        sub_mask = _sub_mask(mask, mask_attrs, sub.type, value, lengths)
         yield sub.type, value, sub_mask, _length_error(sub.type, value, sub_mask, lengths,
                                                        True)
 
@@ -491,10 +493,11 @@ _TUN_OPTIONS = {_TUN_VXLAN: ("vxlan", _vxlan), _TUN_GENEVE: ("geneve", _geneve),
                 _TUN_ERSPAN: ("erspan", _erspan), _TUN_GTPU: ("gtpu", _gtpu)}
 
 
-def _sub_mask(mask: Mask, attr_type: int, value: bytes, lengths: tuple[int, ...]) -> Mask:
-    if mask is None:
+def _sub_mask(mask: Mask, mask_attrs: dict[int, Attr] | None, attr_type: int, value: bytes,
+              lengths: tuple[int, ...]) -> Mask:
+    if mask_attrs is None:
         return None
-    found = find(mask, 0, len(mask), attr_type)
+    found = mask_attrs.get(attr_type)
     return found.payload(mask) if found is not None else wildcard_mask(attr_type, value, lengths)
 
 
@@ -537,9 +540,11 @@ def flow_text(key: bytes, mask: Mask, verbose: bool = False) -> str:
     first = True
     has_eth_type = has_packet_type = False
     found, stop, left = walk(key, 0, len(key))
+    # nl_attr_find__() of each key attribute's type in the mask, from one walk of it.
+    mask_attrs = first_of_each(mask, 0, len(mask)) if mask else {}
     for a in found:
         value = a.payload(key)
-        ma = find(mask, 0, len(mask), a.type) if mask else None
+        ma = mask_attrs.get(a.type)
         sub_mask = None if ma is None else ma.payload(mask)
         error = _length_error(a.type, value, sub_mask, KEY_LENGTHS, False)
         if error is not None:
@@ -563,7 +568,7 @@ def flow_text(key: bytes, mask: Mask, verbose: bool = False) -> str:
             out.append("<empty>")
         out.append(f",***{left} leftover bytes*** ({read(key, stop, left).hex()})")
     if not has_eth_type and mask is not None:
-        ma = find(mask, 0, len(mask), ETHERTYPE)
+        ma = mask_attrs.get(ETHERTYPE)
         if ma is not None:
             out.append(f",eth_type(0/0x{_int(read(mask, ma.offset, 2)):04x})")
     return "".join(out)

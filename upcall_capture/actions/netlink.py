@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 _HEADER = struct.Struct("<HH")
 _TYPE_MASK = 0x3FFF  # nla_type without NLA_F_NESTED and NLA_F_NET_BYTEORDER
@@ -20,8 +21,7 @@ def read(data: bytes, offset: int, size: int) -> bytes:
     return chunk + bytes(size - len(chunk)) if len(chunk) < size else chunk
 
 
-@dataclass(frozen=True, slots=True)
-class Attr:
+class Attr(NamedTuple):  # a tuple: a megaflow's text walks a few hundred
     type: int
     offset: int  # of the payload
     size: int
@@ -41,8 +41,13 @@ def walk(data: bytes, start: int, length: int) -> tuple[list[Attr], int, int]:
     then the offset where the walk stopped and the bytes left there."""
     found: list[Attr] = []
     pos, left = start, length
+    whole = len(data) - 4  # a header at or before it is in `data`: no zero-filling
     while left >= 4:
-        nla_len, nla_type = header_at(data, pos)
+        if 0 <= pos <= whole:
+            nla_len, nla_type = _HEADER.unpack_from(data, pos)
+            nla_type &= _TYPE_MASK
+        else:
+            nla_len, nla_type = header_at(data, pos)
         if nla_len < 4 or nla_len > left:
             break
         found.append(Attr(nla_type, pos + 4, nla_len - 4))
@@ -53,9 +58,12 @@ def walk(data: bytes, start: int, length: int) -> tuple[list[Attr], int, int]:
     return found, pos, left
 
 
-def find(data: bytes, start: int, length: int, attr_type: int) -> Attr | None:
-    """nl_attr_find__(): the first attribute of a type."""
-    return next((a for a in walk(data, start, length)[0] if a.type == attr_type), None)
+def first_of_each(data: bytes, start: int, length: int) -> dict[int, Attr]:
+    """nl_attr_find__() of every type, from one walk: the first attribute of each."""
+    found: dict[int, Attr] = {}
+    for attr in walk(data, start, length)[0]:
+        found.setdefault(attr.type, attr)
+    return found
 
 
 @dataclass(frozen=True, slots=True)
