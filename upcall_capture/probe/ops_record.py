@@ -15,8 +15,7 @@ from typing import NamedTuple
 # struct op_event's head in flow_ops.c: numbers, then ATTR_TYPES attribute spans.
 OP_HEAD = struct.Struct("<QIIIIII")
 ATTR_TYPES = 10
-_ATTRS = struct.Struct(f"<{2 * ATTR_TYPES}H")  # (at, len) by type; at 0: absent
-_HEAD = OP_HEAD.size + _ATTRS.size
+_HEAD = OP_HEAD.size + 2 * 2 * ATTR_TYPES  # u16 (at, len) by type; at 0: absent
 OP_PUT, OP_EXECUTE = 1, 2
 F_REQUEST_UNREADABLE = 1
 # nlmsghdr (16), genlmsghdr (4), ovs_header (4).
@@ -61,21 +60,20 @@ def parse_op(raw: bytes | memoryview) -> FlowOp:
     # The ofpbuf's size is the message's: its nlmsg_len is set only when it is sent.
     cmd = raw[_HEAD + _CMD_AT]
     complete = length == size
-    base = _HEAD
     if kind == OP_PUT:
         key_at, key_len, actions_at, actions_len, mask_at, mask_len, ufid_at, ufid_len = \
             _PUT_SPANS.unpack_from(raw, OP_HEAD.size)
-        return FlowOp(ktime, pid, tid, kind, complete,
-                      raw[base + key_at:base + key_at + key_len] if key_at else None,
-                      raw[base + mask_at:base + mask_at + mask_len] if mask_at else None,
-                      raw[base + actions_at:base + actions_at + actions_len]
-                      if actions_at else None,
-                      raw[base + ufid_at:base + ufid_at + ufid_len] if ufid_at else None,
-                      cmd != FLOW_CMD_SET)
+        return FlowOp(ktime, pid, tid, kind, complete, _payload(raw, key_at, key_len),
+                      _payload(raw, mask_at, mask_len), _payload(raw, actions_at, actions_len),
+                      _payload(raw, ufid_at, ufid_len), cmd != FLOW_CMD_SET)
     packet_at, packet_len, key_at, key_len, actions_at, actions_len = \
         _EXECUTE_SPANS.unpack_from(raw, OP_HEAD.size)
-    packet = raw[base + packet_at:base + packet_at + packet_len] if packet_at else None
     return FlowOp(ktime, pid, tid, kind, complete and cmd == PACKET_CMD_EXECUTE,
-                  raw[base + key_at:base + key_at + key_len] if key_at else None, None,
-                  raw[base + actions_at:base + actions_at + actions_len]
-                  if actions_at else None, None, True, packet, packet_len if packet_at else 0)
+                  _payload(raw, key_at, key_len), None, _payload(raw, actions_at, actions_len),
+                  None, True, _payload(raw, packet_at, packet_len),
+                  packet_len if packet_at else 0)
+
+
+def _payload(raw: bytes, at: int, length: int) -> bytes | None:
+    """An attribute's payload, by its span in the event's head (at 0: absent)."""
+    return raw[_HEAD + at:_HEAD + at + length] if at else None
