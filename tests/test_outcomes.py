@@ -611,7 +611,8 @@ def test_an_overloaded_capture_sheds_outcomes_never_guesses_and_says_so(replay, 
     from conftest import SUMMARY
 
     # A ring of 16 pages (64 KiB) holds about 60 records: at 30,000/s it is more than
-    # 1/64 full at reads, and the capture sheds the ops until it drains.
+    # 1/16 full at reads (outcomes.SHED_ABOVE), and the capture sheds the ops until it
+    # drains.
     packets, stderr = capture_mixed(replay, tmp_path / "out.pcapng", "-u",
                                     tool_args=("--buffer-pages", "16"))
     captured_count, lost = (int(n) for n in SUMMARY.search(stderr).groups()[:2])

@@ -73,9 +73,12 @@ _UNKNOWN_TRAILERS = {reason: pack_outcome(Outcome(0, reason)) for reason in
 CAPACITY = 65536
 MAX_BATCH = 1024
 # recv_upcall's ring this full at a read: the capture is behind, and sheds the ops until
-# the ring is down to SHED_UNTIL (HandlerOps.pace).
-SHED_ABOVE = 1 / 64
-SHED_UNTIL = 1 / 256
+# the ring is down to SHED_UNTIL (HandlerOps.pace). With the default ring, SHED_UNTIL is
+# what one read takes (ring_buffer.READ_LIMIT): a loop of 40 ms at 20,000 full-size
+# upcalls/s holds as much, so a ring that full is not behind. At 1/64, outcomes were shed
+# at that rate, which the capture ties; at 1/256, they never resumed above it.
+SHED_ABOVE = 1 / 16
+SHED_UNTIL = 1 / 64
 # A shedding lasts at least MIN_SHED_NS, twice as long as the last one (up to MAX_SHED_NS)
 # when it comes back within RECOVERED_NS of a resume: each resume costs a burst of ties,
 # which a storm must not pay every few milliseconds.
