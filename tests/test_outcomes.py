@@ -497,16 +497,15 @@ def check_outcomes(packets, *, fires: int = FIRES) -> dict[str, int]:
     return kinds
 
 
-def capture_mixed(replay, out: Path, *replay_args: str, tool_args: tuple[str, ...]
-                  ) -> tuple[list[tuple[int, str, str]], str]:
-    """FIRES upcalls of MIXED at 30,000/s with their puts and executes (-O), captured to
+def capture_mixed(replay, out: Path, *replay_args: str, tool_args: tuple[str, ...],
+                  fires: int = FIRES) -> tuple[list[tuple[int, str, str]], str]:
+    """`fires` upcalls of MIXED at 30,000/s with their puts and executes (-O), captured to
     `out`: its packets (captured()) and the tool's stderr."""
     from conftest import start_capture
 
-    source, tool = start_capture(replay, MIXED, out, "-O", *replay_args, "-n", str(FIRES),
+    source, tool = start_capture(replay, MIXED, out, "-O", *replay_args, "-n", str(fires),
                                  "-r", "30000", tool_args=tool_args)
-    source.wait()
-    status, stderr = tool.wait()
+    status, stderr = tool.wait()  # the replay ends the capture, or -c does (replay -k)
     assert status == 0, stderr
     # Outcome texts the capture had no time for are written in by -r -w, as they would
     # have been; the others are those texts already.
@@ -549,6 +548,33 @@ def read_back(path: Path, *args: str) -> str:
                           text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     return done.stdout
+
+
+@pytest.mark.capture
+def test_upcalls_no_op_settles_wait_the_outcome_window_then_say_so(replay, tmp_path):
+    # The last fire (k % 16 == 15) gets no op, and nothing comes after it. With the replay
+    # running on (-k), the capture does not end: it leaves when --outcome-window closes,
+    # and -c ends the capture once every upcall has left.
+    fires = FIRES - FIRES % 16
+    assert (fires - 1) % 16 == 15
+    out = tmp_path / "out.pcapng"
+    packets, stderr = capture_mixed(replay, out, "-u", "-k", fires=fires,
+                                    tool_args=("--outcome-window", "3000", "-c", str(fires),
+                                               *NO_SHEDDING))
+    # The last upcall waited the window, not 250 ms: the capture ended (the statistics'
+    # end time) 3 s after it was received, at the earliest.
+    blocks = list(pcapng.iter_blocks(out.read_bytes()))
+    last_received = max(b.timestamp_ns for b in blocks if isinstance(b, pcapng.Packet))
+    ended = max(b.end_ns for b in blocks if isinstance(b, pcapng.InterfaceStatistics))
+    assert ended - last_received >= 2_990_000_000
+    kinds = check_outcomes(packets, fires=fires)
+    timed_out = comment.UNKNOWN_OUTCOME + comment.UNKNOWN_REASONS[UNKNOWN_TIMEOUT]
+    assert kinds.get("unknown") and \
+        sum(1 for _, _, text, _ in packets if text == timed_out) == kinds["unknown"]
+    status, stderr = Tool("-p", "1", "--no-outcomes", "--outcome-window", "10",
+                          "-w", str(tmp_path / "x")).wait()
+    assert status == 2 and stderr == \
+        "upcall-capture: --outcome-window needs outcomes: drop --no-outcomes\n"
 
 
 @pytest.mark.capture

@@ -39,7 +39,7 @@ from upcall_capture.filters import FilterSpec, compile_filters
 from upcall_capture.flowkey import format_key
 from upcall_capture.follow import Follower
 from upcall_capture.kernel_side import KernelSide
-from upcall_capture.outcomes import HandlerOps
+from upcall_capture.outcomes import WINDOW_NS, HandlerOps
 from upcall_capture.ports import PortNames, dpctl_show, no_port_names, parse_dpctl_show
 from upcall_capture.probe import kernel_probe, loader, ops_probe
 from upcall_capture.probe.record import (
@@ -263,7 +263,13 @@ def build_parser() -> argparse.ArgumentParser:
     outcomes.add_argument(
         "--no-outcomes", action="store_true",
         help="do not capture outcomes (each upcall is then written without waiting up to "
-             "250 ms for its handler's flow operations)")
+             "the outcome window for its handler's flow operations)")
+    capture.add_argument(
+        "--outcome-window", type=_ranged(1, 60_000, "--outcome-window"), metavar="MS",
+        help="how long an upcall waits for what its handler did, in milliseconds "
+             f"(default {WINDOW_NS // 1_000_000}); past it, an upcall that saw no flow "
+             "operation says its outcome is unknown. Longer for the handlers of a loaded "
+             "host, shorter to see packets sooner")
     capture.add_argument(
         "--buffer-pages", type=_ranged(1, 1 << 20, "buffer pages"), metavar="PAGES",
         default=loader.DEFAULT_BUFFER_PAGES,
@@ -355,6 +361,8 @@ def capture(args: argparse.Namespace, argv: list[str]) -> int:
     spec = _compile_filters(args, lambda: dpctl_show(find_target().pid))
     if args.no_outcomes and spec and spec.needs_outcome:
         raise UsageError("--filter outcome=... needs outcomes: drop --no-outcomes")
+    if args.no_outcomes and args.outcome_window is not None:
+        raise UsageError("--outcome-window needs outcomes: drop --no-outcomes")
     loader.check_environment()
     process = find_target()
     target.check_probe(process)
@@ -525,7 +533,9 @@ def _handler_ops(args: argparse.Namespace, spec: FilterSpec | None, pid: int, sa
     missing = ops_probe.missing_probes(pid)
     reason = _no_probes(missing) if missing else None
     if reason is None:
-        ops = HandlerOps(ops_probe.OpsProbe(pid), keep=keep)
+        window_ns = WINDOW_NS if args.outcome_window is None else \
+            args.outcome_window * 1_000_000
+        ops = HandlerOps(ops_probe.OpsProbe(pid), keep=keep, window_ns=window_ns)
         try:
             ops.attach()
             return ops

@@ -349,9 +349,10 @@ class HandlerOps:
     the drain began is then in hand, up to the merge's horizon."""
 
     def __init__(self, probe: OpsProbe | None, *,
-                 keep: Callable[[Upcall], bool] | None = None) -> None:
+                 keep: Callable[[Upcall], bool] | None = None,
+                 window_ns: int = WINDOW_NS) -> None:
         self.probe = probe  # None: a followed process without the probes
-        self.stage = Outcomes()
+        self.stage = Outcomes(window_ns=window_ns)
         self.keep = keep  # a --filter with outcome=: applied once outcomes are known
         self.filtered = 0  # upcalls it rejected
         self.shedding = False
