@@ -125,9 +125,10 @@ class _OutcomeLines:
     outcome is written instead, for -r to decode."""
 
     def __init__(self) -> None:
-        # The comment without its handling time, by the trailer's bytes other than that
-        # time and by the key (a put's megaflow is the key's).
-        self.texts: dict[bytes, bytes] = {}
+        # The comment without its handling time, and a put's mask option, by the
+        # trailer's bytes other than that time and by the key (a put's megaflow is the
+        # key's).
+        self.texts: dict[bytes, tuple[bytes, bytes]] = {}
         self.budget = 0
 
     def option(self, record: bytes | memoryview) -> bytes:
@@ -146,20 +147,21 @@ class _OutcomeLines:
                            _KEY_LEN.unpack_from(record, _KEY_LEN_AT)[0]]) if put else b""
         cache_key = b"".join((record[start:start + _HANDLING_AT],
                               record[start + _HANDLING_AT + _HANDLING.size:end], key))
-        what = self.texts.get(cache_key)
-        if what is None:
+        cached = self.texts.get(cache_key)
+        if cached is None:
             if self.budget <= 0:
                 return _UNDECODED_OUTCOME + pcapng.raw_outcome_option(bytes(record[start:end]))
             self.budget -= 1
             if len(self.texts) >= MAX_CACHED_WHAT:
                 self.texts.clear()
-            what = self.texts[cache_key] = comment.outcome_what(
-                unpack_outcome(record), key).encode("utf-8", "backslashreplace")
-        option = pcapng.comment_option(what + comment.handled_text(None if handling < 0
-                                                                    else handling))
-        if put:  # the put's mask, so that -r can print its megaflow whole
-            return option + pcapng.mask_option(outcome_mask(record, start))
-        return option
+            what = comment.outcome_what(unpack_outcome(record), key).encode(
+                "utf-8", "backslashreplace")
+            # A put's mask follows, so that -r can print its megaflow whole.
+            mask = pcapng.mask_option(outcome_mask(record, start)) if put else b""
+            cached = self.texts[cache_key] = what, mask
+        what, mask = cached
+        return pcapng.comment_option(what + comment.handled_text(None if handling < 0
+                                                                  else handling)) + mask
 
 
 def _enqueue_option(record: bytes | memoryview) -> bytes:
