@@ -21,7 +21,7 @@ def read(data: bytes, offset: int, size: int) -> bytes:
     return chunk + bytes(size - len(chunk)) if len(chunk) < size else chunk
 
 
-class Attr(NamedTuple):  # a tuple: a megaflow's text walks a few hundred
+class Attr(NamedTuple):  # a tuple: cheaper to make than a dataclass, and texts make many
     type: int
     offset: int  # of the payload
     size: int
