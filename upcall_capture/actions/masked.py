@@ -12,6 +12,7 @@ Works on payload bytes; nested keys (encap, tunnel, nsh) are walked within them.
 
 from __future__ import annotations
 
+import functools
 import socket
 import struct
 from collections.abc import Callable
@@ -532,6 +533,14 @@ def tunnel_text(key: bytes, mask: Mask, verbose: bool) -> str:
 
 # -- a whole key (inside encap) -------------------------------------------------------
 
+@functools.lru_cache(maxsize=8192)
+def _attr_text(attr_type: int, key: bytes, mask: Mask, verbose: bool) -> str:
+    """attr_body_text(), remembered: from one new flow to the next, most attributes of a
+    megaflow (recirc_id, in_port, eth, the ct fields) are the same, and a megaflow's text
+    is what a storm of new flows costs a worker most."""
+    return attr_body_text(attr_type, key, mask, verbose)
+
+
 def flow_text(key: bytes, mask: Mask, verbose: bool = False) -> str:
     """odp_flow_format(key, mask, verbose)."""
     if not key:
@@ -557,7 +566,7 @@ def flow_text(key: bytes, mask: Mask, verbose: bool = False) -> str:
         if verbose or not wildcard or nested:
             if wildcard and sub_mask is None:
                 sub_mask = wildcard_mask(a.type, value, KEY_LENGTHS)
-            out.append(("" if first else ",") + attr_body_text(a.type, value, sub_mask, verbose))
+            out.append(("" if first else ",") + _attr_text(a.type, value, sub_mask, verbose))
             first = False
         elif a.type == ETHERNET and not has_packet_type:
             out.append(("" if first else ",") + "eth()")  # sic: `first` stays as it was
