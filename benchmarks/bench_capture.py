@@ -11,7 +11,9 @@ packets up to 1,500 bytes of IP, as in an upcall storm), with `-u` for unique ke
 - **Lossless rate**: the real CLI writes pcapng to a file (`--dir`, default a temporary
   directory on /var/tmp: a real disk, not tmpfs) while the replay fires at a fixed rate.
   A run keeps up when nothing is lost, every upcall fired is a packet in the file, and
-  the tool has written the last one within 1 s of it being fired. The search raises the
+  the tool has written the last one within 1 s of it being fired (the clock stops at its
+  summary line, which follows the file's last block; before 2026-12-03 it stopped at the
+  tool's exit, after bcc's teardown). The search raises the
   rate while runs keep up and then narrows down between the last good and first bad.
   The replay fires each upcall's flow put and execute too (-O), so outcomes are on; the
   share of upcalls whose outcome the tool shed to keep up is in the table.
@@ -249,7 +251,7 @@ class Trial:
     undecoded: int  # captured without key text
     lost: int
     in_file: int
-    lag_s: float  # from the replay's last fire to the tool's exit with everything written
+    lag_s: float  # from the replay's last fire to the tool's summary: all is written then
     cpu_s: float  # the tool's user + system time
     maxrss_kb: int  # peak VmHWM seen
     outcomes_shed: int  # upcalls whose outcome is unknown as the capture was overloaded
@@ -350,15 +352,24 @@ def run_capture(records: Path, workdir: Path, rate: int, count: int, unique: boo
     else:
         replay.proc.kill()
         raise RuntimeError("upcall-capture did not start: " + "".join(stderr))
-    # Read on while it runs: a full pipe would stall the tool.
-    rest = threading.Thread(target=lambda: stderr.append(tool.stderr.read()), daemon=True)
+    # Read on while it runs: a full pipe would stall the tool. The summary comes once the
+    # file is whole, before bcc detaches the probes (about 0.2 s a program here), which
+    # is no part of keeping up.
+    summary_at: list[float] = []
+
+    def read_rest() -> None:
+        for line in tool.stderr:
+            stderr.append(line)
+            if not summary_at and SUMMARY.search(line):
+                summary_at.append(time.monotonic())
+
+    rest = threading.Thread(target=read_rest, daemon=True)
     rest.start()
     peak = PeakRss(tool.pid)
     replay.fire()
     fired, seconds = replay.wait()
     replay_end = time.monotonic()
     _, status, usage = os.wait4(tool.pid, 0)
-    tool_end = time.monotonic()
     peak.stop()
     tool.returncode = os.waitstatus_to_exitcode(status)
     rest.join()
@@ -372,7 +383,7 @@ def run_capture(records: Path, workdir: Path, rate: int, count: int, unique: boo
     return Trial(rate=rate, unique=unique, fired=fired, achieved_rate=fired / seconds,
                  captured=int(summary.group(1)), undecoded=int(summary.group(2) or 0),
                  lost=int(summary.group(3)),
-                 in_file=in_file, lag_s=tool_end - replay_end,
+                 in_file=in_file, lag_s=summary_at[0] - replay_end,
                  cpu_s=usage.ru_utime + usage.ru_stime, maxrss_kb=peak.kb,
                  outcomes_shed=int(shed.group(1)) if shed else 0,
                  outcomes_unknown=int(unknown.group(1)) if unknown else 0)
