@@ -27,8 +27,11 @@ from upcall_capture.probe.record import (
 )
 from upcall_capture.upcall_blocks import UpcallBlocks, port_and_eth
 
+# Nothing shed (outcome texts here, keys by WorkerPool's decode_backlog below): what is
+# shed depends on each worker's caches.
 SETTINGS = workers.BlockSettings(snaplen=9216, clock_offset_ns=1_700_000_000 * 10**9,
-                                 if_filter="type=miss", port_names=False)
+                                 if_filter="type=miss", port_names=False,
+                                 new_outcome_texts=10**9)
 SHB = pcapng.section_header(userappl="t", os="t", hardware="t")
 MIXED = upcalls.read_records(REPLAY_DIR / "mixed.upc")
 
@@ -36,7 +39,8 @@ MIXED = upcalls.read_records(REPLAY_DIR / "mixed.upc")
 def inline_builder() -> InlineBlocks:
     return InlineBlocks(lambda: UpcallBlocks(
         snaplen=SETTINGS.snaplen, clock_offset_ns=SETTINGS.clock_offset_ns,
-        port_name=no_port_names, if_filter=SETTINGS.if_filter))
+        port_name=no_port_names, if_filter=SETTINGS.if_filter,
+        new_outcome_texts=SETTINGS.new_outcome_texts))
 
 
 def section(builder, batches: list[list[bytes]], *, ahead: int = 1, drops: int = 0) -> bytes:
