@@ -41,9 +41,9 @@ def walk(data: bytes, start: int, length: int) -> tuple[list[Attr], int, int]:
     then the offset where the walk stopped and the bytes left there."""
     found: list[Attr] = []
     pos, left = start, length
-    whole = len(data) - 4  # a header at or before it is in `data`: no zero-filling
+    last_header = len(data) - 4  # a header at or before it is whole: no zero-filling
     while left >= 4:
-        if 0 <= pos <= whole:
+        if 0 <= pos <= last_header:
             nla_len, nla_type = _HEADER.unpack_from(data, pos)
             nla_type &= _TYPE_MASK
         else:
