@@ -374,7 +374,7 @@ def run_capture(records: Path, workdir: Path, rate: int, count: int, unique: boo
     tool.returncode = os.waitstatus_to_exitcode(status)
     rest.join()
     summary = SUMMARY.search("".join(stderr))
-    if tool.returncode != 0 or not summary:
+    if tool.returncode != 0 or not summary or not summary_at:
         raise RuntimeError("upcall-capture failed: " + "".join(stderr))
     in_file = count_packets(out)
     out.unlink()
@@ -383,7 +383,7 @@ def run_capture(records: Path, workdir: Path, rate: int, count: int, unique: boo
     return Trial(rate=rate, unique=unique, fired=fired, achieved_rate=fired / seconds,
                  captured=int(summary.group(1)), undecoded=int(summary.group(2) or 0),
                  lost=int(summary.group(3)),
-                 in_file=in_file, lag_s=summary_at[0] - replay_end,
+                 in_file=in_file, lag_s=max(summary_at[0] - replay_end, 0.0),
                  cpu_s=usage.ru_utime + usage.ru_stime, maxrss_kb=peak.kb,
                  outcomes_shed=int(shed.group(1)) if shed else 0,
                  outcomes_unknown=int(unknown.group(1)) if unknown else 0)
@@ -668,10 +668,11 @@ def kernel_side_costs(sent: list[upcalls.Upcall], count: int = 40_000, batch: in
 
 
 def _warm_blocks_s(batches: list[list[bytes]]) -> float:
-    """CPU seconds to build blocks for the batches, the option cache filled first, as in a
-    long storm."""
+    """CPU seconds to build blocks for the batches, the option and outcome text caches
+    filled first, as in a long storm. The warm-up lifts the batch's budget of new outcome
+    texts, which would otherwise leave most flows' texts unmade after one pass."""
     blocks = UpcallBlocks(snaplen=DEFAULT_SNAPLEN, clock_offset_ns=0,
-                          port_name=lambda dpif, port: None)
+                          port_name=lambda dpif, port: None, new_outcome_texts=10**9)
     [blocks.packets(b) for b in batches]
     return _cpu(lambda: [blocks.packets(b) for b in batches])[0]
 

@@ -400,8 +400,9 @@ def test_a_record_marked_shed_passes_at_once_as_it_is():
 MIXED = REPLAY / "mixed.upc"
 MIXED_SENT = upcalls.read_records(MIXED)
 FIRES = 3000
-# A ring of 128 MiB sheds ops only past a 2 MiB backlog, more than FIRES records of
-# MIXED (1.6 MiB): a slow moment of a loaded machine cannot make the outcomes unknown.
+# A ring of 128 MiB sheds ops only past an 8 MiB backlog (SHED_ABOVE), more than FIRES
+# records of MIXED (1.6 MiB): a slow moment of a loaded machine cannot make the outcomes
+# unknown.
 NO_SHEDDING = ("--buffer-pages", "32768")
 _NESTED = {1, 16}  # OVS_KEY_ATTR_ENCAP, OVS_KEY_ATTR_TUNNEL
 
@@ -500,7 +501,8 @@ def check_outcomes(packets, *, fires: int = FIRES) -> dict[str, int]:
 def capture_mixed(replay, out: Path, *replay_args: str, tool_args: tuple[str, ...],
                   fires: int = FIRES) -> tuple[list[tuple[int, str, str]], str]:
     """`fires` upcalls of MIXED at 30,000/s with their puts and executes (-O), captured to
-    `out`: its packets (captured()) and the tool's stderr."""
+    `out`: its packets (captured()) and the tool's stderr. A replay kept running (-k)
+    ends nothing, so then `tool_args` must hold -c, or the tool waits for its timeout."""
     from conftest import start_capture
 
     source, tool = start_capture(replay, MIXED, out, "-O", *replay_args, "-n", str(fires),

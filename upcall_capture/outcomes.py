@@ -13,9 +13,10 @@ time order (flow_ops.c's events carry the clock of recv_upcall's records):
   settles the last one.
 Nothing is matched by position alone, so an op whose upcall the capture does not hold
 (filtered out, or lost in the ring) is tied to no other upcall. An upcall whose turn did
-not come within the window (WINDOW_NS after it was received), whose ops may have been
-lost (the ops ring was full) or not copied (shed, below), or that was still waiting when
-the capture ended, says its outcome is unknown: it is never given a guess. At most
+not come within the window (--outcome-window after it was received, WINDOW_NS unless
+told), whose ops may have been lost (the ops ring was full) or not copied (shed, below),
+or that was still waiting when the capture ended, says its outcome is unknown: it is
+never given a guess. At most
 CAPACITY upcalls wait; past that the oldest leaves, unknown, and is counted.
 
 Tying ops costs the capture's main process more than the upcalls themselves, and packets
