@@ -669,10 +669,10 @@ def kernel_side_costs(sent: list[upcalls.Upcall], count: int = 40_000, batch: in
 
 def _warm_blocks_s(batches: list[list[bytes]]) -> float:
     """CPU seconds to build blocks for the batches, the option and outcome text caches
-    filled first, as in a long storm. The warm-up lifts the batch's budget of new outcome
-    texts, which would otherwise leave most flows' texts unmade after one pass."""
+    filled first, as in a long storm. The warm-up lifts the share of time new outcome
+    texts may take, which would otherwise leave most flows' texts unmade after one pass."""
     blocks = UpcallBlocks(snaplen=DEFAULT_SNAPLEN, clock_offset_ns=0,
-                          port_name=lambda dpif, port: None, new_outcome_texts=10**9)
+                          port_name=lambda dpif, port: None, outcome_text_share=1.0)
     [blocks.packets(b) for b in batches]
     return _cpu(lambda: [blocks.packets(b) for b in batches])[0]
 

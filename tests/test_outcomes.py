@@ -332,8 +332,19 @@ def test_blocks_carry_the_outcome_line_and_the_mask_and_r_w_keeps_them(tmp_path)
         assert [p.key for p in packets] == [key, key, SENT[4].key, SENT[4].key]
 
 
-def test_outcomes_not_decoded_under_load_are_decoded_by_r_and_written_in_by_r_w(tmp_path):
-    from upcall_capture.upcall_blocks import NEW_OUTCOME_TEXTS, UpcallBlocks
+class ManualClock:
+    """A clock that moves only when told."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_outcomes_not_decoded_under_load_are_decoded_by_r_and_written_in_by_r_w(
+        tmp_path, monkeypatch):
+    from upcall_capture.upcall_blocks import OUTCOME_TEXT_CREDIT_S, UpcallBlocks
 
     records = []
     for index, raw in enumerate(storm(MIXED_SENT, 400, unique=True)):
@@ -342,14 +353,31 @@ def test_outcomes_not_decoded_under_load_are_decoded_by_r_and_written_in_by_r_w(
             DID_PUT | DID_EXECUTE, handling_ns=index, ufid=struct.pack("<4I", index, 1, 2, 3),
             mask=exact_mask(key), put_actions=OUTPUT_1, execute_actions=OUTPUT_1)))
 
-    def written(name: str, batch: int, decode: bool = True) -> Path:
-        blocks = UpcallBlocks(snaplen=9216, clock_offset_ns=0, port_name=lambda d, p: None)
+    # Each new outcome text takes 1/64 s of the clock.
+    clock = ManualClock()
+    real_outcome_what = comment.outcome_what
+
+    def outcome_what(*args):
+        clock.now += 1 / 64
+        return real_outcome_what(*args)
+
+    monkeypatch.setattr(comment, "outcome_what", outcome_what)
+
+    def written(name: str, batches: list[int], *, share: float = 1.0, pause_s: float = 0.0,
+                decode: bool = True) -> Path:
+        """The records in batches of the sizes given, `pause_s` of the clock before each
+        but the first."""
+        blocks = UpcallBlocks(snaplen=9216, clock_offset_ns=0, port_name=lambda d, p: None,
+                              outcome_text_share=share, clock=clock)
+        out, at = [pcapng.section_header(userappl="t", os="t", hardware="t")], 0
+        for size in batches:
+            if at:
+                clock.now += pause_s
+            out.append(bytes(blocks.packets(records[at:at + size], decode=decode)))
+            at += size
+        assert at == len(records)
         path = tmp_path / name
-        path.write_bytes(b"".join((
-            pcapng.section_header(userappl="t", os="t", hardware="t"),
-            *(bytes(blocks.packets(records[at:at + batch], decode=decode))
-              for at in range(0, len(records), batch)),
-            blocks.statistics(10**13, start_ktime_ns=0))))
+        path.write_bytes(b"".join((*out, blocks.statistics(10**13, start_ktime_ns=0))))
         return path
 
     def packets_of(path: Path) -> list[pcapng.Packet]:
@@ -360,11 +388,17 @@ def test_outcomes_not_decoded_under_load_are_decoded_by_r_and_written_in_by_r_w(
         assert all(p.raw_outcome and p.mask is None for p in found)
         return found
 
-    # A batch makes at most NEW_OUTCOME_TEXTS new texts, none when its keys are not
-    # decoded (the workers are behind); in batches that small, all of them.
-    assert len(not_decoded(written("big.pcapng", 400))) == 400 - NEW_OUTCOME_TEXTS
-    assert len(not_decoded(written("shed.pcapng", 100, decode=False))) == 400
-    decoded = written("decoded.pcapng", NEW_OUTCOME_TEXTS)
+    # New texts take at most a share of the time that passes. The credit kept, 0.05 s,
+    # makes 4 (the last leaves it at -0.0125 s). A batch 1 s later finds it whole again
+    # (4 more); one 0.1 s later, at a share of 0.15, finds it at 0.0025 s (1 more, and
+    # the next two 1 each). None is made while keys are not decoded (the workers are
+    # behind), and every one at a share of 1.
+    assert OUTCOME_TEXT_CREDIT_S == 0.05
+    for pause_s, made in ((1.0, 16), (0.1, 7)):
+        path = written(f"loaded-{pause_s}.pcapng", [100] * 4, share=0.15, pause_s=pause_s)
+        assert len(not_decoded(path)) == 400 - made, pause_s
+    assert len(not_decoded(written("shed.pcapng", [100] * 4, decode=False))) == 400
+    decoded = written("decoded.pcapng", [400])
     assert not not_decoded(decoded)
     shed = tmp_path / "shed.pcapng"
     assert len(packets_of(shed)) == 400

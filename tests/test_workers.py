@@ -31,7 +31,7 @@ from upcall_capture.upcall_blocks import UpcallBlocks, port_and_eth
 # shed depends on each worker's caches.
 SETTINGS = workers.BlockSettings(snaplen=9216, clock_offset_ns=1_700_000_000 * 10**9,
                                  if_filter="type=miss", port_names=False,
-                                 new_outcome_texts=10**9)
+                                 outcome_text_share=1.0)
 SHB = pcapng.section_header(userappl="t", os="t", hardware="t")
 MIXED = upcalls.read_records(REPLAY_DIR / "mixed.upc")
 
@@ -40,7 +40,7 @@ def inline_builder() -> InlineBlocks:
     return InlineBlocks(lambda: UpcallBlocks(
         snaplen=SETTINGS.snaplen, clock_offset_ns=SETTINGS.clock_offset_ns,
         port_name=no_port_names, if_filter=SETTINGS.if_filter,
-        new_outcome_texts=SETTINGS.new_outcome_texts))
+        outcome_text_share=SETTINGS.outcome_text_share))
 
 
 def section(builder, batches: list[list[bytes]], *, ahead: int = 1, drops: int = 0) -> bytes:

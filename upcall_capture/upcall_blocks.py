@@ -22,7 +22,9 @@ comment says so and its raw key is kept, and the interface comes from the key's 
 
 from __future__ import annotations
 
+import math
 import struct
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -105,11 +107,14 @@ _QUEUED = struct.Struct("<q")
 _WHERE: dict[bytes, bytes] = {}
 MAX_CACHED_WHERE = 1024
 MAX_CACHED_WHAT = 16384
-# New outcome texts per batch, when its keys are decoded (none when they are not): about
-# 1.3 ms of a worker's time on a slow host (0.08 ms each), less than the batch's 256 new
-# keys take. At 64 a storm of new flows spent the worker on megaflow texts, and its keys
-# went without text: at 15,000 new flows/s, 27% to 38% of them, against none at 16.
-NEW_OUTCOME_TEXTS = 16
+# The share of the time that passes which new outcome texts may take, in batches whose
+# keys are decoded (none in the others): a new flow's megaflow text is dear (0.08 ms on a
+# slow host), and key texts come first. A count a batch (16, before) is no bound on time,
+# as batch sizes follow the rate, and it starved bursts: a few hundred new flows after a
+# quiet spell came as one or two batches and got 16 or 32 texts from an idle worker.
+# Time left unused is kept for such a burst: up to OUTCOME_TEXT_CREDIT_S (some 600 texts).
+OUTCOME_TEXT_SHARE = 0.15
+OUTCOME_TEXT_CREDIT_S = 0.05
 # The comment option of each unknown outcome, by reason: a line with no time.
 _UNKNOWN_OPTIONS = {reason: pcapng.comment_option(comment.outcome_what(Outcome(0, reason),
                                                                         b"").encode())
@@ -123,15 +128,28 @@ _HANDLING_AT = 4  # in OUTCOME_HEAD, after did, unknown, flags and a pad byte
 
 class _OutcomeLines:
     """Outcome comments. A text is made once per flow (the megaflow's text is dear: 0.08 ms
-    for a new flow) and only while there is time for it: past `budget` new texts, the raw
-    outcome is written instead, for -r to decode."""
+    for a new flow) and only while there is time for it: `share` of the time that passes
+    (1 or more: all the time needed). Past it, the raw outcome is written instead, for -r
+    to decode."""
 
-    def __init__(self) -> None:
+    def __init__(self, share: float, clock: Callable[[], float]) -> None:
         # The comment without its handling time, and a put's mask option, by the
         # trailer's bytes other than that time and by the key (a put's megaflow is the
         # key's).
         self.texts: dict[bytes, tuple[bytes, bytes]] = {}
-        self.budget = 0
+        self.share = share
+        self.credit = math.inf if share >= 1 else OUTCOME_TEXT_CREDIT_S  # seconds
+        self.making = False  # the batch's keys are decoded: new texts may be made
+        self._clock = clock
+        self._refilled = clock()
+
+    def start_batch(self, decode: bool) -> None:
+        now = self._clock()
+        if self.share < 1:
+            self.credit = min(OUTCOME_TEXT_CREDIT_S,
+                              self.credit + self.share * (now - self._refilled))
+        self._refilled = now
+        self.making = decode
 
     def option(self, record: bytes | memoryview) -> bytes:
         span = outcome_span(record)
@@ -151,9 +169,9 @@ class _OutcomeLines:
                               record[start + _HANDLING_AT + _HANDLING.size:end], key))
         cached = self.texts.get(cache_key)
         if cached is None:
-            if self.budget <= 0:
+            if not self.making or self.credit <= 0:
                 return _UNDECODED_OUTCOME + pcapng.raw_outcome_option(bytes(record[start:end]))
-            self.budget -= 1
+            started = self._clock()
             if len(self.texts) >= MAX_CACHED_WHAT:
                 self.texts.clear()
             what = comment.outcome_what(unpack_outcome(record), key).encode(
@@ -161,6 +179,7 @@ class _OutcomeLines:
             # A put's mask follows, so that -r can print its megaflow whole.
             mask = pcapng.mask_option(outcome_mask(record, start)) if put else b""
             cached = self.texts[cache_key] = what, mask
+            self.credit -= self._clock() - started
         what, mask = cached
         return pcapng.comment_option(what + comment.handled_text(None if handling < 0
                                                                   else handling)) + mask
@@ -241,16 +260,16 @@ class UpcallBlocks:
 
     def __init__(self, *, snaplen: int, clock_offset_ns: int, port_name: PortNamer,
                  if_filter: str | None = None, table: InterfaceTable | None = None,
-                 new_outcome_texts: int = NEW_OUTCOME_TEXTS) -> None:
+                 outcome_text_share: float = OUTCOME_TEXT_SHARE,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self.snaplen = snaplen
-        self.new_outcome_texts = new_outcome_texts  # a batch's, when keys are decoded
         self.clock_offset_ns = clock_offset_ns
         self.port_name = port_name
         self.if_filter = if_filter
         self.table = InterfaceTable() if table is None else table
         self.emitted: list[int] = []
         self.undecoded = 0  # packets written without their key's text
-        self._outcomes = _OutcomeLines()
+        self._outcomes = _OutcomeLines(outcome_text_share, clock)
         self._sampled = 0  # misses while not decoding
         # Two generations, as in flowkey.KeyCache: hits come from the recent one or are
         # promoted from the older one; a full recent one becomes the older one.
@@ -292,7 +311,7 @@ class UpcallBlocks:
         out = bytearray()
         self.emitted = []
         describe = self._describe if decode else self._describe_sampled
-        self._outcomes.budget = self.new_outcome_texts if decode else 0
+        self._outcomes.start_batch(decode)
         dropped += self._pending_drops
         self._pending_drops = 0
         cache = self._described

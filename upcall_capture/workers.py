@@ -42,7 +42,7 @@ from typing import BinaryIO
 from upcall_capture.errors import CaptureError
 from upcall_capture.interfaces import InterfaceTable, WorkerBatch
 from upcall_capture.ports import PortNames, dpctl_show, no_port_names
-from upcall_capture.upcall_blocks import NEW_OUTCOME_TEXTS, UpcallBlocks
+from upcall_capture.upcall_blocks import OUTCOME_TEXT_SHARE, UpcallBlocks
 
 # Records sent to workers and not yet back, beyond which keys are no longer decoded: at
 # 100,000 new flows a second, some 80 ms of work.
@@ -67,10 +67,10 @@ class BlockSettings:
     if_filter: str | None
     port_names: bool  # ask the traced ovs-vswitchd for port names (dpctl/show)
     known_ports: tuple[int, str] = (0, "")  # (pid, its dpctl/show text at the start)
-    # Outcome texts a batch may make (UpcallBlocks): past them, they are shed. Which are
-    # then depends on each worker's cache, so the output is that of one process only
-    # while none is shed.
-    new_outcome_texts: int = NEW_OUTCOME_TEXTS
+    # The share of its time a worker may spend on new outcome texts (UpcallBlocks): past
+    # it, they are shed. Which are then depends on each worker's cache and clock, so the
+    # output is that of one process only while none is shed (1: none is).
+    outcome_text_share: float = OUTCOME_TEXT_SHARE
 
 
 @dataclass(frozen=True)
@@ -275,7 +275,8 @@ class _Describer:
         self.blocks = UpcallBlocks(
             snaplen=settings.snaplen, clock_offset_ns=settings.clock_offset_ns,
             port_name=self._port_namer(pid), if_filter=settings.if_filter,
-            table=InterfaceTable(entries), new_outcome_texts=settings.new_outcome_texts)
+            table=InterfaceTable(entries),
+            outcome_text_share=settings.outcome_text_share)
 
     def _follow_table(self, batch: _Batch) -> None:
         if batch.section != self.section or self.blocks is None:
