@@ -38,6 +38,14 @@ packets up to 1,500 bytes of IP, as in an upcall storm), with `-u` for unique ke
   their key's text, for --workers 0, 1 and 2. Offline, the worker pool describes unique
   keys with 1 and 2 workers: per worker CPU-second, what one more core adds.
 
+- **Where the CPU goes**: at CPU_SPLIT_RATE, a rate every configuration holds, the CPU
+  per upcall of the traced program (the replay, firing its probes), of the tool's main
+  process and of its workers, from the first fire to the tool's summary line, for
+  repeated and unique keys, with outcomes on and with --no-outcomes. Summed, it is what
+  the machine's cores must give per upcall at that rate (the main process's share falls
+  somewhat at higher rates, as each loop's fixed costs spread over more records). A 5 s
+  run includes making each flow's texts once.
+
 Figures depend on what else the machine is doing: CPU per upcall is the steadiest one.
 """
 
@@ -49,6 +57,7 @@ import mmap
 import os
 import platform
 import re
+import resource
 import select
 import signal
 import struct
@@ -254,6 +263,11 @@ class Trial:
     lag_s: float  # from the replay's last fire to the tool's summary: all is written then
     cpu_s: float  # the tool's user + system time
     maxrss_kb: int  # peak VmHWM seen
+    # CPU seconds from the first fire to the tool's summary line (process_cpu), by process:
+    # the traced program (the replay, to its exit), the tool's main process, its workers.
+    traced_cpu_s: float
+    main_cpu_s: float
+    workers_cpu_s: float
     outcomes_shed: int  # upcalls whose outcome is unknown as the capture was overloaded
     outcomes_unknown: int  # for any reason (shed included); 0 with --no-outcomes
 
@@ -316,6 +330,39 @@ class PeakRss:
         self._thread.join()
 
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def process_cpu(pid: int) -> tuple[float, float]:
+    """User + system CPU seconds of a process, and of its children: those it reaped (its
+    workers, once closed) and those still running."""
+    def times(of: int) -> list[int]:
+        with open(f"/proc/{of}/stat") as stat:  # utime, stime, cutime, cstime
+            return [int(field) for field in stat.read().rsplit(")", 1)[1].split()[11:15]]
+
+    try:
+        utime, stime, cutime, cstime = times(pid)
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    children = cutime + cstime
+    for child in children_of(pid):
+        try:
+            children += sum(times(child))
+        except (OSError, ValueError):  # reaped meanwhile: in cutime at the next reading
+            pass
+    return (utime + stime) / _CLOCK_TICKS, children / _CLOCK_TICKS
+
+
+def children_of(pid: int) -> list[int]:
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += map(int, (task / "children").read_text().split())
+        except OSError:
+            pass
+    return found
+
+
 def count_packets(path: Path) -> int:
     """Enhanced packet blocks in a pcapng file, from the block framing alone."""
     head = struct.Struct("<II")
@@ -355,19 +402,26 @@ def run_capture(records: Path, workdir: Path, rate: int, count: int, unique: boo
     # Read on while it runs: a full pipe would stall the tool. The summary comes once the
     # file is whole, before bcc detaches the probes (about 0.2 s a program here), which
     # is no part of keeping up.
+    # The tool's CPU is read there too, while its workers still run.
     summary_at: list[float] = []
+    cpu_at_summary: list[tuple[float, float]] = []
 
     def read_rest() -> None:
         for line in tool.stderr:
             stderr.append(line)
             if not summary_at and SUMMARY.search(line):
                 summary_at.append(time.monotonic())
+                cpu_at_summary.append(process_cpu(tool.pid))
 
     rest = threading.Thread(target=read_rest, daemon=True)
     rest.start()
     peak = PeakRss(tool.pid)
+    cpu_at_fire = process_cpu(tool.pid)
+    # The replay is the one child reaped while it runs: its CPU is the children's growth.
+    reaped_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     replay.fire()
     fired, seconds = replay.wait()
+    reaped = resource.getrusage(resource.RUSAGE_CHILDREN)
     replay_end = time.monotonic()
     _, status, usage = os.wait4(tool.pid, 0)
     peak.stop()
@@ -385,6 +439,10 @@ def run_capture(records: Path, workdir: Path, rate: int, count: int, unique: boo
                  lost=int(summary.group(3)),
                  in_file=in_file, lag_s=max(summary_at[0] - replay_end, 0.0),
                  cpu_s=usage.ru_utime + usage.ru_stime, maxrss_kb=peak.kb,
+                 traced_cpu_s=reaped.ru_utime + reaped.ru_stime - reaped_before.ru_utime
+                 - reaped_before.ru_stime,
+                 main_cpu_s=cpu_at_summary[0][0] - cpu_at_fire[0],
+                 workers_cpu_s=cpu_at_summary[0][1] - cpu_at_fire[1],
                  outcomes_shed=int(shed.group(1)) if shed else 0,
                  outcomes_unknown=int(unknown.group(1)) if unknown else 0)
 
@@ -768,6 +826,33 @@ def scaling_report(unique: Search, ceiling: Search, decoded: dict[int, Search],
 # The table
 
 
+CPU_SPLIT_RATE = 20_000
+
+
+def cpu_split(run_for) -> dict[tuple[bool, bool], Trial]:
+    """Runs at CPU_SPLIT_RATE, by (unique keys, outcomes on): run_for(unique, *extra)
+    gives the run."""
+    return {(unique, outcomes): run_for(unique, *([] if outcomes else ["--no-outcomes"]))(
+                CPU_SPLIT_RATE, CPU_SPLIT_RATE * 5)
+            for unique in (False, True) for outcomes in (True, False)}
+
+
+def cpu_split_report(trials: dict[tuple[bool, bool], Trial]) -> str:
+    """CPU per upcall by process: what each core-hungry part costs, side by side."""
+    lines = [f"| at {_k(CPU_SPLIT_RATE)}/s, µs an upcall | traced program | main process "
+             "| workers | all |", "|---|---|---|---|---|"]
+    for (unique, outcomes), trial in trials.items():
+        fired = max(trial.fired, 1)
+        parts = [seconds * 1e6 / fired for seconds in
+                 (trial.traced_cpu_s, trial.main_cpu_s, trial.workers_cpu_s)]
+        label = (f"{'unique' if unique else 'repeated'} keys, "
+                 f"{'outcomes on' if outcomes else '--no-outcomes'}")
+        lines.append(f"| {label} ({trial.describe()}) | "
+                     + " | ".join(f"{part:.1f}" for part in parts)
+                     + f" | **{sum(parts):.1f}** |")
+    return "\n".join(lines)
+
+
 def outcomes_report(with_outcomes: Search, without: Search, known: Search) -> str:
     """What outcomes cost the packet path, as shares of the same run's --no-outcomes."""
     top = without.best
@@ -919,6 +1004,8 @@ def main(argv: list[str] | None = None) -> int:
         without_outcomes = searched(Search("--no-outcomes"), tool(False, None, "--no-outcomes"),
                                     100_000)
         known = searched(OutcomesSearch("every outcome known"), tool(False), 20_000)
+        print(f"CPU by process at {_k(CPU_SPLIT_RATE)}/s...", flush=True)
+        split = cpu_split(lambda unique, *extra: tool(unique, None, *extra))
         print("offline describe throughput...", flush=True)
         per_worker = describe_throughput(sent)
         print()
@@ -928,6 +1015,8 @@ def main(argv: list[str] | None = None) -> int:
         print(scaling_report(unique, ceiling, decoded, per_worker))
         print()
         print(outcomes_report(repeated, without_outcomes, known))
+        print()
+        print(cpu_split_report(split))
     return 0
 
 
