@@ -66,6 +66,16 @@ def build_c(directory: Path, output: str, source: str,
     return built
 
 
+class ManualClock:
+    """A clock that moves only when a test moves it (its `now`)."""
+
+    def __init__(self, now: float = 0.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def _capture_unavailable() -> str | None:
     if os.geteuid() != 0:
         return "capture tests attach eBPF: they need root"

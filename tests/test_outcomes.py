@@ -311,7 +311,8 @@ def test_blocks_carry_the_outcome_line_and_the_mask_and_r_w_keeps_them(tmp_path)
                                                    execute_actions=OUTPUT_1)),
                with_outcome(record(4, 30), Outcome(0, UNKNOWN_TIMEOUT)),
                marked_shed(record(4, 40))]
-    blocks = UpcallBlocks(snaplen=9216, clock_offset_ns=0, port_name=lambda d, p: None)
+    blocks = UpcallBlocks(snaplen=9216, clock_offset_ns=0, port_name=lambda d, p: None,
+                          outcome_text_share=1.0)
     written = pcapng.section_header(userappl="t", os="t", hardware="t") + \
         bytes(blocks.packets(records)) + blocks.statistics(40, start_ktime_ns=0)
     path = tmp_path / "in.pcapng"
@@ -332,18 +333,10 @@ def test_blocks_carry_the_outcome_line_and_the_mask_and_r_w_keeps_them(tmp_path)
         assert [p.key for p in packets] == [key, key, SENT[4].key, SENT[4].key]
 
 
-class ManualClock:
-    """A clock that moves only when told."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def test_outcomes_not_decoded_under_load_are_decoded_by_r_and_written_in_by_r_w(
         tmp_path, monkeypatch):
+    from conftest import ManualClock
+
     from upcall_capture.upcall_blocks import OUTCOME_TEXT_CREDIT_S, UpcallBlocks
 
     records = []
@@ -368,7 +361,7 @@ def test_outcomes_not_decoded_under_load_are_decoded_by_r_and_written_in_by_r_w(
         """The records in batches of the sizes given, `pause_s` of the clock before each
         but the first."""
         blocks = UpcallBlocks(snaplen=9216, clock_offset_ns=0, port_name=lambda d, p: None,
-                              outcome_text_share=share, clock=clock)
+                              outcome_text_share=share, clock=clock, cpu_clock=clock)
         out, at = [pcapng.section_header(userappl="t", os="t", hardware="t")], 0
         for size in batches:
             if at:
@@ -390,7 +383,8 @@ def test_outcomes_not_decoded_under_load_are_decoded_by_r_and_written_in_by_r_w(
 
     # New texts take at most a share of the time that passes. The credit kept, 0.05 s,
     # makes 4 (the last leaves it at -0.0125 s). A batch 1 s later finds it whole again
-    # (4 more); one 0.1 s later, at a share of 0.15, finds it at 0.0025 s (1 more, and
+    # (4 more). One 0.1 s later, at a share of 0.15, finds it at 0.15 x (0.1 + 4/64) s,
+    # the pause and the texts' time, less the 0.0125 s overdrawn: 0.011875 s (1 more, and
     # the next two 1 each). None is made while keys are not decoded (the workers are
     # behind), and every one at a share of 1.
     assert OUTCOME_TEXT_CREDIT_S == 0.05

@@ -1,5 +1,7 @@
 """ports.py: dpctl/show parsing and the refresh policy."""
 
+from conftest import ManualClock
+
 from upcall_capture.ports import PortNames, parse_dpctl_show
 
 DPCTL_SHOW = """\
@@ -37,14 +39,6 @@ def test_parse_ignores_noise():
     assert parse_dpctl_show("  port 1: orphan\nnot a datapath\n") == {}
 
 
-class FakeClock:
-    def __init__(self):
-        self.now = 100.0
-
-    def __call__(self):
-        return self.now
-
-
 def test_unknown_port_refreshes_at_most_every_interval():
     calls = []
     outputs = iter(["system@ovs-system:\n  port 1: br0 (internal)\n",
@@ -54,7 +48,7 @@ def test_unknown_port_refreshes_at_most_every_interval():
         calls.append(1)
         return next(outputs)
 
-    clock = FakeClock()
+    clock = ManualClock(100.0)
     names = PortNames(fetch, refresh_interval=5.0, clock=clock)
     assert names.name("system@ovs-system", 1) == "br0"
     assert names.name("system@ovs-system", 2) is None  # unknown, but just fetched

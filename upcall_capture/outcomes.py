@@ -16,8 +16,8 @@ Nothing is matched by position alone, so an op whose upcall the capture does not
 not come within the window (--outcome-window after it was received, WINDOW_NS unless
 told), whose ops may have been lost (the ops ring was full) or not copied (shed, below),
 or that was still waiting when the capture ended, says its outcome is unknown: it is
-never given a guess. At most
-CAPACITY upcalls wait; past that the oldest leaves, unknown, and is counted.
+never given a guess. At most CAPACITY upcalls wait; past that the oldest leaves,
+unknown, and is counted.
 
 Tying ops costs the capture's main process more than the upcalls themselves, and packets
 come first: while recv_upcall's ring fills up (HandlerOps.pace), flow_ops.c stops copying

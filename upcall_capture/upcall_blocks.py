@@ -1,6 +1,8 @@
 """Raw probe records to pcapng blocks: interfaces, commented packets, statistics.
 
-Pure (bytes in, bytes out). This is the hot path of a capture:
+Pure (bytes in, bytes out), but for one budget of time: which new outcome texts are made
+depends on the clocks it is given, unless `outcome_text_share` is 1. This is the hot path
+of a capture:
 - per record: one header unpack, one cache look-up, and the packet block appended to
   one bytearray for the batch (its head packed, the packet bytes sliced in, the cached
   options after them), with no other object made per record;
@@ -107,9 +109,9 @@ _QUEUED = struct.Struct("<q")
 _WHERE: dict[bytes, bytes] = {}
 MAX_CACHED_WHERE = 1024
 MAX_CACHED_WHAT = 16384
-# The share of the time that passes which new outcome texts may take, in batches whose
-# keys are decoded (none in the others): a new flow's megaflow text is dear (0.08 ms on a
-# slow host), and key texts come first. A count a batch (16, before) is no bound on time,
+# The share of the time that passes which new outcome texts' CPU may take, in batches
+# whose keys are decoded (none in the others): a new flow's megaflow text is dear (0.08 ms
+# on a slow host), and key texts come first. A count a batch (16, before) is no bound on time,
 # as batch sizes follow the rate, and it starved bursts: a few hundred new flows after a
 # quiet spell came as one or two batches and got 16 or 32 texts from an idle worker.
 # Time left unused is kept for such a burst: up to OUTCOME_TEXT_CREDIT_S (some 600 texts).
@@ -128,11 +130,12 @@ _HANDLING_AT = 4  # in OUTCOME_HEAD, after did, unknown, flags and a pad byte
 
 class _OutcomeLines:
     """Outcome comments. A text is made once per flow (the megaflow's text is dear: 0.08 ms
-    for a new flow) and only while there is time for it: `share` of the time that passes
-    (1 or more: all the time needed). Past it, the raw outcome is written instead, for -r
-    to decode."""
+    for a new flow) and only while there is time for it: its CPU time (`cpu_clock`, the
+    thread's) is at most `share` of the time that passes (`clock`); 1 or more: all the
+    time needed. Past it, the raw outcome is written instead, for -r to decode."""
 
-    def __init__(self, share: float, clock: Callable[[], float]) -> None:
+    def __init__(self, share: float, clock: Callable[[], float],
+                 cpu_clock: Callable[[], float]) -> None:
         # The comment without its handling time, and a put's mask option, by the
         # trailer's bytes other than that time and by the key (a put's megaflow is the
         # key's).
@@ -141,6 +144,7 @@ class _OutcomeLines:
         self.credit = math.inf if share >= 1 else OUTCOME_TEXT_CREDIT_S  # seconds
         self.making = False  # the batch's keys are decoded: new texts may be made
         self._clock = clock
+        self._cpu_clock = cpu_clock
         self._refilled = clock()
 
     def start_batch(self, decode: bool) -> None:
@@ -171,15 +175,15 @@ class _OutcomeLines:
         if cached is None:
             if not self.making or self.credit <= 0:
                 return _UNDECODED_OUTCOME + pcapng.raw_outcome_option(bytes(record[start:end]))
-            started = self._clock()
             if len(self.texts) >= MAX_CACHED_WHAT:
                 self.texts.clear()
+            started = self._cpu_clock()
             what = comment.outcome_what(unpack_outcome(record), key).encode(
                 "utf-8", "backslashreplace")
             # A put's mask follows, so that -r can print its megaflow whole.
             mask = pcapng.mask_option(outcome_mask(record, start)) if put else b""
             cached = self.texts[cache_key] = what, mask
-            self.credit -= self._clock() - started
+            self.credit -= self._cpu_clock() - started
         what, mask = cached
         return pcapng.comment_option(what + comment.handled_text(None if handling < 0
                                                                   else handling)) + mask
@@ -261,7 +265,8 @@ class UpcallBlocks:
     def __init__(self, *, snaplen: int, clock_offset_ns: int, port_name: PortNamer,
                  if_filter: str | None = None, table: InterfaceTable | None = None,
                  outcome_text_share: float = OUTCOME_TEXT_SHARE,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 cpu_clock: Callable[[], float] = time.thread_time) -> None:
         self.snaplen = snaplen
         self.clock_offset_ns = clock_offset_ns
         self.port_name = port_name
@@ -269,7 +274,7 @@ class UpcallBlocks:
         self.table = InterfaceTable() if table is None else table
         self.emitted: list[int] = []
         self.undecoded = 0  # packets written without their key's text
-        self._outcomes = _OutcomeLines(outcome_text_share, clock)
+        self._outcomes = _OutcomeLines(outcome_text_share, clock, cpu_clock)
         self._sampled = 0  # misses while not decoding
         # Two generations, as in flowkey.KeyCache: hits come from the recent one or are
         # promoted from the older one; a full recent one becomes the older one.
