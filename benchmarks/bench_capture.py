@@ -38,13 +38,12 @@ packets up to 1,500 bytes of IP, as in an upcall storm), with `-u` for unique ke
   their key's text, for --workers 0, 1 and 2. Offline, the worker pool describes unique
   keys with 1 and 2 workers: per worker CPU-second, what one more core adds.
 
-- **Where the CPU goes**: at CPU_SPLIT_RATE, a rate every configuration holds, the CPU
-  per upcall of the traced program (the replay, firing its probes), of the tool's main
-  process and of its workers, from the first fire to the tool's summary line, for
-  repeated and unique keys, with outcomes on and with --no-outcomes. Summed, it is what
-  the machine's cores must give per upcall at that rate (the main process's share falls
-  somewhat at higher rates, as each loop's fixed costs spread over more records). A 5 s
-  run includes making each flow's texts once.
+- **Where the CPU goes**: at CPU_SPLIT_RATE, a rate every configuration holds without
+  loss (not always with every key's text: each row says), the CPU per upcall of the
+  traced program (the replay, firing its probes), of the tool's main process and of its
+  workers, from the first fire to the tool's summary line, for repeated and unique keys,
+  with outcomes on and with --no-outcomes. Summed, it is what the machine's cores gave
+  per upcall at that rate. A run includes making each flow's texts once.
 
 Figures depend on what else the machine is doing: CPU per upcall is the steadiest one.
 """
@@ -348,8 +347,8 @@ def process_cpu(pid: int) -> tuple[float, float]:
     for child in children_of(pid):
         try:
             children += sum(times(child))
-        except (OSError, ValueError):  # reaped meanwhile: in cutime at the next reading
-            pass
+        except (OSError, ValueError):  # reaped since the listing: in neither (a worker is
+            pass  # reaped only when its pool closes, before the summary's reading)
     return (utime + stime) / _CLOCK_TICKS, children / _CLOCK_TICKS
 
 
@@ -401,8 +400,8 @@ def run_capture(records: Path, workdir: Path, rate: int, count: int, unique: boo
         raise RuntimeError("upcall-capture did not start: " + "".join(stderr))
     # Read on while it runs: a full pipe would stall the tool. The summary comes once the
     # file is whole, before bcc detaches the probes (about 0.2 s a program here), which
-    # is no part of keeping up.
-    # The tool's CPU is read there too, while its workers still run.
+    # is no part of keeping up. The tool's CPU is read there too: its workers are closed
+    # and reaped by then, so theirs is in its children's times.
     summary_at: list[float] = []
     cpu_at_summary: list[tuple[float, float]] = []
 
@@ -410,14 +409,16 @@ def run_capture(records: Path, workdir: Path, rate: int, count: int, unique: boo
         for line in tool.stderr:
             stderr.append(line)
             if not summary_at and SUMMARY.search(line):
-                summary_at.append(time.monotonic())
-                cpu_at_summary.append(process_cpu(tool.pid))
+                at, cpu = time.monotonic(), process_cpu(tool.pid)
+                cpu_at_summary.append(cpu)
+                summary_at.append(at)
 
     rest = threading.Thread(target=read_rest, daemon=True)
     rest.start()
     peak = PeakRss(tool.pid)
     cpu_at_fire = process_cpu(tool.pid)
-    # The replay is the one child reaped while it runs: its CPU is the children's growth.
+    # The replay is the one child reaped while it runs: its CPU (its whole run, start-up
+    # included: a few ms) is the children's growth.
     reaped_before = resource.getrusage(resource.RUSAGE_CHILDREN)
     replay.fire()
     fired, seconds = replay.wait()
@@ -428,7 +429,7 @@ def run_capture(records: Path, workdir: Path, rate: int, count: int, unique: boo
     tool.returncode = os.waitstatus_to_exitcode(status)
     rest.join()
     summary = SUMMARY.search("".join(stderr))
-    if tool.returncode != 0 or not summary or not summary_at:
+    if tool.returncode != 0 or not summary or not summary_at or not cpu_at_summary:
         raise RuntimeError("upcall-capture failed: " + "".join(stderr))
     in_file = count_packets(out)
     out.unlink()
@@ -829,11 +830,12 @@ def scaling_report(unique: Search, ceiling: Search, decoded: dict[int, Search],
 CPU_SPLIT_RATE = 20_000
 
 
-def cpu_split(run_for) -> dict[tuple[bool, bool], Trial]:
+def cpu_split(run_for, seconds: float) -> dict[tuple[bool, bool], Trial]:
     """Runs at CPU_SPLIT_RATE, by (unique keys, outcomes on): run_for(unique, *extra)
     gives the run."""
+    count = int(CPU_SPLIT_RATE * seconds)
     return {(unique, outcomes): run_for(unique, *([] if outcomes else ["--no-outcomes"]))(
-                CPU_SPLIT_RATE, CPU_SPLIT_RATE * 5)
+                CPU_SPLIT_RATE, count)
             for unique in (False, True) for outcomes in (True, False)}
 
 
@@ -1005,7 +1007,7 @@ def main(argv: list[str] | None = None) -> int:
                                     100_000)
         known = searched(OutcomesSearch("every outcome known"), tool(False), 20_000)
         print(f"CPU by process at {_k(CPU_SPLIT_RATE)}/s...", flush=True)
-        split = cpu_split(lambda unique, *extra: tool(unique, None, *extra))
+        split = cpu_split(lambda unique, *extra: tool(unique, None, *extra), args.seconds)
         print("offline describe throughput...", flush=True)
         per_worker = describe_throughput(sent)
         print()
