@@ -111,10 +111,11 @@ MAX_CACHED_WHERE = 1024
 MAX_CACHED_WHAT = 16384
 # The share of the time that passes which new outcome texts' CPU may take, in batches
 # whose keys are decoded (none in the others): a new flow's megaflow text is dear (0.08 ms
-# on a slow host), and key texts come first. A count a batch (16, before) is no bound on time,
-# as batch sizes follow the rate, and it starved bursts: a few hundred new flows after a
-# quiet spell came as one or two batches and got 16 or 32 texts from an idle worker.
-# Time left unused is kept for such a burst: up to OUTCOME_TEXT_CREDIT_S (some 600 texts).
+# on a slow host), and key texts come first. A count a batch (16, before) is no bound on
+# time, as batch sizes follow the rate, and it starved bursts: a few hundred new flows
+# after a quiet spell came as one or two batches and got 16 or 32 texts from an idle
+# worker. Time left unused is kept for such a burst: up to OUTCOME_TEXT_CREDIT_S (some
+# 600 texts).
 OUTCOME_TEXT_SHARE = 0.15
 OUTCOME_TEXT_CREDIT_S = 0.05
 # The comment option of each unknown outcome, by reason: a line with no time.
