@@ -126,8 +126,8 @@ class UserspaceFiltered:
     def drain(self) -> list[bytes]:
         return self._select(self.probe.drain())
 
-    def stop(self) -> list[bytes]:
-        return self._select(self.probe.stop())
+    def halt(self) -> None:
+        self.probe.halt()
 
     def peak_fill(self) -> float:
         return self.probe.peak_fill()
@@ -520,14 +520,26 @@ class Capture:
             if deadline is not None and now >= deadline:
                 self.request_stop(self.DURATION_REACHED)
         # Stop the probe first: after that the ring holds all that it submitted, and
-        # its counters agree exactly with what was received.
-        self._merger.add(self._dpif_names.resolve(self.probe.stop()))
+        # its counters agree exactly with what was received. The other rings' events
+        # come first, whole, as each of recv_upcall's records needs those before it.
+        self.probe.halt()
         if self.kernel is not None:  # it outlives a followed process: stopped at the end
             self._merger.add(self.kernel.drain() if self.stop_reason is None
                              else self.kernel.stop())
         if self.ops is not None:
             self.ops.stop()
         counters = self.probe.counters()
+        # What recv_upcall's ring still holds goes out a read at a time, as in the loop:
+        # a storm's backlog can be the whole ring.
+        while True:
+            records = self._dpif_names.resolve(self.probe.drain())
+            self._merger.add(records)
+            if not self.probe.backlog:
+                break
+            if records:  # a read can hold only records the probe discarded
+                horizon = ktime(records[-1])
+                self._deliver(self._annotated(self._merger.release(horizon),
+                                              horizon - self._merger.slack_ns), counters)
         self._deliver(self._annotated(self._merger.release_all(), None), counters)
         # Every batch is written before a gap note can be given to the outputs.
         self._output_thread.close()

@@ -116,13 +116,18 @@ class RingProbe:
         """The share of the ring that held records at the last read."""
         return self._buffer.fill
 
-    def stop(self) -> list[memoryview]:
-        """Stop counting and submitting, and return the records still in the ring.
-
-        After this, the counters agree exactly with what was read and returned.
-        """
+    def halt(self) -> None:
+        """Stop counting and submitting. What the ring still holds is then read as ever
+        (drain, until backlog is false), after which the counters agree exactly with
+        what was read."""
         self._bpf["control"][ctypes.c_int(0)] = ctypes.c_uint32(1)
         time.sleep(0.01)  # a probe already past the stop check finishes its submit
+
+    def stop(self) -> list[memoryview]:
+        """halt(), and every record still in the ring, read at once: for a ring whose
+        backlog is small enough to hold twice over (the capture drains recv_upcall's a
+        read at a time)."""
+        self.halt()
         records = self._buffer.read()
         while self._buffer.backlog:
             records += self._buffer.read()
