@@ -471,11 +471,11 @@ def replay_ufid(key: bytes) -> bytes:
     return struct.pack("<4I", *words)
 
 
-def fire_number(packet: bytes) -> int:
-    """Which fire of `upcall-replay -u` a packet is: its unique field says."""
+def fire_number(packet: bytes, fires: int = FIRES) -> int:
+    """Which of `fires` fires of `upcall-replay -u` a packet is: its unique field says."""
     for k_offset in {u.pkt_uniq_off for u in MIXED_SENT}:
         k = int.from_bytes(packet[k_offset:k_offset + 4], "big") - 0x0A000000
-        if 0 <= k < FIRES:
+        if 0 <= k < fires:
             sent = MIXED_SENT[k % len(MIXED_SENT)]
             if sent.pkt_uniq_off == k_offset and len(sent.packet) == len(packet):
                 return k
@@ -496,14 +496,14 @@ def expected_line(k: int, key: bytes) -> str | None:
             f"executed actions={actions}")
 
 
-def captured(out: Path) -> list[tuple[int, str, str]]:
-    """Each packet's fire number, handler thread and outcome comment."""
+def captured(out: Path, fires: int = FIRES) -> list[tuple[int, str, str]]:
+    """Each packet's fire number (of `fires`), handler thread and outcome comment."""
     found = []
     for block in pcapng.iter_blocks(out.read_bytes()):
         if isinstance(block, pcapng.Packet):
             said = comment.parse(block.comments[0])
             assert len(block.comments) == 2, block.comments
-            found.append((fire_number(bytes(block.data)), said.thread, block.comments[1],
+            found.append((fire_number(bytes(block.data), fires), said.thread, block.comments[1],
                           block.key))
     return found
 
@@ -681,3 +681,45 @@ def test_an_overloaded_capture_sheds_outcomes_never_guesses_and_says_so(replay, 
     assert re.search(r"; [1-9]\d* not copied \(capture overloaded\)$", stderr, re.M)
     # Every other outcome is still exactly the replay's.
     check_outcomes([p for p in packets if p[2] != shed_line])
+
+
+@pytest.mark.capture
+def test_a_backlog_at_the_end_leaves_a_read_at_a_time_whole_and_in_order(replay, tmp_path):
+    import os
+    import signal
+    import time
+
+    from upcall_capture import capture
+    from upcall_capture.probe.ring_buffer import READ_LIMIT
+
+    # The tool stopped (SIGSTOP) while the replay fires every upcall and exits: once it
+    # goes on, its first read (one READ_LIMIT) is followed by finding the replay gone,
+    # and the rest of the ring, more than a read (the packets alone are two), is the
+    # last drain's. Less than 1/16 of the ring, and of the ops' ring: nothing is shed.
+    fires = 10_000
+    assert sum(len(MIXED_SENT[k % len(MIXED_SENT)].packet) for k in range(fires)) > \
+        2 * READ_LIMIT
+    out = tmp_path / "out.pcapng"
+    source = replay(MIXED, "-O", "-u", "-T", "2", "-n", str(fires))
+    tool = Tool("-p", str(source.pid), "-w", str(out), *NO_SHEDDING)
+    tool.wait_listening()
+    time.sleep(0.5)  # its loop runs
+    os.kill(tool.proc.pid, signal.SIGSTOP)
+    try:
+        source.start()
+        assert f"fired {fires} upcalls" in source.wait()
+        # Past the loop's next look at whether the traced process lives (every 250 ms).
+        time.sleep(capture.LIVENESS_INTERVAL_NS / 1e9 + 0.2)
+    finally:
+        os.kill(tool.proc.pid, signal.SIGCONT)
+    status, stderr = tool.wait()
+    assert status == 0, stderr
+    whole = out.with_name("whole.pcapng")
+    read_back(out, "-w", str(whole))
+    packets = captured(whole, fires)
+    # Every upcall, in the order fired on each handler thread, each with its outcome.
+    assert len(packets) == fires, stderr
+    for thread in ("handler1", "handler2"):
+        numbers = [k for k, on, _, _ in packets if on == thread]
+        assert numbers == sorted(numbers) and numbers
+    check_outcomes(packets, fires=fires)
