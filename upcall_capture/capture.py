@@ -504,8 +504,7 @@ class Capture:
             if self.ops is not None:  # the same: see outcomes.py
                 horizon = min(horizon, self.ops.drain())
             counters = self.probe.counters()
-            self._deliver(self._annotated(self._merger.release(horizon),
-                                          horizon - self._merger.slack_ns), counters)
+            self._deliver_until(horizon, counters)
             now = time.monotonic_ns()
             if self.progress is not None and now >= next_progress:
                 next_progress = now + PROGRESS_INTERVAL_NS
@@ -537,9 +536,7 @@ class Capture:
             if not self.probe.backlog:
                 break
             if records:  # a read can hold only records the probe discarded
-                horizon = ktime(records[-1])
-                self._deliver(self._annotated(self._merger.release(horizon),
-                                              horizon - self._merger.slack_ns), counters)
+                self._deliver_until(ktime(records[-1]), counters)
         self._deliver(self._annotated(self._merger.release_all(), None), counters)
         # Every batch is written before a gap note can be given to the outputs.
         self._output_thread.close()
@@ -564,6 +561,12 @@ class Capture:
         for output in self.outputs:
             output.gap(followed.note)
         return True
+
+    def _deliver_until(self, horizon_ns: int, counters: Counters) -> None:
+        """Out: the records fired before horizon_ns (less the merge's slack), with what
+        is known of them by then."""
+        self._deliver(self._annotated(self._merger.release(horizon_ns),
+                                      horizon_ns - self._merger.slack_ns), counters)
 
     def _annotated(self, records: list, horizon_ns: int | None) -> list:
         """Records in time order, given their outcomes (those settled, or all at the end:
