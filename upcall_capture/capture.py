@@ -537,6 +537,8 @@ class Capture:
                 break
             if records:  # a read can hold only records the probe discarded
                 self._deliver_until(ktime(records[-1]), counters)
+        # Again: a filter finished here (UserspaceFiltered) counted what the drain rejected.
+        counters = self.probe.counters()
         self._deliver(self._annotated(self._merger.release_all(), None), counters)
         # Every batch is written before a gap note can be given to the outputs.
         self._output_thread.close()
