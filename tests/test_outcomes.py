@@ -21,6 +21,7 @@ from probe_records import put_event as put
 from upcall_capture import comment, pcapng
 from upcall_capture.actions import format_actions, format_megaflow
 from upcall_capture.filters import FilterError, compile_filters
+from upcall_capture.flowkey import format_key
 from upcall_capture.outcomes import WINDOW_NS, Outcomes, report
 from upcall_capture.probe.ops_probe import OpsCounters
 from upcall_capture.probe.ops_record import OP_EXECUTE, OP_HEAD, OP_PUT, parse_op
@@ -421,6 +422,34 @@ def test_a_record_marked_shed_passes_at_once_as_it_is():
     assert stage.resolve([marked], horizon_ns=1001) == [marked]
     assert stage.counts.unknown == {UNKNOWN_SHED: 1}
     assert parse(marked).outcome == SHED_OUTCOME and parse(marked).outcome.kind == "unknown"
+
+
+def test_an_upcall_described_once_keeps_its_key_text_whatever_its_outcome_carries():
+    # A storm's outcomes go from shed to tied and back (HandlerOps.pace), so one flow's
+    # upcalls come marked shed, with an outcome, with none: the key's text, described
+    # once, serves them all, even in a batch whose new keys are not decoded (the workers
+    # are behind). Keyed by what the record carries after its packet, the cache missed
+    # at each turn, and such batches wrote repeated keys without their text.
+    from upcall_capture.upcall_blocks import UpcallBlocks
+
+    blocks = UpcallBlocks(snaplen=9216, clock_offset_ns=0, port_name=lambda d, p: None,
+                          outcome_text_share=1.0)
+    first = bytes(blocks.packets([marked_shed(record(0, 10))]))
+    known = Outcome(DID_EXECUTE, handling_ns=5, execute_actions=OUTPUT_1)
+    later = [with_outcome(record(0, 20), known), with_outcome(record(0, 30), Outcome(0)),
+             with_enqueue(with_outcome(record(0, 40), known), UNMATCHED_ENQUEUE),
+             record(0, 50), marked_shed(record(0, 60))]
+    rest = bytes(blocks.packets(later, decode=False))
+    assert blocks.undecoded == 0
+    packets = [b for b in pcapng.iter_blocks(pcapng.section_header(
+        userappl="t", os="t", hardware="t") + first + rest) if isinstance(b, pcapng.Packet)]
+    key_text = format_key(SENT[0].key)
+    assert [p.comments[0].split("\n")[1] for p in packets] == [key_text] * 6
+    # Each its own outcome's comment (new outcome texts wait for a batch that decodes).
+    shed_line = comment.UNKNOWN_OUTCOME + comment.UNKNOWN_REASONS[UNKNOWN_SHED]
+    later = comment.OUTCOME_NOT_DECODED
+    assert [p.comments[1:] for p in packets] == [
+        [shed_line], [later], [later], [later, comment.UNMATCHED_LINE], [], [shed_line]]
 
 
 # ---- the capture: real eBPF on the replay firing a handler's puts and executes (-O) ----

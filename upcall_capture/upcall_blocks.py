@@ -43,7 +43,6 @@ from upcall_capture.probe.record import (
     FLAGS_OFFSET,
     HEADER_SIZE,
     PID_OFFSET,
-    U32,
     UNKNOWN_SHED,
     UNREADABLE,
     Outcome,
@@ -97,9 +96,18 @@ def _find_attribute(text: str, name: str, *, last: bool) -> int:
 PortNamer = Callable[[str, int], "str | None"]
 
 
-def _has_extras(record: bytes | memoryview) -> bool:
-    """The record carries an outcome (F_OUTCOME) or the kernel side's enqueue (F_KERNEL)."""
-    return bool(U32.unpack_from(record, FLAGS_OFFSET)[0] & (F_KERNEL | F_OUTCOME))
+# Trailers after the packet (an outcome, the kernel side's enqueue) and a shed outcome:
+# each record's own, with comments of their own after the upcall's. The described cache
+# ignores them, so that an upcall's comment serves whether its outcome was shed, known or
+# off: keyed by them, a storm whose outcomes went from shed to tied and back (outcomes.py)
+# missed the cache at each turn, in bursts that left repeated keys without text.
+_TRAILERS = F_KERNEL | F_OUTCOME
+
+
+def _has_extras(flags: int) -> bool:
+    """A received upcall's record with an outcome or the kernel side's enqueue: their
+    comments follow its own. (A failed upcall's comment says what its enqueue was.)"""
+    return bool(flags & _TRAILERS) and not flags & F_FAILED
 
 
 _UNMATCHED_OPTION = pcapng.comment_option(comment.UNMATCHED_LINE.encode())
@@ -229,7 +237,6 @@ class _Described:
     interface: Interface
     tail: bytes
     decoded: bool  # False: written without the key's text, or a failed upcall (not cached)
-    extras: bool = False  # the record has an outcome or an enqueue: their comments follow
     # The tail of a record marked F_OUTCOME_SHED: its outcome's line after the upcall's
     # own comment. Made here, once per flow, as shedding must cost nothing per packet.
     shed_tail: bytes = field(init=False)
@@ -348,11 +355,12 @@ class UpcallBlocks:
                 described = describe(record, out)
                 misses += 1
             else:
-                # What the comment and interface depend on: the flags (but F_OUTCOME_SHED:
-                # both tails are cached), thread, dpif and key bytes, the numbers other
-                # than time and lengths, and the packet's lengths only when it was cut (the
-                # comment says so).
-                cache_key = (flags & ~F_OUTCOME_SHED, bytes(record[FLAGS_OFFSET + 4:key_end]),
+                # What the comment and interface depend on: the flags but the trailers'
+                # and F_OUTCOME_SHED (each record's own; both tails are cached), thread,
+                # dpif and key bytes, the numbers other than time and lengths, and the
+                # packet's lengths only when it was cut (the comment says so).
+                cache_key = (flags & ~(_TRAILERS | F_OUTCOME_SHED),
+                             bytes(record[FLAGS_OFFSET + 4:key_end]),
                              key_size, pid, tid, cpu, type_,
                              pkt_size << 32 | pkt_len if pkt_len < pkt_size else -1)
                 described = cache.get(cache_key)
@@ -375,14 +383,13 @@ class UpcallBlocks:
             if dropped:
                 _packet_apart(out, described, described.tail_for(flags), timestamp,
                               record[packet_at:packet_end], pkt_size, dropped,
-                              self._extra_options(record, described))
+                              self._extra_options(record, flags))
                 dropped = 0
                 continue
             pad = padding[pkt_len & 3]
             tail = described.tail_for(flags)
-            if described.extras:  # the packet's own comments, before opt_endofopt
-                tail = b"".join((tail[:-4], self._extra_options(record, described),
-                                 tail[-4:]))
+            if _has_extras(flags):  # the packet's own comments, before opt_endofopt
+                tail = b"".join((tail[:-4], self._extra_options(record, flags), tail[-4:]))
             total = fixed + pkt_len + len(pad) + len(tail)
             out += pack_head(pcapng.BLOCK_EPB, total, described.if_id, timestamp >> 32,
                              timestamp & 0xFFFFFFFF, pkt_len, pkt_size)
@@ -409,15 +416,14 @@ class UpcallBlocks:
         _packet_apart(out, described, described.tail_for(upcall.flags),
                       upcall.ktime_ns + self.clock_offset_ns, upcall.packet,
                       max(upcall.pkt_size, len(upcall.packet)), dropped,
-                      self._extra_options(record, described) + extra_options)
+                      self._extra_options(record, upcall.flags) + extra_options)
         return described
 
-    def _extra_options(self, record: bytes | memoryview, described: _Described) -> bytes:
+    def _extra_options(self, record: bytes | memoryview, flags: int) -> bytes:
         """A received upcall's comments after its first: its outcome and its wait in the
         kernel, when it has them. This runs for every upcall while either is on."""
-        if not described.extras:
+        if not _has_extras(flags):
             return b""
-        flags = U32.unpack_from(record, FLAGS_OFFSET)[0]
         options = self._outcomes.option(record) if flags & F_OUTCOME else b""
         return (options + _enqueue_option(record)) if flags & F_KERNEL else options
 
@@ -438,7 +444,6 @@ class UpcallBlocks:
         key = self._plain_key(record)
         if key is None:
             return self._describe_in_full(record, out)
-        extras = _has_extras(record)
         key_text = format_key(key)
         port, has_eth = port_and_eth(key_text)
         if_id, head_text = self._head(record, port, comment.linktype(has_eth, key), out)
@@ -447,7 +452,7 @@ class UpcallBlocks:
             tail = pcapng.packet_tail(text, key)
         except ValueError:
             return self._describe_in_full(record, out)  # which says what is wrong
-        return _Described(if_id, self.table.interfaces[if_id], tail, True, extras)
+        return _Described(if_id, self.table.interfaces[if_id], tail, True)
 
     def _describe_undecoded(self, record: bytes | memoryview, out: bytearray) -> _Described:
         """As _describe, without the key's text; where the key's shape is not known yet,
@@ -460,8 +465,7 @@ class UpcallBlocks:
         if_id, head_text = self._head(record, port, comment.linktype(has_eth, key), out)
         self.undecoded += 1
         return _Described(if_id, self.table.interfaces[if_id],
-                          pcapng.packet_tail(head_text + _NOT_DECODED, key), False,
-                          _has_extras(record))
+                          pcapng.packet_tail(head_text + _NOT_DECODED, key), False)
 
     def _describe_sampled(self, record: bytes | memoryview, out: bytearray) -> _Described:
         self._sampled += 1
@@ -511,8 +515,7 @@ class UpcallBlocks:
         options = pcapng.packet_options(comment=text, key=upcall.key)
         # A failed upcall's comment has its errno and portid: it is not cached.
         return _Described(if_id, self.table.interfaces[if_id],
-                          options + pcapng.ENDOFOPT, not upcall.failed,
-                          not upcall.failed and _has_extras(record))
+                          options + pcapng.ENDOFOPT, not upcall.failed)
 
     def _interface(self, dpif: str, port: int | None, linktype: int, name: str | None,
                    out: bytearray) -> int:
