@@ -424,6 +424,48 @@ def test_a_record_marked_shed_passes_at_once_as_it_is():
     assert parse(marked).outcome == SHED_OUTCOME and parse(marked).outcome.kind == "unknown"
 
 
+class _Switch:
+    """What pace() reads of recv_upcall's probe and sets on both (the probes' switches,
+    which the capture tests drive for real)."""
+
+    def __init__(self) -> None:
+        self.fill = 0.0
+        self.on = False
+
+    def mark_outcomes_shed(self, on: bool) -> None:
+        self.on = on
+
+    shed = mark_outcomes_shed
+
+
+def test_outcomes_are_shed_while_the_ring_fills_or_the_workers_fall_behind(monkeypatch):
+    import upcall_capture.outcomes as outcomes
+
+    now = [10**12]
+    monkeypatch.setattr(outcomes.time, "monotonic_ns", lambda: now[0])
+    recv, ops_probe = _Switch(), _Switch()
+    ops = outcomes.HandlerOps(ops_probe)
+
+    def pace(fill: float, behind: bool) -> bool:
+        recv.fill = fill
+        ops.pace(recv, behind)
+        assert recv.on == ops_probe.on == ops.shedding
+        return ops.shedding
+
+    assert not pace(0.0, False)
+    # Keys before outcomes: workers behind shed the ops with the ring nearly empty.
+    assert pace(0.0, True)
+    now[0] += outcomes.MIN_SHED_NS
+    assert pace(0.0, True)  # still behind: no resume, however long it has lasted
+    assert not pace(0.0, False)
+    # The ring's own thresholds, as before.
+    now[0] += outcomes.RECOVERED_NS
+    assert pace(outcomes.SHED_ABOVE, False)
+    now[0] += outcomes.MIN_SHED_NS
+    assert pace(outcomes.SHED_ABOVE / 2, False)
+    assert not pace(outcomes.SHED_UNTIL, False)
+
+
 def test_an_upcall_described_once_keeps_its_key_text_whatever_its_outcome_carries():
     # A storm's outcomes go from shed to tied and back (HandlerOps.pace), so one flow's
     # upcalls come marked shed, with an outcome, with none: the key's text, described

@@ -172,6 +172,25 @@ def test_shed_packets_are_all_written_counted_and_say_so():
     assert _names_of_packets(data[len(SHB):]) == _names_of_packets(expected[len(SHB):])
 
 
+def test_the_pool_is_behind_from_half_the_decode_backlog_until_its_batches_are_back():
+    # Behind, the capture sheds outcomes (HandlerOps.pace): before keys, which go without
+    # text only from the whole backlog on.
+    pool = workers.WorkerPool(1, SETTINGS, decode_backlog=8)
+    try:
+        builder = PooledBlocks(pool, SETTINGS, lambda: 1)
+        records = storm(MIXED, 8, unique=False)
+        first = builder.prepare(records[:3], 0, None)
+        assert not pool.behind
+        second = builder.prepare(records[3:4], 0, None)
+        assert pool.behind
+        builder.blocks(first)
+        assert not pool.behind
+        builder.blocks(second)
+        assert pool.undecoded == 0
+    finally:
+        pool.close()
+
+
 def test_read_back_writes_in_the_text_of_every_key_not_decoded(tmp_path):
     records = storm(MIXED, 600, unique=True)
     blocks = UpcallBlocks(snaplen=9216, clock_offset_ns=0, port_name=no_port_names)

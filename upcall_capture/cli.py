@@ -448,6 +448,7 @@ def capture(args: argparse.Namespace, argv: list[str]) -> int:
                     port_names=not args.no_port_names,
                     known_ports=(process.pid, known_ports)))
                 builder = PooledBlocks(pool, pool.settings, lambda: run.target_pid)
+                run.describing_behind = lambda: pool.behind
             else:
                 builder = InlineBlocks(lambda: UpcallBlocks(
                     snaplen=args.snaplen, clock_offset_ns=offset, port_name=port_name,

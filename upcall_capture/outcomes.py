@@ -385,14 +385,16 @@ class HandlerOps:
         return OP_HEAD.unpack_from(events[-1])[0] if events and self.probe.backlog \
             else math.inf
 
-    def pace(self, recv: RecvUpcallProbe) -> None:
+    def pace(self, recv: RecvUpcallProbe, describing_behind: bool = False) -> None:
         """Shed the ops while recv_upcall's ring fills up (its share held at the last
-        read): no packet is lost for an outcome. The stage's span covers both switches,
-        so that a record of the moments between them is shed too."""
+        read), so that no packet is lost for an outcome, and while the describing
+        workers fall behind, so that no key goes without its text for one. The stage's
+        span covers both switches, so that a record of the moments between them is shed
+        too."""
         if self.probe is None:
             return
         now = time.monotonic_ns()  # the clock of bpf_ktime_get_ns()
-        if not self.shedding and recv.fill >= SHED_ABOVE:
+        if not self.shedding and (recv.fill >= SHED_ABOVE or describing_behind):
             self._shed_for_ns = min(2 * self._shed_for_ns, MAX_SHED_NS) \
                 if now - self._resumed_ns < RECOVERED_NS else MIN_SHED_NS
             self._shed_until_ns = now + self._shed_for_ns
@@ -400,7 +402,8 @@ class HandlerOps:
             self.stage.shed(True, now)
             self.probe.shed(True)
             recv.mark_outcomes_shed(True)
-        elif self.shedding and recv.fill <= SHED_UNTIL and now >= self._shed_until_ns:
+        elif self.shedding and recv.fill <= SHED_UNTIL and not describing_behind and \
+                now >= self._shed_until_ns:
             recv.mark_outcomes_shed(False)
             self._resume()
             self._resumed_ns = now

@@ -229,6 +229,12 @@ class WorkerPool:
             self.undecoded += built.undecoded
         return WorkerBatch(blocks, built.interfaces, built.emitted, built.counts), built.last
 
+    @property
+    def behind(self) -> bool:
+        """Half the decode backlog is out: the capture sheds outcomes (HandlerOps.pace),
+        which cost both the main process and the workers, before keys are shed."""
+        return 2 * self._in_flight >= self.decode_backlog
+
     def busy(self) -> float:
         """How busy the workers were since they started: their CPU time over the time
         there was, 1.0 for every worker busy all along."""
