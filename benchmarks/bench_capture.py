@@ -778,7 +778,7 @@ def describe_throughput(sent: list[upcalls.Upcall], count: int = 40_000
     batches = [views[i:i + 256] for i in range(0, count, 256)]
     results = {}
     for count_of_workers in (1, 2):
-        pool = workers.WorkerPool(count_of_workers, settings, decode_backlog=2**62)
+        pool = workers.WorkerPool(count_of_workers, settings)
         builder = PooledBlocks(pool, settings, lambda: 0)
         try:
             start = time.monotonic()

@@ -27,7 +27,7 @@ from upcall_capture.probe.record import (
 )
 from upcall_capture.upcall_blocks import UpcallBlocks, port_and_eth
 
-# Nothing shed (outcome texts here, keys by WorkerPool's decode_backlog below): what is
+# Nothing shed (outcome texts here; keys are shed only as the ring fills): what is
 # shed depends on each worker's caches.
 SETTINGS = workers.BlockSettings(snaplen=9216, clock_offset_ns=1_700_000_000 * 10**9,
                                  if_filter="type=miss", port_names=False,
@@ -84,7 +84,7 @@ def test_any_number_of_workers_writes_the_bytes_of_one_process(unique, outcomes)
     batches = in_batches(with_outcomes(records) if outcomes else records)
     expected = section(inline_builder(), batches, drops=3)
     for count in (1, 2):
-        pool = workers.WorkerPool(count, SETTINGS, decode_backlog=10**9)
+        pool = workers.WorkerPool(count, SETTINGS)
         try:
             # Several batches out at once: two workers then meet new interfaces at the
             # same time and guess the same ids, and the main table must sort them out.
@@ -153,7 +153,8 @@ def test_a_batch_built_before_the_file_rotated_goes_into_the_new_section():
 def test_shed_packets_are_all_written_counted_and_say_so():
     records = storm(MIXED, 2000, unique=True)
     batches = in_batches(records)
-    pool = workers.WorkerPool(1, SETTINGS, decode_backlog=0)  # nothing is decoded
+    pool = workers.WorkerPool(1, SETTINGS)
+    pool.pace(ring_fill=1.0)  # the ring is full: nothing new is decoded
     try:
         data = section(PooledBlocks(pool, SETTINGS, lambda: 1), batches)
     finally:
@@ -172,13 +173,14 @@ def test_shed_packets_are_all_written_counted_and_say_so():
     assert _names_of_packets(data[len(SHB):]) == _names_of_packets(expected[len(SHB):])
 
 
-def test_the_pool_is_behind_from_half_the_decode_backlog_until_its_batches_are_back():
-    # Behind, the capture sheds outcomes (HandlerOps.pace): before keys, which go without
-    # text only from the whole backlog on.
-    pool = workers.WorkerPool(1, SETTINGS, decode_backlog=8)
+def test_keys_are_shed_as_the_ring_fills_and_outcomes_before_them():
+    # Behind, the capture sheds outcomes (HandlerOps.pace): from half of max_in_flight out
+    # with the workers, and while keys are shed, which is from a quarter of the ring on
+    # (the reader waits at max_in_flight, and the ring holds the rest) down to 1/32.
+    pool = workers.WorkerPool(1, SETTINGS, max_in_flight=8)
     try:
         builder = PooledBlocks(pool, SETTINGS, lambda: 1)
-        records = storm(MIXED, 8, unique=False)
+        records = storm(MIXED[:1], 8, unique=True)  # new keys of one shape
         first = builder.prepare(records[:3], 0, None)
         assert not pool.behind
         second = builder.prepare(records[3:4], 0, None)
@@ -186,7 +188,18 @@ def test_the_pool_is_behind_from_half_the_decode_backlog_until_its_batches_are_b
         builder.blocks(first)
         assert not pool.behind
         builder.blocks(second)
-        assert pool.undecoded == 0
+        for fill, decoding in ((workers.SHED_KEYS_ABOVE / 2, True),
+                               (workers.SHED_KEYS_ABOVE, False),
+                               (workers.SHED_KEYS_UNTIL * 2, False),
+                               (workers.SHED_KEYS_UNTIL, True)):
+            pool.pace(fill)
+            assert (pool.decoding, pool.behind) == (decoding, not decoding), fill
+            builder.blocks(builder.prepare(records[4:5] if decoding else records[5:8], 0,
+                                           None))
+        # The two batches sent while shedding: their three new keys each, of a shape known
+        # by then (1 in UNDECODED_SAMPLE, 8, would be decoded), are not decoded, and so
+        # not cached either.
+        assert pool.undecoded == 6
     finally:
         pool.close()
 

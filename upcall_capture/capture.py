@@ -434,9 +434,9 @@ class Capture:
         # The handlers' flow puts and executes, when attached: each upcall's outcome.
         self.ops: HandlerOps | None = None
         self.follower = follower
-        # Whether the workers describing upcalls fall behind (WorkerPool.behind), when
-        # there are any: outcomes are shed before keys.
-        self.describing_behind: Callable[[], bool] = lambda: False
+        # The workers describing upcalls, if any: they shed keys as the ring fills, and
+        # outcomes are shed first.
+        self.describers: WorkerPool | None = None
         self.max_pending = max_pending  # records the outputs may have in hand
         self._merger = TimeMerger()
         self._dpif_names = DpifNames()
@@ -497,8 +497,11 @@ class Capture:
             drain_start = time.monotonic_ns()
             records = self._dpif_names.resolve(self.probe.drain())
             self._merger.add(records)
+            if self.describers is not None:
+                self.describers.pace(self.probe.fill)
             if self.ops is not None:
-                self.ops.pace(self.probe, self.describing_behind())
+                self.ops.pace(self.probe, self.describers is not None
+                              and self.describers.behind)
             # Every record fired before drain_start is in hand, unless the read left a
             # backlog: then only those fired before the last one read.
             horizon = ktime(records[-1]) if records and self.probe.backlog else drain_start

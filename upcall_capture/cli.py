@@ -423,7 +423,7 @@ def capture(args: argparse.Namespace, argv: list[str]) -> int:
         top.LiveStatus(top_view, lambda: run.probe.peak_fill())
     run = Capture(probe, outputs, target_pid=process.pid, count=args.count,
                   duration=args.duration, progress=progress, follower=follower,
-                  max_pending=2 * workers.DECODE_BACKLOG if args.workers else 8192)
+                  max_pending=workers.MAX_IN_FLIGHT if args.workers else 8192)
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
         signal.signal(signum, lambda signum, frame: run.request_stop(
             signal.Signals(signum).name))
@@ -448,7 +448,7 @@ def capture(args: argparse.Namespace, argv: list[str]) -> int:
                     port_names=not args.no_port_names,
                     known_ports=(process.pid, known_ports)))
                 builder = PooledBlocks(pool, pool.settings, lambda: run.target_pid)
-                run.describing_behind = lambda: pool.behind
+                run.describers = pool
             else:
                 builder = InlineBlocks(lambda: UpcallBlocks(
                     snaplen=args.snaplen, clock_offset_ns=offset, port_name=port_name,

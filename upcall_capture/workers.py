@@ -8,11 +8,14 @@ interface ids to its own table (interfaces.adopt_batch: it is the one owner of i
 writes them. The output is byte for byte what `--workers 0` writes for the same records.
 
 Shedding: decoding a new key is what costs (some microseconds); copying a packet is
-cheap. When the records sent and not yet back reach DECODE_BACKLOG, further batches go
-out with `decode=False`: the workers still build every packet's block, but a key they
-have not decoded already is written raw, with a comment that says so, which costs them
-a fraction of decoding. So the packets keep up as long as the packet path does, and
-`-r FILE -w NEW` writes the missing texts in later.
+cheap. At most MAX_IN_FLIGHT records are out with the workers: past that the ring's
+reader waits, and recv_upcall's ring holds the backlog (locked kernel memory that is
+there anyway, not our heap). When the ring is SHED_KEYS_ABOVE full at a read, batches go
+out with `decode=False` until it is down to SHED_KEYS_UNTIL: the workers still build
+every packet's block, but a key they have not decoded already is written raw, with a
+comment that says so, which costs them a fraction of decoding. So the packets keep up as
+long as the packet path does, and `-r FILE -w NEW` writes the missing texts in later.
+Before the capture sheds keys it sheds outcomes (`behind`: outcomes.HandlerOps.pace).
 
 Workers are separate interpreters (`python -m upcall_capture.workers`) on two pipes:
 frames of a 4-byte length and a payload, the batch's records in one payload, never one
@@ -44,9 +47,16 @@ from upcall_capture.interfaces import InterfaceTable, WorkerBatch
 from upcall_capture.ports import PortNames, dpctl_show, no_port_names
 from upcall_capture.upcall_blocks import OUTCOME_TEXT_SHARE, UpcallBlocks
 
-# Records sent to workers and not yet back, beyond which keys are no longer decoded: at
-# 100,000 new flows a second, some 80 ms of work.
-DECODE_BACKLOG = 8192
+# Records sent to workers and not yet back, beyond which the reader waits: at 100,000
+# new flows a second, some 160 ms of work. Half that, and the workers are behind.
+MAX_IN_FLIGHT = 16384
+# recv_upcall's ring this full at a read: keys are shed until it is down to
+# SHED_KEYS_UNTIL. Keys were shed at 8,192 records out, but the workers' pace is uneven
+# on a loaded host, and at 100,000 new flows/s one worker that kept up left 8% to 18% of
+# them without text; waiting in the ring instead, none. Outcomes go first (1/16: see
+# outcomes.SHED_ABOVE).
+SHED_KEYS_ABOVE = 1 / 4
+SHED_KEYS_UNTIL = 1 / 32
 _FRAME = struct.Struct("<I")
 _F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Linux), not named by Python 3.11
 # A few batches: 4 MiB where we may (root), else /proc/sys/fs/pipe-max-size's default.
@@ -187,9 +197,10 @@ class WorkerPool:
     writes, for the tickets in dispatch order."""
 
     def __init__(self, count: int, settings: BlockSettings, *,
-                 decode_backlog: int = DECODE_BACKLOG) -> None:
+                 max_in_flight: int = MAX_IN_FLIGHT) -> None:
         self.settings = settings
-        self.decode_backlog = decode_backlog
+        self.max_in_flight = max_in_flight
+        self.decoding = True  # False: new keys are shed (pace)
         self.workers: list[_Worker] = []
         self.undecoded = 0  # packets written without their key's text
         self._in_flight = 0
@@ -205,7 +216,7 @@ class WorkerPool:
     def dispatch(self, records: Sequence[bytes | memoryview], *, dropped: int,
                  note: str | None, section: int, table: InterfaceTable, pid: int) -> Ticket:
         with self._lock:
-            decode = self._in_flight < self.decode_backlog
+            decode = self.decoding
             worker = min(self.workers, key=lambda w: w.in_flight)
             worker.in_flight += len(records)
             self._in_flight += len(records)
@@ -229,11 +240,19 @@ class WorkerPool:
             self.undecoded += built.undecoded
         return WorkerBatch(blocks, built.interfaces, built.emitted, built.counts), built.last
 
+    def pace(self, ring_fill: float) -> None:
+        """Shed new keys while recv_upcall's ring fills up (its share held at the last
+        read): the workers are that far behind, and no packet is lost for a key."""
+        if self.decoding and ring_fill >= SHED_KEYS_ABOVE:
+            self.decoding = False
+        elif not self.decoding and ring_fill <= SHED_KEYS_UNTIL:
+            self.decoding = True
+
     @property
     def behind(self) -> bool:
-        """Half the decode backlog is out: the capture sheds outcomes (HandlerOps.pace),
-        which cost both the main process and the workers, before keys are shed."""
-        return 2 * self._in_flight >= self.decode_backlog
+        """Half of max_in_flight is out, or keys are shed: the capture sheds outcomes
+        (HandlerOps.pace), which cost both the main process and the workers, first."""
+        return 2 * self._in_flight >= self.max_in_flight or not self.decoding
 
     def busy(self) -> float:
         """How busy the workers were since they started: their CPU time over the time
