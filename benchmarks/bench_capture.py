@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/bench_capture.py            # a few minutes (5 s runs)
     .venv/bin/python benchmarks/bench_capture.py --full     # the issue's 30 s runs
-    make bench / make bench-full
+    .venv/bin/python benchmarks/bench_capture.py --targets  # issue 13's done-when runs
+    make bench / make bench-full / make bench-targets
 
 Needs root, bcc and kernel headers, as the capture tests do. Everything runs against
 samples/replay/upcall-replay firing the 'repeat' mix (4,000 distinct full-size flows,
@@ -28,6 +29,11 @@ packets up to 1,500 bytes of IP, as in an upcall storm), with `-u` for unique ke
   yet), comment (the rest of describing a new upcall: comment and options, caches),
   blocks (pcapng blocks from cached options) and write (to a file in --dir). Peak RSS
   is the tool's VmHWM, which the start-up (bcc compiling the probe) sets.
+- **Issue 13's done-when runs** (`--targets`, alone): each of its three runs once, as
+  stated, with the default buffer and workers and outcomes on (-O): every upcall fired
+  must be in the file, with its key's text (repeated keys), 99% of them with it (unique
+  keys at 100,000/s), or each either with it or marked (unique keys at 250,000/s, whose
+  file then goes through `-r FILE -w NEW`, which must leave none without text).
 - **Latency** at 10 upcalls/s: from each probe hit to its packet arriving through
   `-w -`, and to its line arriving on the console.
 
@@ -83,7 +89,7 @@ from probe_records import (  # noqa: E402  tests/probe_records.py
 )
 from ringbuf_kernel import PAGE, KernelSide  # noqa: E402  tests/ringbuf_kernel.py
 
-from upcall_capture import kernel_side, pcapng  # noqa: E402
+from upcall_capture import comment, kernel_side, pcapng  # noqa: E402
 from upcall_capture.flowkey import format_key  # noqa: E402
 from upcall_capture.outcomes import Outcomes  # noqa: E402
 from upcall_capture.probe import loader  # noqa: E402
@@ -262,6 +268,7 @@ class Trial:
     lag_s: float  # from the replay's last fire to the tool's summary: all is written then
     cpu_s: float  # the tool's user + system time
     maxrss_kb: int  # peak VmHWM seen
+    worker_maxrss_kb: int  # the highest of its workers'
     # CPU seconds from the first fire to the tool's summary line (process_cpu), by process:
     # the traced program (the replay, to its exit), the tool's main process, its workers.
     traced_cpu_s: float
@@ -304,25 +311,36 @@ class Trial:
 
 
 class PeakRss:
-    """The tool's VmHWM, sampled until it exits. (wait4's maxrss would count the memory
-    of this process, which the tool was forked from.)"""
+    """The tool's VmHWM, and its workers' highest, sampled until it exits. (wait4's maxrss
+    would count the memory of this process, which the tool was forked from.)"""
 
     def __init__(self, pid: int) -> None:
         self.kb = 0
-        self._status = f"/proc/{pid}/status"
+        self.worker_kb = 0
+        self._pid = pid
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
 
+    @staticmethod
+    def _hwm_kb(pid: int) -> int:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+        return 0
+
     def _sample(self) -> None:
         while not self._done.wait(0.05):
             try:
-                with open(self._status) as status:
-                    for line in status:
-                        if line.startswith("VmHWM:"):
-                            self.kb = max(self.kb, int(line.split()[1]))
+                self.kb = max(self.kb, self._hwm_kb(self._pid))
             except (OSError, ValueError):
                 return
+            for child in children_of(self._pid):
+                try:
+                    self.worker_kb = max(self.worker_kb, self._hwm_kb(child))
+                except (OSError, ValueError):
+                    pass  # gone already
 
     def stop(self) -> None:
         self._done.set()
@@ -379,7 +397,9 @@ def count_packets(path: Path) -> int:
 
 
 def run_capture(records: Path, workdir: Path, rate: int, count: int, unique: bool,
-                workers: int | None = None, *extra: str) -> Trial:
+                workers: int | None = None, *extra: str, keep_as: Path | None = None
+                ) -> Trial:
+    """One run at a fixed rate; the file is removed, or renamed to keep_as."""
     out = workdir / "capture.pcapng"
     out.unlink(missing_ok=True)
     # -O: each upcall's flow put and execute, as a handler would, so outcomes are on.
@@ -432,7 +452,10 @@ def run_capture(records: Path, workdir: Path, rate: int, count: int, unique: boo
     if tool.returncode != 0 or not summary or not summary_at or not cpu_at_summary:
         raise RuntimeError("upcall-capture failed: " + "".join(stderr))
     in_file = count_packets(out)
-    out.unlink()
+    if keep_as is None:
+        out.unlink()
+    else:
+        out.rename(keep_as)
     shed = SHED_OUTCOMES.search("".join(stderr))
     unknown = UNKNOWN_OUTCOMES.search("".join(stderr))
     return Trial(rate=rate, unique=unique, fired=fired, achieved_rate=fired / seconds,
@@ -440,6 +463,7 @@ def run_capture(records: Path, workdir: Path, rate: int, count: int, unique: boo
                  lost=int(summary.group(3)),
                  in_file=in_file, lag_s=max(summary_at[0] - replay_end, 0.0),
                  cpu_s=usage.ru_utime + usage.ru_stime, maxrss_kb=peak.kb,
+                 worker_maxrss_kb=peak.worker_kb,
                  traced_cpu_s=reaped.ru_utime + reaped.ru_stime - reaped_before.ru_utime
                  - reaped_before.ru_stime,
                  main_cpu_s=cpu_at_summary[0][0] - cpu_at_fire[0],
@@ -824,6 +848,51 @@ def scaling_report(unique: Search, ceiling: Search, decoded: dict[int, Search],
 
 
 # ---------------------------------------------------------------------------------------
+# Issue 13's done-when runs, as stated: default buffer and workers, outcomes on (-O)
+
+
+TARGETS = (  # (label, unique keys, rate, count)
+    ("repeated keys: 4,000,000 at 200,000/s, all in the file with key text", False,
+     200_000, 4_000_000),
+    ("unique keys: 2,000,000 at 100,000/s, all in the file, 99% with key text", True,
+     100_000, 2_000_000),
+    ("unique keys: 2,500,000 at 250,000/s, all in the file, text or marked", True,
+     250_000, 2_500_000),
+)
+
+
+def _without_key_text(path: Path) -> int:
+    """Packets whose comment says their key was not decoded (the text is in no other)."""
+    return path.read_bytes().count(comment.NOT_DECODED.encode())
+
+
+def targets_report(records: Path, workdir: Path) -> str:
+    """Each run once; for the last, `-r FILE -w NEW` and what is still without text."""
+    lines = ["| run | fired | in the file | lost | without key text | outcomes unknown "
+             "| last upcall in the file after | peak RSS, main / worker |",
+             "|---|---|---|---|---|---|---|---|"]
+    kept = workdir / "targets.pcapng"
+    for label, unique, rate, count in TARGETS:
+        print(f"  {label}...", flush=True)
+        trial = run_capture(records, workdir, rate, count, unique, keep_as=kept)
+        fired = max(trial.fired, 1)
+        lines.append(
+            f"| {label} | {trial.fired:,} ({_k(trial.achieved_rate)}/s) | {trial.in_file:,} "
+            f"| {trial.lost:,} | {trial.undecoded:,} ({trial.undecoded / fired:.2%}) | "
+            f"{trial.outcomes_unknown / fired:.1%} | {trial.lag_s * 1000:.0f} ms | "
+            f"{trial.maxrss_kb / 1024:.0f} / {trial.worker_maxrss_kb / 1024:.0f} MB |")
+    rewritten = workdir / "targets-rewritten.pcapng"
+    subprocess.run([*TOOL, "-r", str(kept), "-w", str(rewritten)], check=True, cwd=ROOT,
+                   stdout=subprocess.DEVNULL)
+    lines.append(f"| the last run's file through `-r FILE -w NEW` | | "
+                 f"{count_packets(rewritten):,} | | {_without_key_text(rewritten):,} "
+                 f"(was {_without_key_text(kept):,}) | | | |")
+    kept.unlink()
+    rewritten.unlink()
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------
 # The table
 
 
@@ -903,7 +972,8 @@ def report(args, repeated: Search, unique: Search, startup_s: float, overhead: O
         ("highest lossless rate", lambda t: f"**{_k(t.rate)}/s**"),
         ("last upcall in the file after", lambda t: f"{t.lag_s * 1000:.0f} ms"),
         ("tool CPU per upcall (online)", cpu),
-        ("tool peak RSS", lambda t: f"{t.maxrss_kb / 1024:.0f} MB"),
+        ("tool peak RSS, main / worker",
+         lambda t: f"{t.maxrss_kb / 1024:.0f} / {t.worker_maxrss_kb / 1024:.0f} MB"),
         ("outcomes shed (capture overloaded)",
          lambda t: f"{t.outcomes_shed / max(t.fired, 1):.1%}"),
     ]
@@ -953,6 +1023,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, help="length of each capture run")
     parser.add_argument("--dir", help="where capture files go (default: a temporary "
                         "directory in /var/tmp)")
+    parser.add_argument("--targets", action="store_true",
+                        help="only issue 13's three done-when runs, as stated (about two "
+                        "minutes)")
     parser.add_argument("--overhead-count", type=int, default=1_000_000,
                         help="upcalls per probe-overhead run (default 1,000,000)")
     args = parser.parse_args(argv)
@@ -966,6 +1039,11 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(workdir_name)
         args.dir = args.dir or workdir_name
         records, sent = make_records(workdir)
+        if args.targets:
+            print("issue 13's done-when runs...", flush=True)
+            print()
+            print(targets_report(records, workdir))
+            return 0
         sizes = (sum(len(u.packet) for u in sent) / len(sent),
                  sum(len(u.key) for u in sent) / len(sent))
         print("CPU per upcall by stage (offline)...", flush=True)
