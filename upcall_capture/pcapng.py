@@ -87,15 +87,15 @@ _pack_endofopt_and_length = struct.Struct("<II").pack  # opt_endofopt (4 zero by
 _EPB_FIXED = 32  # 28-byte header and the 4-byte trailing length
 _ENDOFOPT = b"\0\0\0\0"
 
-# The pieces of an EPB, for a hot path that appends a batch's blocks to one buffer:
-# pack_epb_head(BLOCK_EPB, total, if_id, ts_hi, ts_lo, caplen, orig_len), the packet,
-# PADDING[caplen & 3], options closed by opt_endofopt (packet_tail), pack_block_end(total),
-# where total = EPB_FIXED + caplen + len(padding) + len(options).
-EPB_FIXED = _EPB_FIXED
+# The pieces of an EPB with options, for a hot path that appends a batch's blocks to one
+# buffer: pack_epb_head(BLOCK_EPB, total, if_id, ts_hi, ts_lo, caplen, orig_len), the
+# packet, PADDING[caplen & 3], the options (commented_key_options, comment_option, ...),
+# then pack_options_end(total): opt_endofopt and the block's trailing length, where
+# total = EPB_WITH_OPTIONS_FIXED + caplen + len(padding) + len(options).
+EPB_WITH_OPTIONS_FIXED = _EPB_FIXED + len(_ENDOFOPT)
 PADDING = _PADDING
-ENDOFOPT = _ENDOFOPT
 pack_epb_head = _pack_epb_head
-pack_block_end = _pack_u32
+pack_options_end = struct.Struct("<4xI").pack  # opt_endofopt (4 zero bytes), total
 
 
 def _encode_text(text: str | bytes) -> bytes:
@@ -217,16 +217,15 @@ def comment_option(comment: bytes) -> bytes:
                      _PADDING[len(comment) & 3]))
 
 
-def packet_tail(comment: bytes, key: bytes) -> bytes:
-    """A commented, inbound packet's options with its key, closed by opt_endofopt: what
-    follows the packet and its padding. `comment` is UTF-8 already. The same bytes as
-    packet_options(comment=..., key=...) + ENDOFOPT, in one join."""
+def commented_key_options(comment: bytes, key: bytes) -> bytes:
+    """A commented, inbound packet's options with its key. `comment` is UTF-8 already.
+    The same bytes as packet_options(comment=..., key=...), in one join."""
     if len(comment) > _MAX_OPTION_LENGTH or len(key) + 4 > _MAX_OPTION_LENGTH:
         raise ValueError("pcapng option over the 65535-byte limit")
     return b"".join((
         _pack_option_head(OPT_COMMENT, len(comment)), comment, _PADDING[len(comment) & 3],
         _INBOUND_OPTION, _pack_option_head(OPT_CUSTOM_BINARY, len(key) + 4), _KEY_OPTION_PEN,
-        key, _PADDING[len(key) & 3], _ENDOFOPT))
+        key, _PADDING[len(key) & 3]))
 
 
 def enhanced_packet(

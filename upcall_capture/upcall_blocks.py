@@ -28,7 +28,7 @@ import math
 import struct
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from upcall_capture import comment, pcapng
 from upcall_capture.flowkey import decode_key, format_key, shape_port_and_eth
@@ -105,12 +105,7 @@ PortNamer = Callable[[str, int], "str | None"]
 # off: keyed by them, a storm whose outcomes went from shed to tied and back (outcomes.py)
 # missed the cache at each turn, in bursts that left repeated keys without text.
 _TRAILERS = F_KERNEL | F_OUTCOME
-
-
-def _has_extras(flags: int) -> bool:
-    """A received upcall's record with an outcome or the kernel side's enqueue: their
-    comments follow its own. (A failed upcall's comment says what its enqueue was.)"""
-    return bool(flags & _TRAILERS) and not flags & F_FAILED
+_OWN_COMMENTS = _TRAILERS | F_OUTCOME_SHED
 
 
 _UNMATCHED_OPTION = pcapng.comment_option(comment.UNMATCHED_LINE.encode())
@@ -233,33 +228,23 @@ _NOT_DECODED = comment.NOT_DECODED.encode()
 
 @dataclass(frozen=True, slots=True)
 class _Described:
-    """What a packet's metadata and key make of it: its interface and its options, the
-    latter followed by opt_endofopt, ready to go after the packet and its padding."""
+    """What a packet's metadata and key make of it: its interface and its options (the
+    comment and the key), ready to go after the packet and its padding. The record's own
+    comments (_own_options) and opt_endofopt follow them."""
 
     if_id: int
     interface: Interface
-    tail: bytes
+    options: bytes
     decoded: bool  # False: written without the key's text, or a failed upcall (not cached)
-    # The tail of a record marked F_OUTCOME_SHED: its outcome's line after the upcall's
-    # own comment. Made here, once per flow, as shedding must cost nothing per packet.
-    shed_tail: bytes = field(init=False)
-
-    def __post_init__(self) -> None:
-        end = len(self.tail) - len(pcapng.ENDOFOPT)
-        object.__setattr__(self, "shed_tail", b"".join(
-            (self.tail[:end], _UNKNOWN_OPTIONS[UNKNOWN_SHED], self.tail[end:])))
-
-    def tail_for(self, flags: int) -> bytes:
-        return self.shed_tail if flags & F_OUTCOME_SHED else self.tail
 
 
-def _packet_apart(out: bytearray, described: _Described, tail: bytes, timestamp: int,
+def _packet_apart(out: bytearray, described: _Described, timestamp: int,
                   packet: bytes | memoryview, original_length: int, dropped: int,
-                  extra_options: bytes = b"") -> None:
-    """A packet block built on its own rather than from the cached tail alone: one that
-    carries losses (epb_dropcount) or options of its own."""
+                  own_options: bytes) -> None:
+    """A packet block built on its own: one that carries losses (epb_dropcount) or a
+    note."""
     described.interface.dropped += dropped
-    options = tail[:-len(pcapng.ENDOFOPT)] + extra_options
+    options = described.options + own_options
     if dropped:
         options += pcapng.dropcount_option(dropped)
     out += pcapng.enhanced_packet(described.if_id, timestamp, bytes(packet), original_length,
@@ -334,9 +319,9 @@ class UpcallBlocks:
         offset = self.clock_offset_ns
         unpack = _DESCRIBE.unpack_from
         pack_head = pcapng.pack_epb_head
-        pack_end = pcapng.pack_block_end
+        pack_end = pcapng.pack_options_end
         padding = pcapng.PADDING
-        fixed = pcapng.EPB_FIXED
+        fixed = pcapng.EPB_WITH_OPTIONS_FIXED
         misses, scan_after, scan_sample = self._misses, SCAN_AFTER_MISSES, SCAN_SAMPLE
         described = None
         if self._note is not None and records:
@@ -383,22 +368,22 @@ class UpcallBlocks:
                     misses = 0
             described.interface.received += 1
             timestamp = ktime + offset
+            own = self._own_options(record, flags) if flags & _OWN_COMMENTS else b""
             if dropped:
-                _packet_apart(out, described, described.tail_for(flags), timestamp,
-                              record[packet_at:packet_end], pkt_size, dropped,
-                              self._extra_options(record, flags))
+                _packet_apart(out, described, timestamp, record[packet_at:packet_end],
+                              pkt_size, dropped, own)
                 dropped = 0
                 continue
             pad = padding[pkt_len & 3]
-            tail = described.tail_for(flags)
-            if _has_extras(flags):  # the packet's own comments, before opt_endofopt
-                tail = b"".join((tail[:-4], self._extra_options(record, flags), tail[-4:]))
-            total = fixed + pkt_len + len(pad) + len(tail)
+            options = described.options
+            total = fixed + pkt_len + len(pad) + len(options) + len(own)
             out += pack_head(pcapng.BLOCK_EPB, total, described.if_id, timestamp >> 32,
                              timestamp & 0xFFFFFFFF, pkt_len, pkt_size)
             out += record[packet_at:packet_end]
             out += pad
-            out += tail
+            out += options
+            if own:
+                out += own
             out += pack_end(total)
         if described is not None:
             self._last_interface = described.interface
@@ -416,18 +401,19 @@ class UpcallBlocks:
         upcall = parse(record)
         described = self._describe(record, out)
         described.interface.received += 1
-        _packet_apart(out, described, described.tail_for(upcall.flags),
-                      upcall.ktime_ns + self.clock_offset_ns, upcall.packet,
+        _packet_apart(out, described, upcall.ktime_ns + self.clock_offset_ns, upcall.packet,
                       max(upcall.pkt_size, len(upcall.packet)), dropped,
-                      self._extra_options(record, upcall.flags) + extra_options)
+                      self._own_options(record, upcall.flags) + extra_options)
         return described
 
-    def _extra_options(self, record: bytes | memoryview, flags: int) -> bytes:
-        """A received upcall's comments after its first: its outcome and its wait in the
-        kernel, when it has them. This runs for every upcall while either is on."""
-        if not _has_extras(flags):
+    def _own_options(self, record: bytes | memoryview, flags: int) -> bytes:
+        """A received upcall's comments after its first: its outcome (shed, or as the
+        trailer has it) and its wait in the kernel, when it has them. This runs for every
+        upcall while either is on. (A failed upcall's comment says what its enqueue was.)"""
+        if flags & F_FAILED:
             return b""
-        options = self._outcomes.option(record) if flags & F_OUTCOME else b""
+        options = _UNKNOWN_OPTIONS[UNKNOWN_SHED] if flags & F_OUTCOME_SHED else \
+            self._outcomes.option(record) if flags & F_OUTCOME else b""
         return (options + _enqueue_option(record)) if flags & F_KERNEL else options
 
     def _charge_to_last(self, dropped: int) -> None:
@@ -452,10 +438,10 @@ class UpcallBlocks:
         if_id, head_text = self._head(record, port, comment.linktype(has_eth, key), out)
         text = head_text + key_text.encode()
         try:
-            tail = pcapng.packet_tail(text, key)
+            options = pcapng.commented_key_options(text, key)
         except ValueError:
             return self._describe_in_full(record, out)  # which says what is wrong
-        return _Described(if_id, self.table.interfaces[if_id], tail, True)
+        return _Described(if_id, self.table.interfaces[if_id], options, True)
 
     def _describe_undecoded(self, record: bytes | memoryview, out: bytearray) -> _Described:
         """As _describe, without the key's text; a key written so lately, one whose shape
@@ -475,7 +461,7 @@ class UpcallBlocks:
         if_id, head_text = self._head(record, port, comment.linktype(has_eth, key), out)
         self.undecoded += 1
         return _Described(if_id, self.table.interfaces[if_id],
-                          pcapng.packet_tail(head_text + _NOT_DECODED, key), False)
+                          pcapng.commented_key_options(head_text + _NOT_DECODED, key), False)
 
     @staticmethod
     def _plain_key(record: bytes | memoryview) -> bytes | None:
@@ -518,8 +504,7 @@ class UpcallBlocks:
             text = comment.text(upcall, decoded.text, port, name)
         options = pcapng.packet_options(comment=text, key=upcall.key)
         # A failed upcall's comment has its errno and portid: it is not cached.
-        return _Described(if_id, self.table.interfaces[if_id],
-                          options + pcapng.ENDOFOPT, not upcall.failed)
+        return _Described(if_id, self.table.interfaces[if_id], options, not upcall.failed)
 
     def _interface(self, dpif: str, port: int | None, linktype: int, name: str | None,
                    out: bytearray) -> int:
