@@ -56,8 +56,10 @@ from upcall_capture.probe.record import (
 )
 
 # Bounds the cache of encoded options: an entry is about a kilobyte (key bytes, comment
-# and key option), so this is about 32 MB at most.
-MAX_CACHED_OPTIONS = 32768
+# and key option), so this is about 18 MB at most. With the outcome texts' cache (below)
+# it keeps a worker under 60 MB: at 32,768 and 16,384, a worker reached 76 MB in a storm
+# of new flows with outcomes on (100,000/s for 10 s), and 58 MB at 16,384 and 8,192.
+MAX_CACHED_OPTIONS = 16384
 # Comment heads: one per thread, CPU, dpif and port.
 MAX_CACHED_HEADS = 4096
 # In a storm of new keys (a scan) no look-up hits, and looking up and keeping each
@@ -114,7 +116,8 @@ _QUEUED = struct.Struct("<q")
 # one entry per handler socket, device and MRU.
 _WHERE: dict[bytes, bytes] = {}
 MAX_CACHED_WHERE = 1024
-MAX_CACHED_WHAT = 16384
+# Outcome texts, about a kilobyte each (a put's is its megaflow's, by key).
+MAX_CACHED_WHAT = 8192
 # The share of the time that passes which new outcome texts' CPU may take, in batches
 # whose keys are decoded (none in the others): a new flow's megaflow text is dear (0.08 ms
 # on a slow host), and key texts come first. A count a batch (16, before) is no bound on
