@@ -229,7 +229,7 @@ _PKT_SIZE_AT, _COMM_AT = header_offset("pkt_size"), header_offset("comm")
 _NOT_DECODED = comment.NOT_DECODED.encode()
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: a frozen one takes twice as long to make (0.25 µs)
 class _Described:
     """What a packet's metadata and key make of it: its interface and its options (the
     comment and the key), ready to go after the packet and its padding. The record's own
@@ -323,6 +323,7 @@ class UpcallBlocks:
         unpack = _DESCRIBE.unpack_from
         pack_head = pcapng.pack_epb_head
         pack_end = pcapng.pack_options_end
+        shed_option = _UNKNOWN_OPTIONS[UNKNOWN_SHED]
         padding = pcapng.PADDING
         fixed = pcapng.EPB_WITH_OPTIONS_FIXED
         misses, scan_after, scan_sample = self._misses, SCAN_AFTER_MISSES, SCAN_SAMPLE
@@ -371,7 +372,10 @@ class UpcallBlocks:
                     misses = 0
             described.interface.received += 1
             timestamp = ktime + offset
-            own = self._own_options(record, flags) if flags & _OWN_COMMENTS else b""
+            own = b""
+            if flags & _OWN_COMMENTS:  # in a storm whose outcomes are shed, every record's
+                own = shed_option if flags & _OWN_COMMENTS == F_OUTCOME_SHED else \
+                    self._own_options(record, flags)
             if dropped:
                 _packet_apart(out, described, timestamp, record[packet_at:packet_end],
                               pkt_size, dropped, own)
