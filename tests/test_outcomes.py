@@ -424,6 +424,28 @@ def test_a_record_marked_shed_passes_at_once_as_it_is():
     assert parse(marked).outcome == SHED_OUTCOME and parse(marked).outcome.kind == "unknown"
 
 
+def test_a_batch_that_all_passes_as_it_is_is_counted_and_its_ops_applied():
+    # The stage's fast path (nothing waits, every record marked shed or failed) must do
+    # what the record-by-record one does: count the shed ones, apply the ops before the
+    # horizon (here an op of no upcall held, and one after the horizon that must wait),
+    # and hand the records on as they are, in order.
+    stage = Outcomes()
+    failed = record(1, 1001)
+    failed = failed[:FLAGS_OFFSET] + struct.pack(
+        "<I", struct.unpack_from("<I", failed, FLAGS_OFFSET)[0] | F_FAILED) + \
+        failed[FLAGS_OFFSET + 4:]
+    batch = [marked_shed(record(0, 1000)), failed, marked_shed(record(2, 1002))]
+    stage.add_ops([execute(SENT[0].packet, ktime_ns=1500, tid=99),
+                   execute(SENT[0].packet, ktime_ns=2500, tid=99)], lost=0)
+    assert stage.resolve(batch, horizon_ns=2000) == batch
+    assert stage.counts.unknown == {UNKNOWN_SHED: 2} and stage.counts.unmatched_ops == 1
+    # The next batch needs a look at each: the op held back applies in its turn.
+    later = record(3, 3000)
+    assert stage.resolve([marked_shed(record(4, 2200)), later], horizon_ns=4000) == \
+        [marked_shed(record(4, 2200))]
+    assert stage.counts.unknown == {UNKNOWN_SHED: 3} and stage.counts.unmatched_ops == 2
+
+
 class _Switch:
     """What pace() reads of recv_upcall's probe and sets on both (the probes' switches,
     which the capture tests drive for real)."""

@@ -1,5 +1,6 @@
 """probe.record: a record whose dpif name the probe could not read (it left the name's
-address in the field), read back and completed as capture.DpifNames does."""
+address in the field), read back and completed as capture.DpifNames does; records
+counted by their flags."""
 
 from __future__ import annotations
 
@@ -9,9 +10,12 @@ from probe_records import probe_record
 
 from upcall_capture.probe.record import (
     F_DPIF_UNREADABLE,
+    F_FAILED,
     F_KEY_UNREADABLE,
+    F_OUTCOME_SHED,
     HEADER,
     HEADER_FIELDS,
+    count_flagged,
     parse,
     unread_dpif_address,
     with_dpif,
@@ -45,3 +49,14 @@ def test_an_unread_dpif_name_is_found_by_its_address_and_filled_in():
 
 def test_a_read_dpif_name_has_no_address():
     assert unread_dpif_address(probe_record(UPCALL, ktime_ns=7, gap=b"\xee" * 6)) is None
+
+
+def test_records_are_counted_by_any_flag_of_a_mask():
+    flags = [0, F_OUTCOME_SHED, F_FAILED | F_KEY_UNREADABLE, F_OUTCOME_SHED | F_DPIF_UNREADABLE,
+             F_DPIF_UNREADABLE]
+    records = [memoryview(unread_dpif_record(f, gap=b"")) for f in flags]
+    assert count_flagged(records, F_OUTCOME_SHED) == 2
+    assert count_flagged(records, F_FAILED | F_OUTCOME_SHED) == 3
+    assert count_flagged(records, F_DPIF_UNREADABLE) == 2
+    assert count_flagged(records, F_KEY_UNREADABLE | F_DPIF_UNREADABLE) == 3
+    assert count_flagged([], F_FAILED) == 0

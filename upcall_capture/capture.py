@@ -31,6 +31,7 @@ from upcall_capture.probe.record import (
     U32,
     TimeMerger,
     Upcall,
+    count_flagged,
     ktime,
     parse,
     unread_dpif_address,
@@ -87,7 +88,7 @@ class DpifNames:
     def resolve(self, records: list) -> list:
         """The records, names filled in. Done as soon as records are read: the process
         may not live long (reading the name also makes it resident for the probe)."""
-        if not any(record[FLAGS_OFFSET] & F_DPIF_UNREADABLE for record in records):
+        if not count_flagged(records, F_DPIF_UNREADABLE):
             return records
         return [self._resolved(record) if record[FLAGS_OFFSET] & F_DPIF_UNREADABLE
                 else record for record in records]
@@ -596,8 +597,7 @@ class Capture:
         self._output_thread.put(records, dropped)
         self.captured += len(records)
         if self.kernel is not None:
-            self.failed += sum(1 for record in records
-                               if U32.unpack_from(record, FLAGS_OFFSET)[0] & F_FAILED)
+            self.failed += count_flagged(records, F_FAILED)
         for output in self.outputs:
             if output.ended:
                 self.request_stop(output.ended)

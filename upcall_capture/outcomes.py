@@ -57,6 +57,7 @@ from upcall_capture.probe.record import (
     UNKNOWN_WINDOW_FULL,
     Outcome,
     Upcall,
+    count_flagged,
     header_format,
     pack_outcome,
     pack_outcome_fields,
@@ -167,8 +168,23 @@ class Outcomes:
         """Take `records` (in time order, all received before horizon_ns), apply the ops
         before the horizon, and return the records whose outcome is settled, or whose
         window closed, in their order."""
+        if not self._queue and self._all_pass(records):
+            # In a storm whose outcomes are shed, nothing else comes: no look at each.
+            self._apply_until(horizon_ns, 0)
+            self._pruned(horizon_ns)
+            return list(records)
         self._take(records, horizon_ns)
         return self._release(horizon_ns)
+
+    def _all_pass(self, records: Sequence[bytes | memoryview]) -> bool:
+        """Every record passes as it is: marked shed by the probe, or failed (the queue
+        being empty, nothing waits before them). Their shed ones are counted."""
+        if count_flagged(records, F_FAILED | F_OUTCOME_SHED) < len(records):
+            return False
+        shed = count_flagged(records, F_OUTCOME_SHED)
+        if shed:
+            self._count_unknown(UNKNOWN_SHED, shed)
+        return True
 
     def resolve_all(self, records: Sequence[bytes | memoryview]) -> list:
         """At the end: every record, those still waiting as unknown."""
@@ -207,6 +223,11 @@ class Outcomes:
             self._queue.append(waiting)
         if shed:
             self._count_unknown(UNKNOWN_SHED, shed)
+        self._apply_until(horizon_ns, at)
+
+    def _apply_until(self, horizon_ns: int | None, at: int) -> None:
+        """Apply the ops from `at` on that came before the horizon (all: None)."""
+        ops = self._ops
         end = len(ops) if horizon_ns is None else \
             bisect.bisect_left(ops, horizon_ns, lo=at, key=_KTIME)
         for op in ops[at:end]:
@@ -275,11 +296,14 @@ class Outcomes:
                 break
             queue.popleft()
             out.append(with_outcome(head.record, self._trailer(head, unknown)))
+        self._pruned(horizon_ns)
+        return out
+
+    def _pruned(self, horizon_ns: int | None) -> None:
         self._forget_settled()
         if horizon_ns is not None:  # no upcall still waiting came before these ended
             self._shed = [span for span in self._shed
                           if span[1] > horizon_ns - self.window_ns]
-        return out
 
     def _unknown(self, waiting: _Waiting, horizon_ns: int | None) -> int | None:
         """Why the upcall's outcome is unknown (0: it is known), or None: it waits on."""
