@@ -339,15 +339,16 @@ class _Describer:
             for identity, description in batch.table[common:]:
                 self.blocks.table.add(identity, description)
 
-    def build(self, batch: _Batch, blob: bytes) -> tuple[_Built, bytes]:
+    def build(self, batch: _Batch, blob: bytes) -> tuple[_Built, bytearray]:
         started = time.process_time()
         self._follow_table(batch)
         blocks = self.blocks
         if batch.note is not None:
             blocks.note_next(batch.note)
         undecoded = blocks.undecoded
-        built = bytes(blocks.packets(_records(blob, batch.lengths), batch.dropped,
-                                     decode=batch.decode))
+        # Written to the pipe as it is: a copy into bytes cost time and a heap that grew.
+        built = blocks.packets(_records(blob, batch.lengths), batch.dropped,
+                               decode=batch.decode)
         table = blocks.table
         counts = []
         for if_id, interface in enumerate(table.interfaces):
