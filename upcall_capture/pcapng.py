@@ -82,7 +82,7 @@ _pack_idb_fields = struct.Struct("<HHI").pack
 _pack_isb_fields = struct.Struct("<III").pack
 _pack_epb_head = struct.Struct("<IIIIIII").pack  # type, length, if id, ts hi, ts lo, cap, orig
 _pack_dropcount = struct.Struct("<HHQ").pack
-_pack_endofopt_and_length = struct.Struct("<II").pack  # opt_endofopt (4 zero bytes), length
+_pack_endofopt_and_length = struct.Struct("<4xI").pack  # opt_endofopt (4 zero bytes), length
 
 _EPB_FIXED = 32  # 28-byte header and the 4-byte trailing length
 _ENDOFOPT = b"\0\0\0\0"
@@ -95,7 +95,7 @@ _ENDOFOPT = b"\0\0\0\0"
 EPB_WITH_OPTIONS_FIXED = _EPB_FIXED + len(_ENDOFOPT)
 PADDING = _PADDING
 pack_epb_head = _pack_epb_head
-pack_options_end = struct.Struct("<4xI").pack  # opt_endofopt (4 zero bytes), total
+pack_options_end = _pack_endofopt_and_length
 
 
 def _encode_text(text: str | bytes) -> bytes:
@@ -242,7 +242,7 @@ def enhanced_packet(
     try:
         if options:
             total = _EPB_FIXED + caplen + len(pad) + len(options) + 4
-            tail = _pack_endofopt_and_length(0, total)
+            tail = _pack_endofopt_and_length(total)
         else:
             total = _EPB_FIXED + caplen + len(pad)
             tail = _pack_u32(total)
