@@ -282,6 +282,8 @@ time.sleep(3600)' &
     kill -STOP "$vswitchd"
     now >"$RESULTS/failed-stop"
     say "ovs-vswitchd stopped; datapath lost: $before"
+    local flood_start waited_ms
+    flood_start=$(date +%s%N)
     while [ $(( $(datapath_lost) - before )) -lt 1000 ] && [ $sent -lt 20000 ]; do
         ip netns exec ns-a python3 - "$sent" "$RESULTS/failed-first-send" <<'FLOOD'
 import socket
@@ -302,7 +304,11 @@ FLOOD
         sent=$((sent + 1000))
     done
     echo "$sent" >"$RESULTS/failed-sent"
-    sleep 2  # so that the packets still queued wait a measurable while
+    # So that the packets still queued wait a measurable while: 2 s more at least, and 6 s
+    # from the first send in all, however fast the flood went (a fast hour sent 5,000 in
+    # under 3 s, and the first packet's wait was then under the 5 s the test expects).
+    waited_ms=$(( ($(date +%s%N) - flood_start) / 1000000 ))
+    sleep $(( waited_ms < 4000 ? 6 - waited_ms / 1000 : 2 ))
     now >"$RESULTS/failed-cont"
     kill -CONT "$vswitchd"
     say "sent $sent packets; ovs-vswitchd continued; datapath lost: $(datapath_lost)"
