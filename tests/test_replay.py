@@ -483,9 +483,11 @@ def test_bcc_reads_every_upcall_with_exact_argument_sizes(replay_binary: Path) -
         usdt = bcc.USDT(pid=proc.pid)
         usdt.enable_probe("recv_upcall", "on_upcall")
         bpf = bcc.BPF(text=BPF_TEXT.encode(), usdt_contexts=[usdt])
+        # 8 MiB a CPU holds every event of the run (some 5 MB): with 1 MiB, this reader
+        # (a Python call per event) lost 222 of them on a busy moment of a CI run.
         bpf[b"events"].open_perf_buffer(
             lambda cpu, data, size: events.append(Event.from_buffer_copy(
-                ctypes.string_at(data, ctypes.sizeof(Event)))), page_cnt=256)
+                ctypes.string_at(data, ctypes.sizeof(Event)))), page_cnt=2048)
         proc.send_signal(signal.SIGUSR1)
         while proc.poll() is None:
             bpf.perf_buffer_poll(timeout=50)
