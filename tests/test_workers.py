@@ -263,3 +263,18 @@ def test_a_filling_ring_sheds_keys_not_packets_and_says_so(replay, tmp_path):
     assert f", {len(marked)} without key text," in stderr
     assert all(text == format_key(p.key) for p, text in zip(packets, texts, strict=True)
                if text != comment.NOT_DECODED)
+
+
+def test_a_pool_closes_at_once_with_replies_nobody_collected():
+    # A capture ended by an error leaves batches out: more replies than are read ahead
+    # (REPLIES_AHEAD) must not keep the worker, and so close(), waiting.
+    import time
+
+    pool = workers.WorkerPool(1, SETTINGS)
+    builder = PooledBlocks(pool, SETTINGS, lambda: 1)
+    for batch in in_batches(storm(MIXED, 40 * workers.REPLIES_AHEAD, unique=False), 20):
+        builder.prepare(batch, 0, None)
+    started = time.monotonic()
+    pool.close()
+    assert time.monotonic() - started < 3
+    assert pool.workers[0].process.returncode == 0  # it ended of itself, not killed

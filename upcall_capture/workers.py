@@ -195,6 +195,14 @@ class _Worker:
     def close(self) -> None:
         self._outbox.put(None)
         self._sender.join(timeout=5)
+        # Replies that nobody will collect (a capture ended by an error) must not keep the
+        # reader, and so the worker, waiting for room.
+        deadline = time.monotonic() + 5
+        while self._receiver.is_alive() and time.monotonic() < deadline:
+            try:
+                self._inbox.get(timeout=0.05)
+            except queue.Empty:
+                pass
         try:
             self.process.wait(timeout=5)
         except subprocess.TimeoutExpired:
