@@ -348,7 +348,7 @@ class UpcallBlocks:
                 misses += 1
             else:
                 # What the comment and interface depend on: the flags but the trailers'
-                # and F_OUTCOME_SHED (each record's own; both tails are cached), thread,
+                # and F_OUTCOME_SHED (each record's own comments: _own_options), thread,
                 # dpif and key bytes, the numbers other than time and lengths, and the
                 # packet's lengths only when it was cut (the comment says so).
                 cache_key = (flags & ~(_TRAILERS | F_OUTCOME_SHED),
@@ -373,7 +373,8 @@ class UpcallBlocks:
             described.interface.received += 1
             timestamp = ktime + offset
             own = b""
-            if flags & _OWN_COMMENTS:  # in a storm whose outcomes are shed, every record's
+            if flags & _OWN_COMMENTS:  # what _own_options gives, without its call for
+                # a record marked shed alone, as every record is in a storm's shedding
                 own = shed_option if flags & _OWN_COMMENTS == F_OUTCOME_SHED else \
                     self._own_options(record, flags)
             if dropped:
