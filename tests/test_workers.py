@@ -14,7 +14,7 @@ from probe_records import storm
 
 from upcall_capture import comment, pcapng, workers
 from upcall_capture.capture import InlineBlocks, PooledBlocks
-from upcall_capture.flowkey import format_key, shape_port_and_eth
+from upcall_capture.flowkey import format_key, key_shape
 from upcall_capture.interfaces import InterfaceTable, WorkerBatch, adopt_batch
 from upcall_capture.ports import no_port_names
 from upcall_capture.probe.record import (
@@ -168,9 +168,14 @@ def test_shed_packets_are_all_written_counted_and_say_so():
     for packet in undecoded:
         assert packet.comments[0].split("\n")[1] == comment.NOT_DECODED
         assert packet.key  # the raw key is kept
-    # Each packet is on the interface that decoding its key would have given it.
+    # Each packet is on the interface that decoding its key would have given it, and its
+    # comment starts with the same line (thread, CPU, port: the storm changes CPU).
     expected = section(inline_builder(), batches)
     assert _names_of_packets(data[len(SHB):]) == _names_of_packets(expected[len(SHB):])
+    decoded = [b for b in pcapng.iter_blocks(expected) if isinstance(b, pcapng.Packet)]
+    heads = [p.comments[0].split("\n")[0] for p in packets]
+    assert heads == [p.comments[0].split("\n")[0] for p in decoded]
+    assert len(set(heads)) > 2
 
 
 def test_keys_are_shed_as_the_ring_fills_and_outcomes_before_them():
@@ -231,9 +236,9 @@ def test_the_shape_tells_in_port_and_eth_as_the_text_does():
     for key in keys:
         text = format_key(key)
         format_key(key)  # a shape is compiled on its second sighting
-        where = shape_port_and_eth(key)
-        if where is not None:
-            assert where == port_and_eth(text), text
+        shape = key_shape(key)
+        if shape is not None:
+            assert (shape.port(key), shape.has_eth) == port_and_eth(text), text
             checked += 1
     assert checked > len(MIXED) if vectors else checked == len(MIXED)
 

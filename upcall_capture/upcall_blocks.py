@@ -19,7 +19,7 @@ note (note_next), while every other packet pays nothing for the feature.
 With `decode=False` (the capture is overloaded: see workers.py), an upcall whose key is
 not in the cache is written without the key's text, which is the expensive part: its
 comment says so and its raw key is kept, and the interface comes from the key's shape
-(flowkey.shape_port_and_eth). Such packets are counted in `undecoded`.
+(flowkey.key_shape). Such packets are counted in `undecoded`.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from upcall_capture import comment, pcapng
-from upcall_capture.flowkey import decode_key, format_key, shape_port_and_eth
+from upcall_capture.flowkey import decode_key, format_key, key_shape
 from upcall_capture.interfaces import Interface, InterfaceTable
 from upcall_capture.probe.record import (
     DID_PUT,
@@ -241,17 +241,15 @@ class _Described:
     decoded: bool  # False: written without the key's text, or a failed upcall (not cached)
 
 
-def _packet_apart(out: bytearray, described: _Described, timestamp: int,
-                  packet: bytes | memoryview, original_length: int, dropped: int,
-                  own_options: bytes) -> None:
+def _packet_apart(out: bytearray, if_id: int, interface: Interface, options: bytes,
+                  timestamp: int, packet: bytes | memoryview, original_length: int,
+                  dropped: int) -> None:
     """A packet block built on its own: one that carries losses (epb_dropcount) or a
     note."""
-    described.interface.dropped += dropped
-    options = described.options + own_options
+    interface.dropped += dropped
     if dropped:
         options += pcapng.dropcount_option(dropped)
-    out += pcapng.enhanced_packet(described.if_id, timestamp, bytes(packet), original_length,
-                                  options)
+    out += pcapng.enhanced_packet(if_id, timestamp, bytes(packet), original_length, options)
 
 
 class UpcallBlocks:
@@ -281,6 +279,9 @@ class UpcallBlocks:
         self._described_older: dict[tuple, _Described] = {}
         self._misses = 0  # look-ups in a row that missed
         self._heads: dict[tuple, tuple[int, bytes]] = {}
+        # For keys written without text: interface and options before and after the key,
+        # by the comment's first line and the key's shape.
+        self._shed_parts: dict[tuple, tuple[int, Interface, bytes, bytes]] = {}
         self._last_interface: Interface | None = None
         # Losses no packet has carried yet; at the end, the last packet's interface's.
         self._pending_drops = 0
@@ -307,14 +308,13 @@ class UpcallBlocks:
                 decode: bool = True) -> bytearray:
         """Blocks for records in time order (a bytearray: copying a batch of megabytes
         into bytes would only cost time and memory). `decode=False`: keys not in the
-        cache are written without their text.
+        cache are written without their text. Records are bytes, or views of bytes.
 
         `dropped` are losses since the previous call. They happened before these records,
         so the first packet carries them as its epb_dropcount, with any still pending;
         without a record they wait for the next packet, or for statistics()."""
         out = bytearray()
         self.emitted = []
-        describe = self._describe if decode else self._describe_undecoded
         self._outcomes.start_batch(decode)
         dropped += self._pending_drops
         self._pending_drops = 0
@@ -327,9 +327,10 @@ class UpcallBlocks:
         padding = pcapng.PADDING
         fixed = pcapng.EPB_WITH_OPTIONS_FIXED
         misses, scan_after, scan_sample = self._misses, SCAN_AFTER_MISSES, SCAN_SAMPLE
-        described = None
+        undecoded = 0
+        interface = None
         if self._note is not None and records:
-            described = self._slow_packet(out, records[0], dropped, self._note)
+            interface = self._slow_packet(out, records[0], dropped, self._note).interface
             self._note = None
             dropped = 0
             records = records[1:]
@@ -340,13 +341,13 @@ class UpcallBlocks:
             packet_at = HEADER_SIZE + pkt_offset
             packet_end = packet_at + pkt_len
             if packet_end > len(record) or pkt_offset < key_len or pkt_len > pkt_size:
-                described = self._slow_packet(out, record, dropped)
+                interface = self._slow_packet(out, record, dropped).interface
                 dropped = 0
                 continue
-            if misses >= scan_after and misses % scan_sample:
-                described = describe(record, out)
-                misses += 1
-            else:
+            described = None
+            # In a scan of new keys, only one upcall in scan_sample looks in the cache.
+            looked = misses < scan_after or not misses % scan_sample
+            if looked:
                 # What the comment and interface depend on: the flags but the trailers'
                 # and F_OUTCOME_SHED (each record's own comments: _own_options), thread,
                 # dpif and key bytes, the numbers other than time and lengths, and the
@@ -358,19 +359,28 @@ class UpcallBlocks:
                 described = cache.get(cache_key)
                 if described is None:
                     described = self._described_older.get(cache_key)
-                    if described is None:
-                        described = describe(record, out)
-                        misses += 1
-                    else:
-                        misses = 0
-                    if described.decoded:
-                        if len(cache) >= MAX_CACHED_OPTIONS // 2:
-                            self._described_older = cache
-                            cache = self._described = {}
-                        cache[cache_key] = described
+                    if described is not None:
+                        cache = self._remember(cache_key, described)
+            if described is not None:
+                misses = 0
+                if_id, interface, options = described.if_id, described.interface, \
+                    described.options
+            else:
+                misses += 1
+                shed = None
+                if not (decode or flags & (UNREADABLE | F_FAILED) or key_len != key_size
+                        or pkt_len != pkt_size):
+                    shed = self._shed(record, key_end, out)
+                if shed is not None:
+                    if_id, interface, options = shed
+                    undecoded += 1
                 else:
-                    misses = 0
-            described.interface.received += 1
+                    described = self._describe(record, out)
+                    if looked and described.decoded:
+                        cache = self._remember(cache_key, described)
+                    if_id, interface, options = described.if_id, described.interface, \
+                        described.options
+            interface.received += 1
             timestamp = ktime + offset
             own = b""
             if flags & _OWN_COMMENTS:  # what _own_options gives, without its call for
@@ -378,14 +388,13 @@ class UpcallBlocks:
                 own = shed_option if flags & _OWN_COMMENTS == F_OUTCOME_SHED else \
                     self._own_options(record, flags)
             if dropped:
-                _packet_apart(out, described, timestamp, record[packet_at:packet_end],
-                              pkt_size, dropped, own)
+                _packet_apart(out, if_id, interface, options + own, timestamp,
+                              record[packet_at:packet_end], pkt_size, dropped)
                 dropped = 0
                 continue
             pad = padding[pkt_len & 3]
-            options = described.options
             total = fixed + pkt_len + len(pad) + len(options) + len(own)
-            out += pack_head(pcapng.BLOCK_EPB, total, described.if_id, timestamp >> 32,
+            out += pack_head(pcapng.BLOCK_EPB, total, if_id, timestamp >> 32,
                              timestamp & 0xFFFFFFFF, pkt_len, pkt_size)
             out += record[packet_at:packet_end]
             out += pad
@@ -393,11 +402,21 @@ class UpcallBlocks:
             if own:
                 out += own
             out += pack_end(total)
-        if described is not None:
-            self._last_interface = described.interface
+        if interface is not None:
+            self._last_interface = interface
         self._pending_drops = dropped
         self._misses = misses
+        self.undecoded += undecoded
         return out
+
+    def _remember(self, cache_key: tuple, described: _Described) -> dict:
+        """Cache a description; the recent generation (a new one when it was full)."""
+        cache = self._described
+        if len(cache) >= MAX_CACHED_OPTIONS // 2:
+            self._described_older = cache
+            cache = self._described = {}
+        cache[cache_key] = described
+        return cache
 
     def _slow_packet(self, out: bytearray, record: bytes | memoryview, dropped: int,
                      extra_options: bytes = b"") -> _Described:
@@ -409,9 +428,10 @@ class UpcallBlocks:
         upcall = parse(record)
         described = self._describe(record, out)
         described.interface.received += 1
-        _packet_apart(out, described, upcall.ktime_ns + self.clock_offset_ns, upcall.packet,
-                      max(upcall.pkt_size, len(upcall.packet)), dropped,
-                      self._own_options(record, upcall.flags) + extra_options)
+        _packet_apart(out, described.if_id, described.interface,
+                      described.options + self._own_options(record, upcall.flags)
+                      + extra_options, upcall.ktime_ns + self.clock_offset_ns, upcall.packet,
+                      max(upcall.pkt_size, len(upcall.packet)), dropped)
         return described
 
     def _own_options(self, record: bytes | memoryview, flags: int) -> bytes:
@@ -451,25 +471,39 @@ class UpcallBlocks:
             return self._describe_in_full(record, out)  # which says what is wrong
         return _Described(if_id, self.table.interfaces[if_id], options, True)
 
-    def _describe_undecoded(self, record: bytes | memoryview, out: bytearray) -> _Described:
-        """As _describe, without the key's text; a key written so lately, one whose shape
-        is not known yet, and an unusual record are decoded after all."""
-        key = self._plain_key(record)
-        where = None if key is None else shape_port_and_eth(key)
-        if where is None:
-            return self._describe(record, out)
-        seen, sighting = self._undecoded_seen, hash(key)
+    def _shed(self, record: bytes | memoryview, key_end: int, out: bytearray
+              ) -> tuple[int, Interface, bytes] | None:
+        """The interface and options of a received upcall's whole key written without its
+        text, or None for one to decode after all: a key written so lately, or one whose
+        shape is not known yet. In a storm too big to decode this runs for every upcall:
+        the options but the key's bytes are cached by what they depend on (the comment's
+        first line, and the shape)."""
+        key = record[HEADER_SIZE:key_end]
+        shape = key_shape(key)
+        if shape is None:
+            return None
+        seen, sighting = self._undecoded_seen, hash(key)  # a view of bytes: no copy
         if sighting in seen:
             seen.discard(sighting)
-            return self._describe(record, out)
+            return None
         if len(seen) >= MAX_UNDECODED_SEEN:
             seen.clear()
         seen.add(sighting)
-        port, has_eth = where
-        if_id, head_text = self._head(record, port, comment.linktype(has_eth, key), out)
-        self.undecoded += 1
-        return _Described(if_id, self.table.interfaces[if_id],
-                          pcapng.commented_key_options(head_text + _NOT_DECODED, key), False)
+        port = shape.port(key)
+        parts_key = (bytes(record[PID_OFFSET:_PKT_SIZE_AT]), bytes(record[_COMM_AT:HEADER_SIZE]),
+                     shape, port)
+        parts = self._shed_parts.get(parts_key)
+        if parts is None:
+            if_id, head_text = self._head(record, port, comment.linktype(shape.has_eth, key),
+                                          out)
+            before, after = pcapng.commented_key_options_around(head_text + _NOT_DECODED,
+                                                                len(key))
+            if len(self._shed_parts) >= MAX_CACHED_HEADS:
+                self._shed_parts.clear()
+            parts = self._shed_parts[parts_key] = (if_id, self.table.interfaces[if_id],
+                                                   before, after)
+        if_id, interface, before, after = parts
+        return if_id, interface, b"".join((before, key, after))
 
     @staticmethod
     def _plain_key(record: bytes | memoryview) -> bytes | None:

@@ -46,10 +46,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from upcall_capture.flowkey.layouts import Fields, FieldValue
-from upcall_capture.flowkey.shapes import ShapeCache
+from upcall_capture.flowkey.shapes import CompiledShape, ShapeCache
 
 __all__ = ["DecodedKey", "FieldValue", "KeyCache", "decode_key", "format_key",
-           "shape_port_and_eth"]
+           "key_shape"]
 
 _SHAPES = ShapeCache()
 
@@ -84,11 +84,11 @@ def decode_key(data: bytes, full_len: int | None = None) -> DecodedKey:
     return DecodedKey(text, fields)
 
 
-def shape_port_and_eth(data: bytes) -> tuple[int | None, bool] | None:
-    """For a whole key of a shape already compiled here: its in_port (None without one)
-    and whether it has an eth() attribute, as its text would show them, for a fraction
-    of the text's cost. None for a key of any other shape (decode it instead)."""
-    return _SHAPES.port_and_eth(data)
+def key_shape(data: bytes | memoryview) -> CompiledShape | None:
+    """The shape of a whole key, when one is compiled here, else None (decode the key
+    instead). Its `port(data)` and `has_eth` are the in_port and whether there is an
+    eth() attribute, as the key's text would show them, for a fraction of its cost."""
+    return _SHAPES.whole(data)
 
 
 class KeyCache:

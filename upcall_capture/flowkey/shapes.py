@@ -14,7 +14,7 @@ of shapes seen once.
 from __future__ import annotations
 
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from upcall_capture.flowkey.layouts import (
@@ -131,14 +131,21 @@ class CompiledShape:
         self._plan = plan
         self._decode: DecodeFn | None = None
 
-    def port_and_eth(self, data: bytes) -> tuple[int | None, bool]:
-        port = None if self.port_at is None else _U32(data, self.port_at)[0]
-        return port, self.has_eth
+    def port(self, data: bytes | memoryview) -> int | None:
+        """The in_port of a key of this shape, as its text would show it."""
+        return None if self.port_at is None else _U32(data, self.port_at)[0]
 
     def decode(self, data: bytes, full_len: int) -> tuple[str, Fields]:
         if self._decode is None:
             self._decode = _compile(self._plan, with_fields=True)
         return self._decode(data, full_len)
+
+
+def _matching(shapes: Sequence[CompiledShape], data: bytes | memoryview) -> CompiledShape | None:
+    for shape in shapes:
+        if shape.check(data) == shape.headers:
+            return shape
+    return None
 
 
 class ShapeCache:
@@ -159,17 +166,13 @@ class ShapeCache:
         return self._count
 
     def _find(self, data: bytes, full_len: int) -> CompiledShape | None:
-        table = self._truncated if full_len > len(data) else self._whole
-        for shape in table.get(len(data), ()):
-            if shape.check(data) == shape.headers:
-                return shape
-        return None
+        if full_len > len(data):
+            return _matching(self._truncated.get(len(data), ()), data)
+        return self.whole(data)
 
-    def port_and_eth(self, data: bytes) -> tuple[int | None, bool] | None:
-        """The in_port and whether there is an eth() of a whole key whose shape is
-        compiled, without its text; None for any other key."""
-        shape = self._find(data, len(data))
-        return None if shape is None else shape.port_and_eth(data)
+    def whole(self, data: bytes | memoryview) -> CompiledShape | None:
+        """The compiled shape of a whole key, or None."""
+        return _matching(self._whole.get(len(data), ()), data)
 
     def text(self, data: bytes, full_len: int) -> str:
         shape = self._find(data, full_len)
