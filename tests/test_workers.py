@@ -209,6 +209,31 @@ def test_keys_are_shed_as_the_ring_fills_and_outcomes_before_them():
         pool.close()
 
 
+def test_a_batch_sent_for_decoding_is_shed_once_the_capture_sheds():
+    # The switch reaches the workers through memory they share (SheddingFlag), so that
+    # the batches already out (MAX_IN_FLIGHT records: some 100 ms of decoding) are shed
+    # too: here the flag goes up while the pool itself still decodes, as it is once a
+    # batch has gone out.
+    records = storm(MIXED[:1], 300, unique=True)  # new keys of one shape
+    pool = workers.WorkerPool(1, SETTINGS)
+    try:
+        builder = PooledBlocks(pool, SETTINGS, lambda: 1)
+        builder.blocks(builder.prepare(records[:100], 0, None))
+        assert pool.undecoded == 0 and pool.decoding
+        pool.shedding.set(True)
+        builder.blocks(builder.prepare(records[100:200], 0, None))
+        assert pool.undecoded == 100
+        pool.shedding.set(False)
+        builder.blocks(builder.prepare(records[200:], 0, None))
+        assert pool.undecoded == 100
+        pool.pace(ring_fill=1.0)
+        assert pool.shedding
+        pool.pace(ring_fill=0.0)
+        assert not pool.shedding
+    finally:
+        pool.close()
+
+
 def test_read_back_writes_in_the_text_of_every_key_not_decoded(tmp_path):
     records = storm(MIXED, 600, unique=True)
     blocks = UpcallBlocks(snaplen=9216, clock_offset_ns=0, port_name=no_port_names)

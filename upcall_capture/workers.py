@@ -10,12 +10,18 @@ writes them. The output is byte for byte what `--workers 0` writes for the same 
 Shedding: decoding a new key is what costs (some microseconds); copying a packet is
 cheap. At most MAX_IN_FLIGHT records are out with the workers: past that the ring's
 reader waits, and recv_upcall's ring holds the backlog (locked kernel memory that is
-there anyway, not our heap). When the ring is SHED_KEYS_ABOVE full at a read, batches go
-out with `decode=False` until it is down to SHED_KEYS_UNTIL: the workers still build
-every packet's block, but a key they have not decoded already is written raw, with a
-comment that says so, which costs them a fraction of decoding. So the packets keep up as
-long as the packet path does, and `-r FILE -w NEW` writes the missing texts in later.
-Before the capture sheds keys it sheds outcomes (`behind`: outcomes.HandlerOps.pace).
+there anyway, not our heap). When the ring is SHED_KEYS_ABOVE full at a read, the
+workers build their batches with `decode=False` until it is down to SHED_KEYS_UNTIL:
+still every packet's block, but a key they have not decoded already is written raw, with
+a comment that says so, which costs them a fraction of decoding. So the packets keep up
+as long as the packet path does, and `-r FILE -w NEW` writes the missing texts in later.
+The switch is a byte the workers share with us (SheddingFlag), read as a batch starts:
+so it reaches the batches already out too. Sent with the batch, as before, it left a
+whole MAX_IN_FLIGHT of them (some 100 ms of a worker's decoding) to be decoded as the
+ring filled on. At 200,000 new flows/s, the ring's peak fill in each 100 ms, in two
+runs each way: median 0.27 and 0.25, highest 0.54 and 0.96 then; 0.21 and 0.20, and
+0.48 and 0.56 now. Before the capture sheds keys it sheds outcomes (`behind`:
+outcomes.HandlerOps.pace).
 
 Workers are separate interpreters (`python -m upcall_capture.workers`) on two pipes:
 frames of a 4-byte length and a payload, the batch's records in one payload, never one
@@ -29,6 +35,7 @@ handing the GIL back and forth).
 from __future__ import annotations
 
 import fcntl
+import mmap
 import os
 import pickle
 import queue
@@ -93,7 +100,6 @@ class _Batch:
     section: int  # the output's section (file): a new one starts a new table
     table: list[tuple[Hashable, bytes]] | None  # the section's table, when it changed
     pid: int  # the traced process, to name ports
-    decode: bool
     dropped: int  # losses before the batch: its first packet carries them
     note: str | None  # a comment for the first packet (--follow's gap)
     lengths: bytes  # array('I') of the records' lengths
@@ -109,6 +115,28 @@ class _Built:
     last: int | None  # the worker id of the last packet's interface
     undecoded: int
     cpu_seconds: float
+
+
+class SheddingFlag:
+    """One byte in memory shared with the workers: non-zero while keys are shed. A
+    worker looks at it before each batch, so a batch sent for decoding is shed as soon
+    as the capture falls behind, not only those sent after."""
+
+    def __init__(self, fd: int | None = None) -> None:
+        self.fd = os.memfd_create("upcall-capture-shedding") if fd is None else fd
+        if fd is None:
+            os.ftruncate(self.fd, mmap.PAGESIZE)
+        self._memory = mmap.mmap(self.fd, mmap.PAGESIZE)
+
+    def set(self, shedding: bool) -> None:
+        self._memory[0] = shedding
+
+    def __bool__(self) -> bool:
+        return self._memory[0] != 0
+
+    def close(self) -> None:
+        self._memory.close()
+        os.close(self.fd)
 
 
 def _write_frames(stream: BinaryIO, *payloads: bytes | bytearray) -> None:
@@ -138,12 +166,13 @@ def _widen(fd: int) -> None:
 
 
 class _Worker:
-    def __init__(self, settings: BlockSettings, number: int) -> None:
+    def __init__(self, settings: BlockSettings, number: int, shedding: SheddingFlag) -> None:
         self.number = number
         # A session of its own: the terminal's Ctrl-C is the main process's to handle.
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "upcall_capture.workers"], stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, start_new_session=True)
+            [sys.executable, "-m", "upcall_capture.workers", str(shedding.fd)],
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
+            pass_fds=(shedding.fd,))
         _widen(self.process.stdin.fileno())
         _widen(self.process.stdout.fileno())
         self.in_flight = 0  # records sent, not yet back
@@ -234,9 +263,11 @@ class WorkerPool:
         self._in_flight = 0
         self._lock = threading.Lock()
         self._started_ns = time.monotonic_ns()
+        self.shedding: SheddingFlag | None = None
         try:
+            self.shedding = SheddingFlag()
             for number in range(count):
-                self.workers.append(_Worker(settings, number))
+                self.workers.append(_Worker(settings, number, self.shedding))
         except OSError as err:
             self.close()
             raise CaptureError(f"cannot start a describing worker: {err.strerror}") from None
@@ -244,7 +275,6 @@ class WorkerPool:
     def dispatch(self, records: Sequence[bytes | memoryview], *, dropped: int,
                  note: str | None, section: int, table: InterfaceTable, pid: int) -> Ticket:
         with self._lock:
-            decode = self.decoding
             worker = min(self.workers, key=lambda w: w.in_flight)
             worker.in_flight += len(records)
             self._in_flight += len(records)
@@ -254,7 +284,7 @@ class WorkerPool:
             worker.table_sent = state
             entries = [(i.identity, i.description) for i in table.interfaces]
         lengths = array("I", map(len, records)).tobytes()
-        worker.send(_Batch(section, entries, pid, decode, dropped, note, lengths),
+        worker.send(_Batch(section, entries, pid, dropped, note, lengths),
                     b"".join(records))
         return Ticket(worker, len(records))
 
@@ -273,8 +303,10 @@ class WorkerPool:
         read): the workers are that far behind, and no packet is lost for a key."""
         if self.decoding and ring_fill >= SHED_KEYS_ABOVE:
             self.decoding = False
+            self.shedding.set(True)
         elif not self.decoding and ring_fill <= SHED_KEYS_UNTIL:
             self.decoding = True
+            self.shedding.set(False)
 
     @property
     def behind(self) -> bool:
@@ -291,6 +323,8 @@ class WorkerPool:
     def close(self) -> None:
         for worker in self.workers:
             worker.close()
+        if self.shedding is not None:
+            self.shedding.close()
 
 
 # ---------------------------------------------------------------------------------------
@@ -308,8 +342,9 @@ def _records(blob: bytes, lengths: bytes) -> list[memoryview]:
 class _Describer:
     """A worker's UpcallBlocks, kept in step with the main process's table."""
 
-    def __init__(self, settings: BlockSettings) -> None:
+    def __init__(self, settings: BlockSettings, shedding: SheddingFlag) -> None:
         self.settings = settings
+        self.shedding = shedding
         self.section = -1
         self.blocks: UpcallBlocks | None = None
         self._names: dict[int, PortNames] = {}
@@ -357,8 +392,9 @@ class _Describer:
             blocks.note_next(batch.note)
         undecoded = blocks.undecoded
         # Written to the pipe as it is: a copy into bytes cost time and a heap that grew.
+        # Whether keys are shed is read as the batch starts, not as it was sent.
         built = blocks.packets(_records(blob, batch.lengths), batch.dropped,
-                               decode=batch.decode)
+                               decode=not self.shedding)
         table = blocks.table
         counts = []
         for if_id, interface in enumerate(table.interfaces):
@@ -374,9 +410,9 @@ class _Describer:
             cpu_seconds=time.process_time() - started), built
 
 
-def serve(requests: BinaryIO, replies: BinaryIO) -> None:
+def serve(requests: BinaryIO, replies: BinaryIO, shedding: SheddingFlag) -> None:
     """A worker: batches in, blocks out, until the main process closes its end."""
-    describer = _Describer(pickle.loads(_read_frame(requests)))
+    describer = _Describer(pickle.loads(_read_frame(requests)), shedding)
     while (meta := _read_frame(requests)) is not None \
             and (blob := _read_frame(requests)) is not None:
         built, blocks = describer.build(pickle.loads(meta), blob)
@@ -390,6 +426,7 @@ if __name__ == "__main__":
 
     tune_gc()
     try:
-        workers.serve(sys.stdin.buffer, sys.stdout.buffer)
+        workers.serve(sys.stdin.buffer, sys.stdout.buffer,
+                      workers.SheddingFlag(int(sys.argv[1])))
     except (BrokenPipeError, KeyboardInterrupt):
         pass
