@@ -34,6 +34,7 @@ handing the GIL back and forth).
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import mmap
 import os
@@ -117,26 +118,55 @@ class _Built:
     cpu_seconds: float
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long)
+_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
 class SheddingFlag:
     """One byte in memory shared with the workers: non-zero while keys are shed. A
     worker looks at it before each batch, so a batch sent for decoding is shed as soon
-    as the capture falls behind, not only those sent after."""
+    as the capture falls behind, not only those sent after.
+
+    `fd` (a memfd) is there for the workers to map, until forget_fd(). The memory is
+    mapped through libc rather than Python's mmap, which keeps a duplicate fd open all
+    along: an fd held on met bcc's cleanup, which closed it again when --follow closed
+    the old probe (an fd number bcc had used and closed during its load)."""
 
     def __init__(self, fd: int | None = None) -> None:
-        self.fd = os.memfd_create("upcall-capture-shedding") if fd is None else fd
+        self.fd: int | None = os.memfd_create("upcall-capture-shedding") \
+            if fd is None else fd
         if fd is None:
             os.ftruncate(self.fd, mmap.PAGESIZE)
-        self._memory = mmap.mmap(self.fd, mmap.PAGESIZE)
+        address = _libc.mmap(None, mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_WRITE,
+                             mmap.MAP_SHARED, self.fd, 0)
+        if address == _MAP_FAILED:
+            errno = ctypes.get_errno()
+            self.forget_fd()
+            raise OSError(errno, os.strerror(errno))
+        self._address = address
+        self._byte = ctypes.c_ubyte.from_address(address)
+
+    def forget_fd(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     def set(self, shedding: bool) -> None:
-        self._memory[0] = shedding
+        self._byte.value = shedding
 
     def __bool__(self) -> bool:
-        return self._memory[0] != 0
+        return self._byte.value != 0
 
     def close(self) -> None:
-        self._memory.close()
-        os.close(self.fd)
+        self.forget_fd()
+        if self._address is not None:
+            self._byte = None
+            _libc.munmap(self._address, mmap.PAGESIZE)
+            self._address = None
 
 
 def _write_frames(stream: BinaryIO, *payloads: bytes | bytearray) -> None:
@@ -268,6 +298,7 @@ class WorkerPool:
             self.shedding = SheddingFlag()
             for number in range(count):
                 self.workers.append(_Worker(settings, number, self.shedding))
+            self.shedding.forget_fd()
         except OSError as err:
             self.close()
             raise CaptureError(f"cannot start a describing worker: {err.strerror}") from None
@@ -426,7 +457,8 @@ if __name__ == "__main__":
 
     tune_gc()
     try:
-        workers.serve(sys.stdin.buffer, sys.stdout.buffer,
-                      workers.SheddingFlag(int(sys.argv[1])))
+        shedding = workers.SheddingFlag(int(sys.argv[1]))
+        shedding.forget_fd()
+        workers.serve(sys.stdin.buffer, sys.stdout.buffer, shedding)
     except (BrokenPipeError, KeyboardInterrupt):
         pass
