@@ -101,11 +101,13 @@ def test_blocks_are_held_back_until_idle_or_a_megabyte(tmp_path):
     output.packets(records[:10], 0, output.prepare(records[:10], 0))
     assert path.stat().st_size == header and output.written == 0  # held back
     output.flush()
+    output.wait_written()  # written behind the output thread (sink.WriteBehind)
     assert output.written == 10 and path.stat().st_size > header
     written_at = path.stat().st_size
     for start in range(10, 4000, 100):  # about 3 MB in all
         batch = records[start:start + 100]
         output.packets(batch, 0, output.prepare(batch, 0))
+    output.wait_written()
     # Written a megabyte or more at a time, the rest still held.
     assert path.stat().st_size - written_at >= capture.COALESCE_BYTES
     assert 10 < output.written < 4000 and (output.written - 10) % 100 == 0

@@ -93,3 +93,36 @@ def test_pieces_that_fit_are_written_when_all_do_not(small_disk, name):
     if name.endswith(".gz"):
         data = zlib.decompressobj(31).decompress(data)
     assert data == b"".join(pieces[:kept])
+
+
+def test_writes_behind_stay_in_order_and_stop_at_the_first_error(small_disk):
+    import random
+    import threading
+
+    from upcall_capture.sink import WriteBehind
+
+    path = small_disk / "c.pcapng"
+    sink = open_file(str(path))
+    rng = random.Random(8)
+    pieces = [bytes(rng.randrange(256) for _ in range(3000)) for _ in range(40)]  # 120 KB
+    reported: list[tuple[int, int]] = []
+    gate = threading.Event()
+    behind = WriteBehind(sink, lambda written, submitted: (gate.wait(), reported.append(
+        (written, submitted))), max_bytes=10_000)
+    behind.submit(pieces[:3])  # 9,000 bytes: the writer holds them (the gate) ...
+    room = threading.Thread(target=behind.submit, args=(pieces[3:6],))
+    room.start()
+    room.join(0.2)
+    assert room.is_alive()  # ... and the next three wait for room
+    gate.set()
+    room.join()
+    with pytest.raises(CaptureError, match="No space left on device"):
+        for start in range(6, 40, 2):
+            behind.submit(pieces[start:start + 2])
+        behind.wait()
+    behind.close()
+    sink.close()
+    kept = sum(written for written, _ in reported)
+    assert 6 < kept < len(pieces)
+    assert reported[:2] == [(3, 3), (3, 3)] and reported[-1][0] < reported[-1][1]
+    assert path.read_bytes() == b"".join(pieces[:kept])  # in order, and nothing after

@@ -11,6 +11,7 @@ gap carrying a note; counters are summed over the probes.
 from __future__ import annotations
 
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
@@ -37,7 +38,7 @@ from upcall_capture.probe.record import (
     unread_dpif_address,
     with_dpif,
 )
-from upcall_capture.sink import OutputThread, Sink
+from upcall_capture.sink import OutputThread, Sink, WriteBehind
 from upcall_capture.target import is_alive, read_cstring
 from upcall_capture.upcall_blocks import UpcallBlocks
 from upcall_capture.workers import BlockSettings, WorkerPool
@@ -261,7 +262,8 @@ class PcapngOutput:
 
     Blocks are held back until COALESCE_BYTES of them are waiting or the output thread
     has nothing more to do (flush()): in a storm, each write (and the GIL it waits for
-    afterwards) then carries several batches.
+    afterwards) then carries several batches. The writes are made behind the output
+    thread (sink.WriteBehind), which meanwhile takes the next batches.
 
     With a Rotation, each file is a complete capture of its own: when one is full or
     old enough it gets its statistics and is closed, and the next starts with a new
@@ -287,6 +289,7 @@ class PcapngOutput:
         self._held: list[bytes | bytearray] = []  # blocks not written yet, by batch
         self._held_upcalls: list[int] = []  # the upcalls in each
         self._held_bytes = 0
+        self._submitted_upcalls: deque[int] = deque()  # of each batch with the writer
         self._start(sink, first=True)
 
     def _start(self, sink: Sink, *, first: bool = False) -> None:
@@ -296,13 +299,29 @@ class PcapngOutput:
         self.files += 1
         self._file_start_ns = time.monotonic_ns()
         sink.write(self.section_header)
+        self._behind = WriteBehind(sink, self._written)
+
+    def _written(self, written: int, submitted: int) -> None:
+        """In the writer's thread: of the next `submitted` batches, the first `written`
+        are in the file. Fewer after an error, when the rest are dropped."""
+        upcalls = self._submitted_upcalls
+        self.written += sum(upcalls.popleft() for _ in range(written))
+        if written < submitted:
+            upcalls.clear()
+        if self.sink.closed_by_reader:
+            self.ended = "the output's reader went away"
+
+    def wait_written(self) -> None:
+        """Everything submitted is in the file (or the writing's error is raised)."""
+        self._behind.wait()
 
     def _rotation_due(self, now_ns: int) -> bool:
         rotation = self.rotation
         if rotation is None:
             return False
         if rotation.max_bytes is not None and \
-                self.sink.good_bytes + self._held_bytes >= rotation.max_bytes:
+                self.sink.good_bytes + self._behind.waiting_bytes + self._held_bytes \
+                >= rotation.max_bytes:
             return True
         return rotation.interval_ns is not None and \
             now_ns - self._file_start_ns >= rotation.interval_ns
@@ -323,7 +342,7 @@ class PcapngOutput:
             if self._rotation_due(now_ns):
                 self._write_held()
                 self._write_statistics(now_ns)
-                self.sink.close()
+                self._close_sink()
                 self._start(self.open_next(self.files))
             blocks = self.builder.blocks(prepared)
             self._held.append(blocks)
@@ -345,14 +364,10 @@ class PcapngOutput:
     def _write_held(self) -> None:
         if not self._held:
             return
-        held, upcalls = self._held, self._held_upcalls
+        held = self._held
+        self._submitted_upcalls.extend(self._held_upcalls)
         self._held, self._held_upcalls, self._held_bytes = [], [], 0
-        try:
-            self.sink.write_pieces(held)
-        finally:  # on a full disk, the batches that still fit are in the file
-            self.written += sum(upcalls[:self.sink.pieces_written])
-        if self.sink.closed_by_reader:
-            self.ended = "the output's reader went away"
+        self._behind.submit(held)
 
     def _failed(self, err: CaptureError | UsageError) -> None:
         # The sink cut the file back to the last batch that fitted: `written` counts them.
@@ -374,9 +389,14 @@ class PcapngOutput:
                 self._write_statistics(end_ktime_ns, final=True)
             except CaptureError as err:
                 self.error = err
+        self._close_sink()
+
+    def _close_sink(self) -> None:
+        self._behind.close()
         self.sink.close()
 
     def _write_statistics(self, end_ktime_ns: int, *, final: bool = False) -> None:
+        self.wait_written()  # the statistics come after every packet
         comments = self.datapath_comments() if final and self.datapath_comments else None
         self.sink.write(self.builder.statistics(end_ktime_ns, self._file_start_ns, final=final,
                                                 datapath_comments=comments))

@@ -169,6 +169,89 @@ class Sink:
         self._direct = None
 
 
+class WriteBehind:
+    """A sink's writes in a thread of their own, in the order given, so that the thread
+    that builds the blocks goes on while a write waits for the disk. A direct write of a
+    megabyte took 2 ms here: in a storm of 250,000 new flows/s the output thread spent over
+    half its time in writes, while the workers' replies waited and the workers with them.
+
+    At most `max_bytes` wait to be written (submit() waits for room). Each submit() is
+    followed by `on_written(written, submitted)`: how many of its pieces are in the
+    file, of how many. The first error (a
+    CaptureError: the sink cut the file back to its last good piece) ends the writing:
+    what waits is dropped, and the next submit() or wait() raises it."""
+
+    def __init__(self, sink: Sink, on_written: Callable[[int, int], None], *,
+                 max_bytes: int = 4 << 20) -> None:
+        self.sink = sink
+        self.on_written = on_written
+        self.max_bytes = max_bytes
+        self.waiting_bytes = 0  # submitted, not written yet
+        self._queue: deque[Sequence[bytes | bytearray]] = deque()
+        self._writing = False
+        self._closing = False
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, pieces: Sequence[bytes | bytearray]) -> None:
+        size = sum(map(len, pieces))
+        with self._cond:
+            while self.waiting_bytes and self.waiting_bytes + size > self.max_bytes \
+                    and self._error is None:
+                self._cond.wait()
+            self._raise_error()
+            self._queue.append(pieces)
+            self.waiting_bytes += size
+            self._cond.notify_all()
+
+    def wait(self) -> None:
+        """Until everything submitted is written; raises the writing's error."""
+        with self._cond:
+            while self._queue or self._writing:
+                self._cond.wait()
+            self._raise_error()
+
+    def close(self) -> None:
+        """End the thread once everything submitted is written (or dropped, after an
+        error, which stays for wait())."""
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+    def _run(self) -> None:
+        cond = self._cond
+        while True:
+            with cond:
+                while not self._queue and not self._closing:
+                    cond.wait()
+                if not self._queue:
+                    return
+                pieces = self._queue.popleft()
+                self._writing = True
+            error = None
+            try:
+                self.sink.write_pieces(pieces)
+            except BaseException as err:  # for the thread that submitted
+                error = err
+            self.on_written(self.sink.pieces_written, len(pieces))
+            with cond:
+                self._writing = False
+                self.waiting_bytes -= sum(map(len, pieces))
+                if error is not None:
+                    self._error = error
+                    self._queue.clear()
+                    self.waiting_bytes = 0
+                cond.notify_all()
+
+
 class GzipSink(Sink):
     """A file ending in .gz: gzip-compressed pcapng, which Wireshark and tshark open as is.
 
