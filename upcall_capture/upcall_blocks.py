@@ -344,9 +344,18 @@ class UpcallBlocks:
                 interface = self._slow_packet(out, record, dropped).interface
                 dropped = 0
                 continue
-            described = None
-            # In a scan of new keys, only one upcall in scan_sample looks in the cache.
+            described = shed = None
+            # A whole key, read whole, that may go without its text.
+            sheddable = not (decode or flags & (UNREADABLE | F_FAILED) or key_len != key_size
+                             or pkt_len != pkt_size)
+            # In a scan of new keys, only one upcall in scan_sample looks in the cache;
+            # while keys are shed, also one whose key comes again, to be decoded and kept
+            # there (else it alternated: decoded, shed, decoded...).
             looked = misses < scan_after or not misses % scan_sample
+            tried = not looked and sheddable
+            if tried:
+                shed = self._shed(record, key_end, out)
+                looked = shed is None
             if looked:
                 # What the comment and interface depend on: the flags but the trailers'
                 # and F_OUTCOME_SHED (each record's own comments: _own_options), thread,
@@ -367,9 +376,7 @@ class UpcallBlocks:
                     described.options
             else:
                 misses += 1
-                shed = None
-                if not (decode or flags & (UNREADABLE | F_FAILED) or key_len != key_size
-                        or pkt_len != pkt_size):
+                if sheddable and not tried:
                     shed = self._shed(record, key_end, out)
                 if shed is not None:
                     if_id, interface, options = shed
