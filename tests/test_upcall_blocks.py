@@ -135,12 +135,16 @@ def test_a_scan_of_new_upcalls_skips_the_cache_until_they_repeat(monkeypatch):
 def test_while_keys_are_shed_a_scan_that_comes_again_is_decoded_and_kept(monkeypatch):
     # Shedding from a cold start, a storm of 200 flows three times over: each goes
     # without its text once, is decoded when it comes again, and then kept. (Decoded
-    # outside the cache's sample, a key was shed again on its third sighting.)
+    # outside the cache's sample, a key was shed again on its third sighting; and once
+    # decoded, it was shed again on a CPU it had not been seen on.)
     monkeypatch.setattr(upcall_blocks, "SCAN_AFTER_MISSES", 16)
     monkeypatch.setattr(upcall_blocks, "SCAN_SAMPLE", 4)
     blocks = new_blocks()
-    flows = [record(u, 0, tid=1000 + i) for i, u in enumerate(SENT)]  # no two alike
-    data = b"".join(blocks.packets(flows, decode=False) for _ in range(3))
+    # No two alike; each pass on another CPU, as a handler thread may move: the comment
+    # says which, so each pass's upcalls are new to the cache.
+    data = b"".join(blocks.packets([record(u, 0, tid=1000 + i, cpu=cpu)
+                                    for i, u in enumerate(SENT)], decode=False)
+                    for cpu in (0, 1, 0))
     _, packets = blocks_of(data)
     not_decoded = [i for i, p in enumerate(packets)
                    if p.comments[0].split("\n")[1] == comment.NOT_DECODED]

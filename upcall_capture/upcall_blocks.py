@@ -68,11 +68,14 @@ MAX_CACHED_HEADS = 4096
 SCAN_AFTER_MISSES = 1024
 SCAN_SAMPLE = 32
 # With decode=False, a key not in the cache is decoded all the same (and cached) when it
-# was written without its text lately: a storm that repeats gets its keys' text while the
-# capture stays busy, and a scan of new keys pays for none. (Decoding one miss in 8, as
-# before, left a storm of 4,000 repeated flows at 200,000/s 3% to 5% without text.) Keys
-# are remembered by hash, where a collision only decodes a key early, up to this many.
-MAX_UNDECODED_SEEN = 65536
+# was seen lately: a storm that repeats gets its keys' text while the capture stays busy,
+# and a scan of new keys pays for none. (Decoding one miss in 8, as before, left a storm
+# of 4,000 repeated flows at 200,000/s 3% to 5% without text.) Keys are remembered by
+# hash, where a collision only decodes a key early, up to this many; once decoded, still,
+# as the same key on another CPU (the handler thread moved) is a comment not cached yet:
+# forgotten, a storm of 4,000 flows shed from a cold start, each on one CPU and then the
+# other, left 7,977 upcalls without text; now 3,968, one a flow at most.
+MAX_SEEN_WHILE_SHEDDING = 65536
 
 
 def port_and_eth(key_text: str) -> tuple[int | None, bool]:
@@ -272,7 +275,7 @@ class UpcallBlocks:
         self.emitted: list[int] = []
         self.undecoded = 0  # packets written without their key's text
         self._outcomes = _OutcomeLines(outcome_text_share, clock, cpu_clock)
-        self._undecoded_seen: set[int] = set()  # hashes of keys written without text
+        self._seen_while_shedding: set[int] = set()  # hashes of keys
         # Two generations, as in flowkey.KeyCache: hits come from the recent one or are
         # promoted from the older one; a full recent one becomes the older one.
         self._described: dict[tuple, _Described] = {}
@@ -481,21 +484,22 @@ class UpcallBlocks:
     def _shed(self, record: bytes | memoryview, key_end: int, out: bytearray
               ) -> tuple[int, Interface, bytes] | None:
         """The interface and options of a received upcall's whole key written without its
-        text, or None for one to decode after all: a key written so lately, or one whose
+        text, or None for one to decode after all: a key seen so lately, or one whose
         shape is not known yet. In a storm too big to decode this runs for every upcall:
         the options but the key's bytes are cached by what they depend on (the comment's
         first line, and the shape)."""
         key = record[HEADER_SIZE:key_end]
+        # Seen keys are kept, decoded or not: the same key on another CPU or thread is
+        # another comment, not in the cache yet.
+        seen, sighting = self._seen_while_shedding, hash(key)  # a view of bytes: no copy
+        if sighting in seen:
+            return None
+        if len(seen) >= MAX_SEEN_WHILE_SHEDDING:
+            seen.clear()
+        seen.add(sighting)
         shape = key_shape(key)
         if shape is None:
             return None
-        seen, sighting = self._undecoded_seen, hash(key)  # a view of bytes: no copy
-        if sighting in seen:
-            seen.discard(sighting)
-            return None
-        if len(seen) >= MAX_UNDECODED_SEEN:
-            seen.clear()
-        seen.add(sighting)
         port = shape.port(key)
         parts_key = (bytes(record[PID_OFFSET:_PKT_SIZE_AT]), bytes(record[_COMM_AT:HEADER_SIZE]),
                      shape, port)
