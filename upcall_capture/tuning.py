@@ -2,13 +2,16 @@
 (and the traced one's pages) so that an upcall storm costs it less.
 
 cli.py calls `before_attach()` before the probe is compiled and attached, and
-`after_attach(pid)` once it is, for each process traced (--follow attaches again).
+`after_attach(pid)` once it is, for each process traced (--follow attaches again). A
+describing worker (workers.py) calls `tune_gc()` as it starts, and `HeapTrimmer.tick()`
+after each batch.
 """
 
 from __future__ import annotations
 
 import ctypes
 import gc
+import time
 
 from upcall_capture.target import prefault_readonly_data
 
@@ -88,3 +91,31 @@ def tune_gc() -> None:
     What is alive once the probe is attached (bcc's and the imports') is never walked."""
     gc.freeze()
     gc.set_threshold(GC_THRESHOLD, *gc.get_threshold()[1:])
+
+
+# How often a describing worker gives its heap's free pages back.
+TRIM_INTERVAL_S = 1.0
+
+
+class HeapTrimmer:
+    """Give glibc's free heap pages back to the system now and then (malloc_trim).
+
+    A worker in a long storm of new flows with outcomes on reached 64 to 66 MB, over the
+    60 MB a worker may take, while glibc held 19 MB of it free between the batches' large
+    buffers and the caches' entries. A trim a second costs some hundreds of microseconds;
+    pinning the mmap threshold instead (as the main process does) cost the worker 11% to
+    18% more CPU, its batch buffers being mapped and faulted in afresh each time."""
+
+    def __init__(self, interval_s: float = TRIM_INTERVAL_S) -> None:
+        self.interval_s = interval_s
+        self._next = time.monotonic() + interval_s
+        try:
+            self._trim = ctypes.CDLL(None).malloc_trim
+        except (OSError, AttributeError):  # not glibc: nothing to trim
+            self._trim = None
+
+    def tick(self) -> None:
+        now = time.monotonic()
+        if now >= self._next and self._trim is not None:
+            self._next = now + self.interval_s
+            self._trim(0)

@@ -54,6 +54,7 @@ from typing import BinaryIO
 from upcall_capture.errors import CaptureError
 from upcall_capture.interfaces import InterfaceTable, WorkerBatch
 from upcall_capture.ports import PortNames, dpctl_show, no_port_names
+from upcall_capture.tuning import HeapTrimmer
 from upcall_capture.upcall_blocks import OUTCOME_TEXT_SHARE, UpcallBlocks
 
 # Records sent to workers and not yet back, beyond which the reader waits: at 100,000
@@ -444,10 +445,13 @@ class _Describer:
 def serve(requests: BinaryIO, replies: BinaryIO, shedding: SheddingFlag) -> None:
     """A worker: batches in, blocks out, until the main process closes its end."""
     describer = _Describer(pickle.loads(_read_frame(requests)), shedding)
+    trimmer = HeapTrimmer()
     while (meta := _read_frame(requests)) is not None \
             and (blob := _read_frame(requests)) is not None:
         built, blocks = describer.build(pickle.loads(meta), blob)
         _write_frames(replies, pickle.dumps(built), blocks)
+        del blob, blocks  # freed before a trim
+        trimmer.tick()
 
 
 if __name__ == "__main__":
