@@ -169,7 +169,34 @@ class Sink:
         self._direct = None
 
 
-class WriteBehind:
+class _Background:
+    """A thread of the object's own running its `_run()`, with a condition to wait on, a
+    flag that asks it to end once its work is done, and the error that ended it, kept
+    for the thread that gave it the work (_raise_error)."""
+
+    def _start(self, name: str) -> None:
+        self._closing = False
+        self._error: BaseException | None = None
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        raise NotImplementedError
+
+    def _end(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._cond.notify_all()
+        self._thread.join()
+
+    def _raise_error(self) -> None:
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise error
+
+
+class WriteBehind(_Background):
     """A sink's writes in a thread of their own, in the order given, so that the thread
     that builds the blocks goes on while a write waits for the disk. A direct write of a
     megabyte took 2 ms here: in a storm of 250,000 new flows/s the output thread spent over
@@ -189,11 +216,7 @@ class WriteBehind:
         self.waiting_bytes = 0  # submitted, not written yet
         self._queue: deque[Sequence[bytes | bytearray]] = deque()
         self._writing = False
-        self._closing = False
-        self._error: BaseException | None = None
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="writer", daemon=True)
-        self._thread.start()
+        self._start("writer")
 
     def submit(self, pieces: Sequence[bytes | bytearray]) -> None:
         size = sum(map(len, pieces))
@@ -216,15 +239,7 @@ class WriteBehind:
     def close(self) -> None:
         """End the thread once everything submitted is written (or dropped, after an
         error, which stays for wait())."""
-        with self._cond:
-            self._closing = True
-            self._cond.notify_all()
-        self._thread.join()
-
-    def _raise_error(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
+        self._end()
 
     def _run(self) -> None:
         cond = self._cond
@@ -328,7 +343,7 @@ def open_stdout() -> Sink:
     return Sink(fd, "standard output", truncatable=False)
 
 
-class OutputThread:
+class OutputThread(_Background):
     """Hands batches to `handle(batch, dropped, prepared)` in a thread of its own, in order.
 
     `prepare(batch, dropped)` runs first in the caller's thread, for work that must be
@@ -353,11 +368,7 @@ class OutputThread:
         self.max_batch = max_batch
         self._queue: deque[tuple[Sequence, int, object]] = deque()
         self._pending = 0  # records queued or being handled
-        self._closing = False
-        self._error: BaseException | None = None
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._run, name="output", daemon=True)
-        self._thread.start()
+        self._start("output")
 
     def put(self, batch: Sequence, dropped: int = 0) -> None:
         """Queue a batch, in pieces of at most max_batch (so that what is built from one
@@ -378,16 +389,8 @@ class OutputThread:
 
     def close(self) -> None:
         """Wait until every batch has been handled, then end the thread."""
-        with self._cond:
-            self._closing = True
-            self._cond.notify_all()
-        self._thread.join()
+        self._end()
         self._raise_error()
-
-    def _raise_error(self) -> None:
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
 
     def _run(self) -> None:
         cond = self._cond
