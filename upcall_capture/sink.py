@@ -203,10 +203,10 @@ class WriteBehind(_Background):
     half its time in writes, while the workers' replies waited and the workers with them.
 
     At most `max_bytes` wait to be written (submit() waits for room). Each submit() is
-    followed by `on_written(written, submitted)`: how many of its pieces are in the
-    file, of how many. The first error (a
-    CaptureError: the sink cut the file back to its last good piece) ends the writing:
-    what waits is dropped, and the next submit() or wait() raises it."""
+    followed by `on_written(written, submitted)`: how many of its pieces are in the file,
+    of how many. The first error (a CaptureError: the sink cut the file back to its last
+    good piece) ends the writing: what waits is dropped, and the next submit() or wait()
+    raises it."""
 
     def __init__(self, sink: Sink, on_written: Callable[[int, int], None], *,
                  max_bytes: int = 4 << 20) -> None:
