@@ -288,7 +288,6 @@ class WorkerPool:
                  max_in_flight: int = MAX_IN_FLIGHT) -> None:
         self.settings = settings
         self.max_in_flight = max_in_flight
-        self.decoding = True  # False: new keys are shed (pace)
         self.workers: list[_Worker] = []
         self.undecoded = 0  # packets written without their key's text
         self._in_flight = 0
@@ -334,11 +333,14 @@ class WorkerPool:
         """Shed new keys while recv_upcall's ring fills up (its share held at the last
         read): the workers are that far behind, and no packet is lost for a key."""
         if self.decoding and ring_fill >= SHED_KEYS_ABOVE:
-            self.decoding = False
             self.shedding.set(True)
         elif not self.decoding and ring_fill <= SHED_KEYS_UNTIL:
-            self.decoding = True
             self.shedding.set(False)
+
+    @property
+    def decoding(self) -> bool:
+        """New keys are decoded: the workers' shared flag is down."""
+        return not self.shedding
 
     @property
     def behind(self) -> bool:
