@@ -214,7 +214,7 @@ class WriteBehind(_Background):
         self.on_written = on_written
         self.max_bytes = max_bytes
         self.waiting_bytes = 0  # submitted, not written yet
-        self._queue: deque[Sequence[bytes | bytearray]] = deque()
+        self._queue: deque[tuple[Sequence[bytes | bytearray], int]] = deque()  # and size
         self._writing = False
         self._start("writer")
 
@@ -225,7 +225,7 @@ class WriteBehind(_Background):
                     and self._error is None:
                 self._cond.wait()
             self._raise_error()
-            self._queue.append(pieces)
+            self._queue.append((pieces, size))
             self.waiting_bytes += size
             self._cond.notify_all()
 
@@ -249,7 +249,7 @@ class WriteBehind(_Background):
                     cond.wait()
                 if not self._queue:
                     return
-                pieces = self._queue.popleft()
+                pieces, size = self._queue.popleft()
                 self._writing = True
             error = None
             try:
@@ -259,7 +259,7 @@ class WriteBehind(_Background):
             self.on_written(self.sink.pieces_written, len(pieces))
             with cond:
                 self._writing = False
-                self.waiting_bytes -= sum(map(len, pieces))
+                self.waiting_bytes -= size
                 if error is not None:
                     self._error = error
                     self._queue.clear()
