@@ -23,24 +23,22 @@ runs each way: median 0.27 and 0.25, highest 0.54 and 0.96 then; 0.21 and 0.20, 
 0.48 and 0.56 now. Before the capture sheds keys it sheds outcomes (`behind`:
 outcomes.HandlerOps.pace).
 
-Workers are separate interpreters (`python -m upcall_capture.workers`) on two pipes:
-frames of a 4-byte length and a payload, the batch's records in one payload, never one
-object per record. A thread of the main process's writes each worker's pipe, so that the
-ring's reader never waits for a worker busy with earlier batches, and another reads its
-replies, so that the worker never waits for the output thread busy writing the file.
-The worker itself is one thread (one reading ahead cost it a microsecond an upcall,
-handing the GIL back and forth).
+Workers are separate interpreters (`python -m upcall_capture.workers`), each with two
+pipes and two rings in memory it shares with us (channel.py): a batch's records go as
+one chunk of a ring, never one object per record, its blocks come back the same way,
+and a small frame through the pipe says so. A thread of the main process's sends to
+each worker, so that the ring's reader never waits for a worker busy with earlier
+batches, and another takes its replies, so that the worker never waits for the output
+thread busy writing the file. The worker itself is one thread (one reading ahead cost
+it a microsecond an upcall, handing the GIL back and forth).
 """
 
 from __future__ import annotations
 
-import ctypes
-import fcntl
 import mmap
 import os
 import pickle
 import queue
-import struct
 import subprocess
 import sys
 import threading
@@ -51,6 +49,8 @@ from dataclasses import dataclass
 from itertools import accumulate
 from typing import BinaryIO
 
+from upcall_capture import channel
+from upcall_capture.channel import SharedMemory
 from upcall_capture.errors import CaptureError
 from upcall_capture.interfaces import InterfaceTable, WorkerBatch
 from upcall_capture.ports import PortNames, dpctl_show, no_port_names
@@ -67,12 +67,8 @@ MAX_IN_FLIGHT = 16384
 # outcomes.SHED_ABOVE).
 SHED_KEYS_ABOVE = 1 / 4
 SHED_KEYS_UNTIL = 1 / 32
-# Replies read from a worker's pipe ahead of the output thread: batches of up to 256.
+# Replies taken from a worker ahead of the output thread: batches of up to 256.
 REPLIES_AHEAD = 16
-_FRAME = struct.Struct("<I")
-_F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Linux), not named by Python 3.11
-# A few batches: 4 MiB where we may (root), else /proc/sys/fs/pipe-max-size's default.
-_PIPE_BYTES = (4 << 20, 1 << 20)
 
 
 def default_count() -> int:
@@ -119,117 +115,77 @@ class _Built:
     cpu_seconds: float
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-_libc.mmap.restype = ctypes.c_void_p
-_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                       ctypes.c_int, ctypes.c_long)
-_libc.munmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t)
-_MAP_FAILED = ctypes.c_void_p(-1).value
-
-
 class SheddingFlag:
     """One byte in memory shared with the workers: non-zero while keys are shed. A
     worker looks at it before each batch, so a batch sent for decoding is shed as soon
-    as the capture falls behind, not only those sent after.
-
-    `fd` (a memfd) is there for the workers to map, until forget_fd(). The memory is
-    mapped through libc rather than Python's mmap, which keeps a duplicate fd open all
-    along: an fd held on met bcc's cleanup, which closed it again when --follow closed
-    the old probe (an fd number bcc had used and closed during its load)."""
+    as the capture falls behind, not only those sent after. `fd` is for the workers to
+    map, until forget_fd() (SharedMemory says why)."""
 
     def __init__(self, fd: int | None = None) -> None:
-        self.fd: int | None = os.memfd_create("upcall-capture-shedding") \
-            if fd is None else fd
-        if fd is None:
-            os.ftruncate(self.fd, mmap.PAGESIZE)
-        address = _libc.mmap(None, mmap.PAGESIZE, mmap.PROT_READ | mmap.PROT_WRITE,
-                             mmap.MAP_SHARED, self.fd, 0)
-        if address == _MAP_FAILED:
-            errno = ctypes.get_errno()
-            self.forget_fd()
-            raise OSError(errno, os.strerror(errno))
-        self._address = address
-        self._byte = ctypes.c_ubyte.from_address(address)
+        self._memory = SharedMemory(mmap.PAGESIZE, fd, name="upcall-capture-shedding")
+        self._byte = self._memory.view[:1]
+
+    @property
+    def fd(self) -> int | None:
+        return self._memory.fd
 
     def forget_fd(self) -> None:
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
+        self._memory.forget_fd()
 
     def set(self, shedding: bool) -> None:
-        self._byte.value = shedding
+        self._byte[0] = shedding
 
     def __bool__(self) -> bool:
-        return self._byte.value != 0
+        return self._byte[0] != 0
 
     def close(self) -> None:
-        self.forget_fd()
-        if self._address is not None:
-            self._byte = None
-            _libc.munmap(self._address, mmap.PAGESIZE)
-            self._address = None
-
-
-def _write_frames(stream: BinaryIO, *payloads: bytes | bytearray) -> None:
-    for payload in payloads:
-        stream.write(_FRAME.pack(len(payload)))
-        stream.write(payload)
-    stream.flush()
-
-
-def _read_frame(stream: BinaryIO) -> bytes | None:
-    head = stream.read(_FRAME.size)
-    if len(head) < _FRAME.size:
-        return None
-    (length,) = _FRAME.unpack(head)
-    payload = stream.read(length)
-    return payload if len(payload) == length else None
-
-
-def _widen(fd: int) -> None:
-    """Let a worker write its next batch while we still read the last one."""
-    for size in _PIPE_BYTES:
-        try:
-            fcntl.fcntl(fd, _F_SETPIPE_SZ, size)
-            return
-        except OSError:
-            continue  # the default 64 KiB works, with more waiting
+        self._byte.release()
+        self._memory.close()
 
 
 class _Worker:
     def __init__(self, settings: BlockSettings, number: int, shedding: SheddingFlag) -> None:
         self.number = number
-        # A session of its own: the terminal's Ctrl-C is the main process's to handle.
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "upcall_capture.workers", str(shedding.fd)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
-            pass_fds=(shedding.fd,))
-        _widen(self.process.stdin.fileno())
-        _widen(self.process.stdout.fileno())
+        self._memory = SharedMemory(channel.pair_size(), name=f"upcall-capture-{number}")
+        try:
+            # A session of its own: the terminal's Ctrl-C is the main process's to handle.
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "upcall_capture.workers", str(shedding.fd),
+                 str(self._memory.fd)],
+                stdin=subprocess.PIPE, stdout=subprocess.PIPE, start_new_session=True,
+                pass_fds=(shedding.fd, self._memory.fd))
+        except OSError:
+            self._memory.close()
+            raise
+        self._memory.forget_fd()
+        self._requests, self._replies = channel.ring_pair(self._memory.view)
         self.in_flight = 0  # records sent, not yet back
         self.cpu_seconds = 0.0
         self.table_sent: tuple[int, int] | None = None  # (section, entries) last sent
-        # Batches are written to the pipe by a thread of the main process's, so that the
-        # reader of the ring never waits for a worker that is busy with earlier ones.
+        # Batches are sent by a thread of the main process's, so that the reader of the
+        # ring never waits for a worker that is busy with earlier ones.
         self._outbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._outbox.put((pickle.dumps(settings),))
+        self._outbox.put((pickle.dumps(settings), b""))
         self._sender = threading.Thread(target=self._send_all, name=f"worker-{number}",
                                         daemon=True)
         self._sender.start()
-        # Its replies are read as soon as it writes them, by another: the output thread,
+        # Its replies are taken as soon as it makes them, by another: the output thread,
         # busy writing the file, left the worker blocked on a full pipe a quarter of its
-        # time in a storm of 250,000 new flows/s. At most REPLIES_AHEAD wait read (a few
+        # time in a storm of 250,000 new flows/s. At most REPLIES_AHEAD wait taken (a few
         # MB: with MAX_IN_FLIGHT's worth, the main process's peak RSS grew by 14 MB).
         self._inbox: queue.Queue = queue.Queue(maxsize=REPLIES_AHEAD)
         self._receiver = threading.Thread(target=self._receive_all,
                                           name=f"worker-{number}-replies", daemon=True)
         self._receiver.start()
 
+    def _alive(self) -> bool:
+        return self.process.poll() is None
+
     def _send_all(self) -> None:
         stream = self.process.stdin
         try:
-            while (frames := self._outbox.get()) is not None:
-                _write_frames(stream, *frames)
+            while (message := self._outbox.get()) is not None:
+                channel.send(stream, self._requests, *message, self._alive)
             stream.close()
         except (BrokenPipeError, ValueError):
             pass  # the worker is gone: receive() says so
@@ -239,9 +195,8 @@ class _Worker:
 
     def _receive_all(self) -> None:
         stream = self.process.stdout
-        while (meta := _read_frame(stream)) is not None \
-                and (blocks := _read_frame(stream)) is not None:
-            self._inbox.put((meta, blocks))
+        while (reply := channel.receive(stream, self._replies)) is not None:
+            self._inbox.put(reply)
         self._inbox.put(None)  # the worker is gone
 
     def receive(self) -> tuple[_Built, bytes]:
@@ -270,6 +225,10 @@ class _Worker:
             self.process.wait()
         self._receiver.join(timeout=5)
         self.process.stdout.close()
+        if not (self._sender.is_alive() or self._receiver.is_alive()):
+            self._requests.release()
+            self._replies.release()
+            self._memory.close()  # else left mapped: a thread may still touch it
 
 
 @dataclass(frozen=True)
@@ -444,15 +403,25 @@ class _Describer:
             cpu_seconds=time.process_time() - started), built
 
 
-def serve(requests: BinaryIO, replies: BinaryIO, shedding: SheddingFlag) -> None:
+def serve(requests: BinaryIO, replies: BinaryIO, shedding: SheddingFlag,
+          memory: SharedMemory) -> None:
     """A worker: batches in, blocks out, until the main process closes its end."""
-    describer = _Describer(pickle.loads(_read_frame(requests)), shedding)
+    incoming, outgoing = channel.ring_pair(memory.view)
+    parent = os.getppid()
+
+    def alive() -> bool:  # the main process, which takes our replies
+        return os.getppid() == parent
+
+    settings = channel.receive(requests, incoming)
+    if settings is None:
+        return
+    describer = _Describer(pickle.loads(settings[0]), shedding)
     trimmer = HeapTrimmer()
-    while (meta := _read_frame(requests)) is not None \
-            and (blob := _read_frame(requests)) is not None:
+    while (request := channel.receive(requests, incoming)) is not None:
+        meta, blob = request
         built, blocks = describer.build(pickle.loads(meta), blob)
-        _write_frames(replies, pickle.dumps(built), blocks)
-        del blob, blocks  # freed before a trim
+        channel.send(replies, outgoing, pickle.dumps(built), blocks, alive)
+        del request, blob, blocks  # freed before a trim
         trimmer.tick()
 
 
@@ -465,6 +434,8 @@ if __name__ == "__main__":
     try:
         shedding = workers.SheddingFlag(int(sys.argv[1]))
         shedding.forget_fd()
-        workers.serve(sys.stdin.buffer, sys.stdout.buffer, shedding)
+        memory = SharedMemory(channel.pair_size(), int(sys.argv[2]))
+        memory.forget_fd()
+        workers.serve(sys.stdin.buffer, sys.stdout.buffer, shedding, memory)
     except (BrokenPipeError, KeyboardInterrupt):
         pass
