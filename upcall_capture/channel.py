@@ -10,14 +10,16 @@ storm of new flows, where the worker is what keeps up or not.
 
 A ring (ByteRing) is a FIFO of variable-size chunks with one writer and one reader, in
 two processes. Each chunk is contiguous: one that would run past the end starts at the
-beginning again, and the bytes skipped count as used until it is released. The reader
-copies a chunk out and releases it at once, so that nothing of ours keeps a view into
-the memory (a view of it could not be hashed, as the describer hashes keys, either). A
-bulk larger than the ring goes through the pipe after its frame.
+beginning again, and the bytes skipped count as used until the reader is past them.
+The reader copies a chunk out and releases it at once, so that nothing of ours keeps a
+view into the memory (a view of it could not be hashed, as the describer hashes keys,
+either). A bulk larger than the ring goes through the pipe after its frame.
 
 Waiting: the writer waits for room by looking at the reader's released position, a few
-times a millisecond at most. A ring is full only while its reader is busy with what is
-in it, so the look is rare in practice, and it notices a peer that is gone (`alive`).
+times a millisecond at most, and notices a peer that is gone (`alive`). A ring is full
+only while its reader is busy with what is in it: in a storm the main process waits so
+for a worker that is behind, as it waited on a full pipe before, and a worker, now and
+then, for the output thread.
 
 Ordering: the frame that announces a chunk is written after the chunk, and read before
 it, through the kernel; the released position is one aligned 8-byte store, after the
@@ -37,9 +39,10 @@ from typing import BinaryIO
 
 from upcall_capture.probe.ring_buffer import Position
 
-# Each ring's room: a few batches of 256 records (some 150 KB each with 350-byte packets),
-# more than the 1 MiB pipe it replaces held. Both processes touch every page in time, so
-# it counts in both one's peak RSS: two rings a worker.
+# Each ring's room: a dozen batches of 256 records (some 150 KB each with 350-byte
+# packets), twice the pipe it replaces held here (1 MiB: more needs CAP_SYS_RESOURCE).
+# Both processes touch every page in time, so it counts in both one's peak RSS: two rings
+# a worker took a worker's peak from 53 to 56 MB.
 RING_BYTES = 2 << 20
 # The writer's wait for room: from this, doubling up to WAIT_MAX_S.
 WAIT_MIN_S = 0.0001
