@@ -308,3 +308,36 @@ def test_a_pool_closes_at_once_with_replies_nobody_collected():
     pool.close()
     assert time.monotonic() - started < 3
     assert pool.workers[0].process.returncode == 0  # it ended of itself, not killed
+
+
+def test_a_worker_gone_while_its_ring_is_full_ends_the_capture_not_a_wait():
+    # The sender waits for room in the worker's request ring (channel.ByteRing): a worker
+    # that died meanwhile must end that wait, and the capture must say so.
+    import os
+    import signal
+    import time
+
+    from upcall_capture import channel
+    from upcall_capture.errors import CaptureError
+
+    pool = workers.WorkerPool(1, SETTINGS)
+    try:
+        worker = pool.workers[0]
+        builder = PooledBlocks(pool, SETTINGS, lambda: 1)
+        builder.blocks(builder.prepare(storm(MIXED, 10, unique=False), 0, None))
+        os.kill(worker.process.pid, signal.SIGSTOP)
+        records = storm(MIXED, 8000, unique=True)
+        batches = in_batches(records, 200)
+        assert sum(map(len, records)) > 2 * channel.RING_BYTES  # more than the ring holds
+        tickets = [builder.prepare(batch, 0, None) for batch in batches]
+        time.sleep(0.2)  # the sender is now waiting for room, with batches still to send
+        assert worker._sender.is_alive() and not worker._outbox.empty()
+        os.kill(worker.process.pid, signal.SIGKILL)
+        with pytest.raises(CaptureError, match="worker 0 exited"):
+            builder.blocks(tickets[0])
+        worker._sender.join(timeout=2)
+        assert not worker._sender.is_alive()
+    finally:
+        started = time.monotonic()
+        pool.close()
+        assert time.monotonic() - started < 3
