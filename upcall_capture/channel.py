@@ -44,6 +44,7 @@ from upcall_capture.probe.ring_buffer import Position
 # Both processes touch every page in time, so it counts in both one's peak RSS: two rings
 # a worker took a worker's peak from 53 to 56 MB.
 RING_BYTES = 2 << 20
+PAIR_BYTES = 2 * (mmap.PAGESIZE + RING_BYTES)  # a worker's two, each after its header page
 # The writer's wait for room: from this, doubling up to WAIT_MAX_S.
 WAIT_MIN_S = 0.0001
 WAIT_MAX_S = 0.002
@@ -174,10 +175,6 @@ def receive(stream: BinaryIO, ring: ByteRing) -> tuple[bytes, bytes] | None:
 
 
 def ring_pair(memory: memoryview) -> tuple[ByteRing, ByteRing]:
-    """A worker's two rings in its shared memory (of pair_size()): requests, replies."""
+    """A worker's two rings in its shared memory (PAIR_BYTES): requests, replies."""
     half = len(memory) // 2
     return ByteRing(memory[:half]), ByteRing(memory[half:])
-
-
-def pair_size() -> int:
-    return 2 * (mmap.PAGESIZE + RING_BYTES)

@@ -146,7 +146,7 @@ class SheddingFlag:
 class _Worker:
     def __init__(self, settings: BlockSettings, number: int, shedding: SheddingFlag) -> None:
         self.number = number
-        self._memory = SharedMemory(channel.pair_size(), name=f"upcall-capture-{number}")
+        self._memory = SharedMemory(channel.PAIR_BYTES, name=f"upcall-capture-{number}")
         try:
             # A session of its own: the terminal's Ctrl-C is the main process's to handle.
             self.process = subprocess.Popen(
@@ -434,7 +434,7 @@ if __name__ == "__main__":
     try:
         shedding = workers.SheddingFlag(int(sys.argv[1]))
         shedding.forget_fd()
-        memory = SharedMemory(channel.pair_size(), int(sys.argv[2]))
+        memory = SharedMemory(channel.PAIR_BYTES, int(sys.argv[2]))
         memory.forget_fd()
         workers.serve(sys.stdin.buffer, sys.stdout.buffer, shedding, memory)
     except (BrokenPipeError, KeyboardInterrupt):
