@@ -453,11 +453,20 @@ class _Switch:
     def __init__(self) -> None:
         self.fill = 0.0
         self.on = False
+        self.hooked = True  # the ops probes' uprobes are in the process
+        self.can_rehook = True  # False: the process is gone
 
     def mark_outcomes_shed(self, on: bool) -> None:
         self.on = on
 
     shed = mark_outcomes_shed
+
+    def unhook(self) -> None:
+        self.hooked = False
+
+    def rehook(self) -> bool:
+        self.hooked = self.can_rehook
+        return self.hooked
 
 
 def test_outcomes_are_shed_while_the_ring_fills_or_the_workers_fall_behind(monkeypatch):
@@ -471,7 +480,7 @@ def test_outcomes_are_shed_while_the_ring_fills_or_the_workers_fall_behind(monke
     def pace(fill: float, behind: bool) -> bool:
         recv.fill = fill
         ops.pace(recv, behind)
-        assert recv.on == ops_probe.on == ops.shedding
+        assert recv.on == ops_probe.on == ops.shedding != ops_probe.hooked
         return ops.shedding
 
     assert not pace(0.0, False)
@@ -486,6 +495,16 @@ def test_outcomes_are_shed_while_the_ring_fills_or_the_workers_fall_behind(monke
     now[0] += outcomes.MIN_SHED_NS
     assert pace(outcomes.SHED_ABOVE / 2, False)
     assert not pace(outcomes.SHED_UNTIL, False)
+    # The probes cannot go back in (the process is gone): upcalls stay marked shed, none
+    # waits for ops that no probe sees.
+    now[0] += outcomes.RECOVERED_NS
+    assert pace(outcomes.SHED_ABOVE, False)
+    now[0] += outcomes.MIN_SHED_NS
+    ops_probe.can_rehook = False
+    assert pace(0.0, False)
+    # The time they were out: 1 s, 1 s and 2 s, the last one still running.
+    now[0] += 10**9
+    assert ops.unhooked_s == 4.0
 
 
 def test_an_upcall_described_once_keeps_its_key_text_whatever_its_outcome_carries():
@@ -770,10 +789,50 @@ def test_an_overloaded_capture_sheds_outcomes_never_guesses_and_says_so(replay, 
     shed = [p for p in packets if p[2] == shed_line]
     assert shed, "the capture never shed: the test's ring is not small enough"
     assert f"{len(shed)} capture overloaded" in stderr
-    # The probe counted the ops it did not copy: there were some.
-    assert re.search(r"; [1-9]\d* not copied \(capture overloaded\)$", stderr, re.M)
+    # The probe counted the ops it did not copy before it was out of the process: there
+    # were some.
+    assert re.search(r"; [1-9]\d* not copied \(capture overloaded\); the probes were out "
+                     r"for \d+\.\d s \(capture overloaded\)$", stderr, re.M)
     # Every other outcome is still exactly the replay's.
     check_outcomes([p for p in packets if p[2] != shed_line])
+
+
+@pytest.mark.capture
+def test_shed_ops_probes_leave_the_traced_process_and_come_back(replay):
+    import time
+
+    from upcall_capture.probe.ops_probe import OpsProbe
+
+    source = replay(MIXED, "-O", "-r", "5000", "-n", "100000")
+    probe = OpsProbe(source.pid)
+    probe.attach()
+    try:
+        source.start()
+
+        def ops_in(seconds: float) -> int:
+            before = probe.counters()
+            time.sleep(seconds)
+            after = probe.counters()
+            return after.puts + after.executes + after.shed - \
+                (before.puts + before.executes + before.shed)
+
+        assert ops_in(0.3) > 500
+        probe.shed(True)
+        probe.unhook()
+        probe.wait_unhooked()
+        # Out of the process: nothing runs the program, not even to count a shed op.
+        assert ops_in(0.3) == 0
+        assert probe.rehook()
+        assert ops_in(0.3) > 500
+        # Twice over, as a storm does.
+        probe.unhook()
+        probe.wait_unhooked()
+        assert ops_in(0.3) == 0
+        assert probe.rehook()
+        probe.shed(False)
+        assert ops_in(0.3) > 500
+    finally:
+        probe.close()
 
 
 @pytest.mark.capture

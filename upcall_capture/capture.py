@@ -487,7 +487,8 @@ class Capture:
             undecoded=sum(getattr(output, "undecoded", 0) for output in self.outputs),
             kernel=None if kernel is None else kernel_report(
                 kernel.lost, self.failed, kernel.counters(), kernel.filtered, kernel.matcher),
-            outcomes=None if ops is None else outcomes_report(ops.stage.counts, ops.totals),
+            outcomes=None if ops is None else outcomes_report(ops.stage.counts, ops.totals,
+                                                             ops.unhooked_s),
         )
 
     def _prepare(self, records: Sequence[bytes], dropped: int) -> list:

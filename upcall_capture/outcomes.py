@@ -384,7 +384,9 @@ class HandlerOps:
         self._shed_for_ns = MIN_SHED_NS
         self._shed_until_ns = 0
         self._resumed_ns = -RECOVERED_NS
+        self._out_since_ns: int | None = None  # while the probes are out (shedding)
         self._earlier = OpsCounters(0, 0, 0, 0)  # the probes' of earlier processes
+        self._unhooked_ns = 0  # the time the probes were out of the process, before now
 
     def resolve(self, records: Sequence[bytes | memoryview], horizon_ns: int | None) -> list:
         """The records whose outcome is known, with it (all of them: horizon_ns None)."""
@@ -414,7 +416,8 @@ class HandlerOps:
         read), so that no packet is lost for an outcome, and while the describing
         workers fall behind, so that no key goes without its text for one. The stage's
         span covers both switches, so that a record of the moments between them is shed
-        too."""
+        too. While shed, the probes are out of the traced process (OpsProbe.unhook): in
+        a storm, its handlers and the capture share the cores."""
         if self.probe is None:
             return
         now = time.monotonic_ns()  # the clock of bpf_ktime_get_ns()
@@ -422,12 +425,18 @@ class HandlerOps:
             self._shed_for_ns = min(2 * self._shed_for_ns, MAX_SHED_NS) \
                 if now - self._resumed_ns < RECOVERED_NS else MIN_SHED_NS
             self._shed_until_ns = now + self._shed_for_ns
+            self._out_since_ns = now
             self.shedding = True
             self.stage.shed(True, now)
             self.probe.shed(True)
             recv.mark_outcomes_shed(True)
+            self.probe.unhook()
         elif self.shedding and recv.fill <= SHED_UNTIL and not describing_behind and \
                 now >= self._shed_until_ns:
+            # Back in before any upcall goes unmarked; if the process is gone, its exit
+            # ends the capture or moves it on (follow), still shed.
+            if not self.probe.rehook():
+                return
             recv.mark_outcomes_shed(False)
             self._resume()
             self._resumed_ns = now
@@ -436,10 +445,23 @@ class HandlerOps:
         self.probe.shed(False)
         self.stage.shed(False, time.monotonic_ns())
         self.shedding = False
+        self._count_out_time()
+
+    def _count_out_time(self) -> None:
+        if self._out_since_ns is not None:
+            self._unhooked_ns += time.monotonic_ns() - self._out_since_ns
+            self._out_since_ns = None
+
+    @property
+    def unhooked_s(self) -> float:
+        """How long the probes were out of the traced processes, shedding."""
+        now = 0 if self._out_since_ns is None else time.monotonic_ns() - self._out_since_ns
+        return (self._unhooked_ns + now) / 1e9
 
     def stop(self) -> None:
         if self.probe is not None:
             self.stage.add_ops(self.probe.stop(), self.lost)
+        self._count_out_time()  # out until the end, if shedding still
 
     @property
     def lost(self) -> int:
@@ -474,8 +496,10 @@ class HandlerOps:
             self.probe.close()
 
 
-def report(counts: OutcomeCounts, probes: OpsCounters) -> str:
-    """The summary's line for outcomes, with the probes' lost and shed ops events."""
+def report(counts: OutcomeCounts, probes: OpsCounters, unhooked_s: float = 0.0) -> str:
+    """The summary's line for outcomes, with the probes' lost and shed ops events, and how
+    long the probes were out of the process (HandlerOps.pace): its ops then went
+    uncounted, and their upcalls' outcomes are the unknown ones said above."""
     lost, shed = probes.lost, probes.shed
     text = (f"outcomes: {counts.put} flow puts, {counts.execute} executes, "
             f"{counts.none} with no flow installed")
@@ -487,6 +511,8 @@ def report(counts: OutcomeCounts, probes: OpsCounters) -> str:
         text += f"; {lost} flow operation events lost (ring full)"
     if shed:
         text += f"; {shed} not copied (capture overloaded)"
+    if unhooked_s:
+        text += f"; the probes were out for {unhooked_s:.1f} s (capture overloaded)"
     return text
 
 
