@@ -180,14 +180,14 @@ def test_while_ops_are_shed_no_outcome_is_guessed():
     stage.add_ops([put(SENT[0].key, exact_mask(SENT[0].key), ktime_ns=1100),
                    put(SENT[2].key, exact_mask(SENT[2].key), ktime_ns=1200)], lost=0)
     assert stage.resolve([z, a, b, c, d], horizon_ns=1300) == []
+    # The shedding begins where the upcalls taken end (1300), not at the switch (1500):
+    # every op before it is in hand, and it cuts their turns short, well within the
+    # window. e, received while shedding, is not kept waiting for ops either.
     stage.shed(True, now_ns=1500)
-    # Not every op before the shedding is in hand yet: they wait on.
-    assert stage.resolve([], horizon_ns=1400) == []
-    # Then the shedding cuts their turns short, well within the window; e, received
-    # while shedding, is not kept waiting for ops either.
+    out = stage.resolve([], horizon_ns=1400)
     e = record(4, 1600)
     stage.add_ops([], lost=0)
-    out = stage.resolve([e], horizon_ns=1700)
+    out += stage.resolve([e], horizon_ns=1700)
     assert [(o.did, o.unknown) for o in outcomes_of(out)] == [
         (0, UNKNOWN_SHED), (DID_PUT, 0), (0, 0), (DID_PUT, 0), (0, UNKNOWN_SHED),
         (0, UNKNOWN_SHED)]
@@ -200,6 +200,28 @@ def test_while_ops_are_shed_no_outcome_is_guessed():
     out = stage.resolve_all([])
     assert [(o.did, o.unknown) for o in outcomes_of(out)] == [(DID_PUT, 0)]
     assert stage.counts.unknown == {UNKNOWN_SHED: 3} and stage.counts.none == 1
+
+
+def test_upcalls_not_taken_when_a_shedding_begins_pass_shed_and_their_ops_are_dropped():
+    # At a storm's start the ring holds upcalls not taken yet, and the ops ring their
+    # ops, copied before the probe stopped copying (1500). The shedding begins at the
+    # end of what was taken (1300): those upcalls pass as shed, untied, and their ops
+    # are dropped unread, whether parsed already (1250 < 1300 stays) or still in the
+    # ring, and counted.
+    stage = Outcomes()
+    a = record(0, 1000)
+    stage.add_ops([put(SENT[0].key, exact_mask(SENT[0].key), ktime_ns=1100),
+                   put(SENT[1].key, exact_mask(SENT[1].key), ktime_ns=1350)], lost=0)
+    assert stage.resolve([a], horizon_ns=1300) == []  # a may still get its execute
+    stage.shed(True, now_ns=1500)
+    b, c = record(1, 1320), record(2, 1400)
+    stage.add_ops([put(SENT[2].key, exact_mask(SENT[2].key), ktime_ns=1450)], lost=0)
+    out = stage.resolve([b, c], horizon_ns=1600)
+    assert [(parse(r).ktime_ns, o.did, o.unknown) for r, o in zip(out, outcomes_of(out))] \
+        == [(1000, DID_PUT, 0), (1320, 0, UNKNOWN_SHED), (1400, 0, UNKNOWN_SHED)]
+    assert stage.counts.dropped_ops == 2 and stage.counts.unmatched_ops == 0
+    assert report(stage.counts, OpsCounters(0, 0, 0, 5)).endswith("; 7 not copied "
+                                                                   "(capture overloaded)")
 
 
 def test_records_leave_in_order_failed_ones_at_once_and_a_put_still_waits():

@@ -128,6 +128,7 @@ class OutcomeCounts:
     none: int = 0
     unknown: dict[int, int] = field(default_factory=dict)  # by UNKNOWN_*
     unmatched_ops: int = 0  # ops of upcalls the capture does not hold
+    dropped_ops: int = 0  # ops copied before a shedding began, and dropped unread by it
 
     @property
     def unknown_total(self) -> int:
@@ -148,16 +149,34 @@ class Outcomes:
         self._lost_before = 0
         # When ops were not copied: [start, end] in probe time, end infinite while on.
         self._shed: list[list[float]] = []
+        self._taken_until = 0  # every upcall before this has been taken (resolve)
 
     def shed(self, on: bool, now_ns: int) -> None:
-        """From now_ns on, the probe copies no ops (on), or copies them again."""
+        """From now_ns on, the probe copies no ops (on), or copies them again.
+
+        A shedding starts where the upcalls taken so far end, not at now_ns: those not
+        taken yet, still in recv_upcall's ring, pass as shed too, and the ops of their
+        time are dropped unread. At a storm's start, tying them one by one (some 30 µs an
+        upcall, most of it parsing ops, on a slow host) kept the main process reading the
+        ring at a fifth of the rate it filled for 200 ms after the switch, and the ring's
+        fill went on up to where keys are shed: each new flow's first upcall went without
+        its key's text."""
         if on:
-            self._shed.append([now_ns, math.inf])
+            start = min(now_ns, self._taken_until)
+            self._shed.append([start, math.inf])
+            kept = bisect.bisect_left(self._ops, start, key=_KTIME)
+            self.counts.dropped_ops += len(self._ops) - kept
+            del self._ops[kept:]
         elif self._shed and self._shed[-1][1] == math.inf:
             self._shed[-1][1] = now_ns
 
     def add_ops(self, events: Sequence[bytes | memoryview], lost: int) -> None:
         """Ops events read from the ring, and the ring's count of lost ones so far."""
+        if self._shed and self._shed[-1][1] == math.inf:  # those copied before it began
+            start = self._shed[-1][0]
+            kept = [raw for raw in events if OP_HEAD.unpack_from(raw)[0] < start]
+            self.counts.dropped_ops += len(events) - len(kept)
+            events = kept
         ops = [parse_op(raw) for raw in events]
         if ops:
             self._ops += ops
@@ -168,6 +187,7 @@ class Outcomes:
         """Take `records` (in time order, all received before horizon_ns), apply the ops
         before the horizon, and return the records whose outcome is settled, or whose
         window closed, in their order."""
+        self._taken_until = max(self._taken_until, horizon_ns)
         if not self._queue and self._all_pass(records):
             # In a storm whose outcomes are shed, nothing else comes: no look at each.
             self._apply_until(horizon_ns, 0)
@@ -500,7 +520,7 @@ def report(counts: OutcomeCounts, probes: OpsCounters, unhooked_s: float = 0.0) 
     """The summary's line for outcomes, with the probes' lost and shed ops events, and how
     long the probes were out of the process (HandlerOps.pace): its ops then went
     uncounted, and their upcalls' outcomes are the unknown ones said above."""
-    lost, shed = probes.lost, probes.shed
+    lost, shed = probes.lost, probes.shed + counts.dropped_ops
     text = (f"outcomes: {counts.put} flow puts, {counts.execute} executes, "
             f"{counts.none} with no flow installed")
     if counts.unknown_total:
