@@ -217,8 +217,9 @@ def test_upcalls_not_taken_when_a_shedding_begins_pass_shed_and_their_ops_are_dr
     b, c = record(1, 1320), record(2, 1400)
     stage.add_ops([put(SENT[2].key, exact_mask(SENT[2].key), ktime_ns=1450)], lost=0)
     out = stage.resolve([b, c], horizon_ns=1600)
-    assert [(parse(r).ktime_ns, o.did, o.unknown) for r, o in zip(out, outcomes_of(out))] \
-        == [(1000, DID_PUT, 0), (1320, 0, UNKNOWN_SHED), (1400, 0, UNKNOWN_SHED)]
+    assert [(parse(r).ktime_ns, o.did, o.unknown)
+            for r, o in zip(out, outcomes_of(out), strict=True)] == \
+        [(1000, DID_PUT, 0), (1320, 0, UNKNOWN_SHED), (1400, 0, UNKNOWN_SHED)]
     assert stage.counts.dropped_ops == 2 and stage.counts.unmatched_ops == 0
     assert report(stage.counts, OpsCounters(0, 0, 0, 5)).endswith("; 7 not copied "
                                                                    "(capture overloaded)")

@@ -33,6 +33,7 @@ _TAILS = (
     ("guest console", "serial.log", 60),
     ("upcall-capture stderr", "results/capture.stderr", 30),
     ("upcall-capture --kernel stderr", "results/failed.stderr", 30),
+    ("upcall-capture shed stderr", "results/shed.stderr", 30),
     ("ovs-vswitchd.log", "results/ovs-vswitchd.log", 30),
 )
 
@@ -557,6 +558,23 @@ def test_received_upcalls_carry_their_queueing_delay(guest: GuestRun) -> None:
         assert found, f"no matched enqueue: {packet.comments}"
         assert 0 < float(found[1]) < 10_000
         assert found[2] in ("veth-a", "veth-b")
+
+
+def test_shed_outcomes_take_the_probes_out_of_ovs_vswitchd_and_back(guest: GuestRun) -> None:
+    from upcall_capture import comment
+
+    stderr = (guest.results / "shed.stderr").read_text(errors="replace")
+    assert (guest.results / "shed.exit").read_text().strip() == "0", stderr
+    # The burst was shed, and the probes were out for a while.
+    assert re.search(r", [1-9]\d* unknown \(.*[1-9]\d* capture overloaded\).*; the probes were "
+                     r"out for \d+\.\d s \(capture overloaded\)$", stderr, re.M), stderr
+    # They went back in: the packet sent once the capture had caught up has its put and
+    # execute tied again, not "capture overloaded".
+    packets = read_packets(guest.results / "shed.pcapng")
+    (marker,) = [p for p, _ in packets if b"upcall-after-shed" in p.data]
+    read = comment.parse_outcome(marker.comments[1])
+    assert read is not None and read.kind == "put", marker.comments
+    assert read.execute_actions is not None, marker.comments
 
 
 def test_every_failed_upcall_is_in_the_file(failed_run: FailedRun) -> None:
