@@ -859,6 +859,32 @@ def test_shed_ops_probes_leave_the_traced_process_and_come_back(replay):
 
 
 @pytest.mark.capture
+def test_probes_put_back_outlive_the_recv_upcall_probes_teardown(replay):
+    import os
+
+    from upcall_capture.probe.loader import RecvUpcallProbe
+    from upcall_capture.probe.ops_probe import OpsProbe
+
+    # bcc's teardown of a program closes again fd numbers it freed while loading it: a
+    # uprobe put back at such a number lost its fd when the capture ended (recv_upcall's
+    # probe is torn down first), and the ops probe's teardown then raised.
+    source = replay(MIXED, "-O", "-n", "10", "-r", "10")
+    recv = RecvUpcallProbe(source.pid, snaplen=64, key_cap=64, buffer_pages=16)
+    recv.attach()
+    ops = OpsProbe(source.pid)
+    try:
+        ops.attach()
+        ops.unhook()
+        assert ops.rehook()
+        recv.close()
+        for fd in ops._bpf.uprobe_fds.values():
+            os.fstat(fd)  # still open
+    finally:
+        recv.close()
+        ops.close()  # raised bcc's "Failed to detach BPF from uprobe"
+
+
+@pytest.mark.capture
 def test_a_backlog_at_the_end_leaves_a_read_at_a_time_whole_and_in_order(replay, tmp_path):
     import os
     import signal

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +23,9 @@ OPS_CAP = 16384
 # 16 MiB: a put is about 400 bytes, an execute its packet and 150 more.
 DEFAULT_RING_PAGES = 4096
 _SHEDDING = 2  # control[0]'s value for it (SHEDDING in flow_ops.c)
+# Where a uprobe put back (rehook) has its fd: above the numbers bcc uses while it loads
+# programs (a few dozen each), which its teardown of a program closes a second time.
+_HIGH_FD = 512
 
 
 def missing_probes(pid: int) -> list[str]:
@@ -78,7 +83,8 @@ class OpsProbe(RingProbe):
         then no longer trap into the kernel at every put and execute, which cost the
         replay a quarter of its time per upcall here, shed or not. bcc takes some 0.2 s
         to detach the two (close() waits for the kernel), so a thread of its own does
-        it, and shed() has stopped the copies already."""
+        it, and shed() has stopped the copies already. The thread is joined before
+        stop() and close(): bcc's cleanup walks the uprobes it changes."""
         self._unhooking = threading.Thread(target=self._detach, name="ops-unhook",
                                            daemon=True)
         self._unhooking.start()
@@ -92,14 +98,24 @@ class OpsProbe(RingProbe):
                     self._unhooked.append(site)
 
     def rehook(self) -> bool:
-        """Put the uprobes back (some 10 ms here); False if the process is gone."""
+        """Put the uprobes back (some 10 ms here); False if the process is gone.
+
+        bcc's teardown of a program closes again fd numbers it freed while loading it
+        (SharedMemory in channel.py met this too). A uprobe attached during the capture
+        takes the lowest free number, one of those: when the recv_upcall probe was torn
+        down (at the end, or --follow), it closed this one's fd, and our own teardown
+        then failed with a traceback. So its fd moves up, out of their way."""
         self.wait_unhooked()
+        fds = self._bpf.uprobe_fds
         while self._unhooked:
             binary, function, address, pid = self._unhooked[-1]
+            before = set(fds)
             try:
                 self._bpf.attach_uprobe(name=binary, fn_name=function, addr=address, pid=pid)
             except Exception:  # bcc raises a bare Exception
                 return False
+            for name in set(fds) - before:
+                fds[name] = _moved_up(fds[name])
             self._unhooked.pop()
         return True
 
@@ -109,10 +125,25 @@ class OpsProbe(RingProbe):
             self._unhooking.join()
             self._unhooking = None
 
+    def stop(self) -> list[memoryview]:
+        self.wait_unhooked()
+        return super().stop()
+
     def close(self) -> None:
-        self.wait_unhooked()  # bcc's cleanup must not race it for the uprobes
+        self.wait_unhooked()
         super().close()
 
     def counters(self) -> OpsCounters:
         table = self._bpf["counters"]
         return OpsCounters(*(int(table.sum(ctypes.c_int(i)).value) for i in range(4)))
+
+
+def _moved_up(fd: int) -> int:
+    """The same open file at a number of _HIGH_FD or more (fd is closed), or fd itself
+    where the process may not open that many."""
+    try:
+        high = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, _HIGH_FD)
+    except OSError:
+        return fd
+    os.close(fd)
+    return high
