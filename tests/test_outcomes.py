@@ -484,8 +484,9 @@ class _Switch:
 
     shed = mark_outcomes_shed
 
-    def unhook(self) -> None:
+    def unhook(self) -> bool:
         self.hooked = False
+        return True
 
     def rehook(self) -> bool:
         self.hooked = self.can_rehook
@@ -818,6 +819,25 @@ def test_an_overloaded_capture_sheds_outcomes_never_guesses_and_says_so(replay, 
                      r"for \d+\.\d s \(capture overloaded\)$", stderr, re.M)
     # Every other outcome is still exactly the replay's.
     check_outcomes([p for p in packets if p[2] != shed_line])
+
+
+@pytest.mark.capture
+def test_after_z_shed_ops_probes_stay_and_the_summary_does_not_say_they_left(
+        replay, tmp_path):
+    # -Z: the root parent holds the uprobes' fds as well, so they cannot leave; the capture
+    # sheds as ever, and says nothing of probes out of the process. (--duration: the
+    # replay, unreaped until the tool ends, is a zombie of root's, which an unprivileged
+    # process cannot tell from a live one.)
+    from conftest import SUMMARY
+
+    packets, stderr = capture_mixed(replay, tmp_path / "out.pcapng", "-u",
+                                    tool_args=("--buffer-pages", "16", "-Z", "nobody",
+                                               "--duration", "3"))
+    assert all(line.startswith("upcall-capture: ") for line in stderr.splitlines()), stderr
+    captured_count, lost = (int(n) for n in SUMMARY.search(stderr).groups()[:2])
+    assert len(packets) == captured_count and captured_count + lost == FIRES
+    assert re.search(r"[1-9]\d* capture overloaded", stderr), stderr
+    assert "the probes were out" not in stderr
 
 
 @pytest.mark.capture

@@ -445,12 +445,12 @@ class HandlerOps:
             self._shed_for_ns = min(2 * self._shed_for_ns, MAX_SHED_NS) \
                 if now - self._resumed_ns < RECOVERED_NS else MIN_SHED_NS
             self._shed_until_ns = now + self._shed_for_ns
-            self._out_since_ns = now
             self.shedding = True
             self.stage.shed(True, now)
             self.probe.shed(True)
             recv.mark_outcomes_shed(True)
-            self.probe.unhook()
+            if self.probe.unhook():
+                self._out_since_ns = now
         elif self.shedding and recv.fill <= SHED_UNTIL and not describing_behind and \
                 now >= self._shed_until_ns:
             # Back in before any upcall goes unmarked; if the process is gone, its exit

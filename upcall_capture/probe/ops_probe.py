@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import fcntl
 import os
@@ -78,24 +77,41 @@ class OpsProbe(RingProbe):
         upcalls that leaves unknown."""
         self._bpf["control"][ctypes.c_int(0)] = ctypes.c_uint32(_SHEDDING if on else 0)
 
-    def unhook(self) -> None:
+    def unhook(self) -> bool:
         """Take the uprobes out of the traced process while the ops are shed: its handlers
         then no longer trap into the kernel at every put and execute, which cost the
         replay a quarter of its time per upcall here, shed or not. bcc takes some 0.2 s
         to detach the two (close() waits for the kernel), so a thread of its own does
         it, and shed() has stopped the copies already. The thread is joined before
-        stop() and close(): bcc's cleanup walks the uprobes it changes."""
+        stop() and close(): bcc's cleanup walks the uprobes it changes.
+
+        Not after -Z: the root parent holds the uprobes' fds too, so they would stay, and
+        bcc's detach, which closes our fd before it looks in tracefs, would fail there
+        and leave that closed number in its table, to be closed again at the next
+        shedding, whatever holds it by then. True: they are being taken out."""
+        if os.geteuid() != 0:
+            return False
         self._unhooking = threading.Thread(target=self._detach, name="ops-unhook",
                                            daemon=True)
         self._unhooking.start()
+        return True
 
     def _detach(self) -> None:
+        fds = self._bpf.uprobe_fds
         for site in self._sites:
             if site not in self._unhooked:
                 binary, _, address, pid = site
-                with contextlib.suppress(Exception):  # bcc's bare Exception
+                try:
                     self._bpf.detach_uprobe(name=binary, addr=address, pid=pid)
-                    self._unhooked.append(site)
+                except Exception:  # bcc's bare Exception
+                    # Failed after it closed the fd, or before: bcc's table keeps only
+                    # open ones, and a closed one's uprobe is gone, to be put back.
+                    closed = [name for name, fd in fds.items() if not _is_open(fd)]
+                    if not closed:
+                        continue
+                    for name in closed:
+                        del fds[name]
+                self._unhooked.append(site)
 
     def rehook(self) -> bool:
         """Put the uprobes back (some 10 ms here); False if the process is gone.
@@ -136,6 +152,14 @@ class OpsProbe(RingProbe):
     def counters(self) -> OpsCounters:
         table = self._bpf["counters"]
         return OpsCounters(*(int(table.sum(ctypes.c_int(i)).value) for i in range(4)))
+
+
+def _is_open(fd: int) -> bool:
+    try:
+        fcntl.fcntl(fd, fcntl.F_GETFD)
+    except OSError:
+        return False
+    return True
 
 
 def _moved_up(fd: int) -> int:
