@@ -206,8 +206,8 @@ def test_upcalls_not_taken_when_a_shedding_begins_pass_shed_and_their_ops_are_dr
     # At a storm's start the ring holds upcalls not taken yet, and the ops ring their
     # ops, copied before the probe stopped copying (1500). The shedding begins at the
     # end of what was taken (1300): those upcalls pass as shed, untied, and their ops
-    # are dropped unread, whether parsed already (1250 < 1300 stays) or still in the
-    # ring, and counted.
+    # are dropped unread and counted, whether parsed already (1350) or still in the ring
+    # (1450); a's put (1100) stays.
     stage = Outcomes()
     a = record(0, 1000)
     stage.add_ops([put(SENT[0].key, exact_mask(SENT[0].key), ktime_ns=1100),

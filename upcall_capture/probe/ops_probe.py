@@ -81,8 +81,8 @@ class OpsProbe(RingProbe):
         """Take the uprobes out of the traced process while the ops are shed: its handlers
         then no longer trap into the kernel at every put and execute, which cost the
         replay a quarter of its time per upcall here, shed or not. bcc takes some 0.2 s
-        to detach the two (close() waits for the kernel), so a thread of its own does
-        it, and shed() has stopped the copies already. The thread is joined before
+        to detach the two here, so a thread of its own does it, and shed() has stopped
+        the copies already. The thread is joined before
         stop() and close(): bcc's cleanup walks the uprobes it changes.
 
         Not after -Z: the root parent holds the uprobes' fds too, so they would stay, and
