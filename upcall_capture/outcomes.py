@@ -404,7 +404,7 @@ class HandlerOps:
         self._shed_for_ns = MIN_SHED_NS
         self._shed_until_ns = 0
         self._resumed_ns = -RECOVERED_NS
-        self._out_since_ns: int | None = None  # while the probes are out (shedding)
+        self._unhooked_since_ns: int | None = None  # while the probes are out (shedding)
         self._earlier = OpsCounters(0, 0, 0, 0)  # the probes' of earlier processes
         self._unhooked_ns = 0  # the time the probes were out of the process, before now
 
@@ -450,7 +450,7 @@ class HandlerOps:
             self.probe.shed(True)
             recv.mark_outcomes_shed(True)
             if self.probe.unhook():
-                self._out_since_ns = now
+                self._unhooked_since_ns = now
         elif self.shedding and recv.fill <= SHED_UNTIL and not describing_behind and \
                 now >= self._shed_until_ns:
             # Back in before any upcall goes unmarked; if the process is gone, its exit
@@ -465,23 +465,24 @@ class HandlerOps:
         self.probe.shed(False)
         self.stage.shed(False, time.monotonic_ns())
         self.shedding = False
-        self._count_out_time()
+        self._count_unhooked_time()
 
-    def _count_out_time(self) -> None:
-        if self._out_since_ns is not None:
-            self._unhooked_ns += time.monotonic_ns() - self._out_since_ns
-            self._out_since_ns = None
+    def _count_unhooked_time(self) -> None:
+        if self._unhooked_since_ns is not None:
+            self._unhooked_ns += time.monotonic_ns() - self._unhooked_since_ns
+            self._unhooked_since_ns = None
 
     @property
     def unhooked_s(self) -> float:
         """How long the probes were out of the traced processes, shedding."""
-        now = 0 if self._out_since_ns is None else time.monotonic_ns() - self._out_since_ns
+        since = self._unhooked_since_ns
+        now = 0 if since is None else time.monotonic_ns() - since
         return (self._unhooked_ns + now) / 1e9
 
     def stop(self) -> None:
         if self.probe is not None:
             self.stage.add_ops(self.probe.stop(), self.lost)
-        self._count_out_time()  # out until the end, if shedding still
+        self._count_unhooked_time()  # out until the end, if shedding still
 
     @property
     def lost(self) -> int:
