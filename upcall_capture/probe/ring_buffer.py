@@ -107,29 +107,34 @@ class RingReader:
         self.backlog = False
         if length < _HEADER.size:
             return []
-        header = _HEADER.unpack_from
-        spans = []
+        # The walk is the main process's work per record in a storm: the headers are read
+        # as words of a cast view, the bounds kept flat, the constants local.
+        busy, discard, length_mask = BUSY, DISCARD, _LENGTH_MASK
+        bounds: list[int] = []  # each kept record's start and end, in turn
+        keep = bounds.append
         used = 0
-        with self._window(position & self._mask, length) as window:
-            while length - used >= _HEADER.size:
-                record_length = header(window, used)[0]
-                if record_length & BUSY:
+        last = length - _HEADER.size  # where the last whole header can start
+        with self._window(position & self._mask, length) as window, \
+                window[:length & ~3].cast("I") as words:  # headers are 8-byte aligned
+            while used <= last:
+                record_length = words[used >> 2]
+                if record_length & busy:
                     available = used  # the rest waits for this one
                     break
-                size = (record_length & _LENGTH_MASK) + _HEADER.size
-                taken = (size + 7) & ~7
-                if used + taken > length:
+                end = used + _HEADER.size + (record_length & length_mask)
+                if end > length:
                     break
-                if not record_length & DISCARD:
-                    spans.append((used + _HEADER.size, used + size))
-                used += taken
+                if not record_length & discard:
+                    keep(used + _HEADER.size)
+                    keep(end)
+                used = (end + 7) & ~7
             self.backlog = available - used >= _HEADER.size
             if not used:
                 return []
             view = memoryview(window[:used].tobytes())
         self._position = position + used
         self._consumer_position.store(self._position)
-        return [view[begin:end] for begin, end in spans]
+        return [view[begin:end] for begin, end in zip(bounds[::2], bounds[1::2], strict=True)]
 
     @contextmanager
     def _window(self, start: int, length: int) -> Iterator[memoryview]:
