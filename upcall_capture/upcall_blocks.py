@@ -28,7 +28,6 @@ import math
 import struct
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 from upcall_capture import comment, pcapng
 from upcall_capture.flowkey import decode_key, format_key, key_shape
@@ -232,16 +231,11 @@ _PKT_SIZE_AT, _COMM_AT = header_offset("pkt_size"), header_offset("comm")
 _NOT_DECODED = comment.NOT_DECODED.encode()
 
 
-@dataclass(slots=True)  # not frozen: a frozen one takes twice as long to make (0.25 µs)
-class _Described:
-    """What a packet's metadata and key make of it: its interface and its options (the
-    comment and the key), ready to go after the packet and its padding. The record's own
-    comments (_own_options) and opt_endofopt follow them."""
-
-    if_id: int
-    interface: Interface
-    options: bytes
-    decoded: bool  # False: written without the key's text, or a failed upcall (not cached)
+# What a packet's metadata and key make of it: its interface's id, the interface, and its
+# options (the comment and the key), ready to go after the packet and its padding; the
+# record's own comments (_own_options) and opt_endofopt follow them. A tuple, unpacked in
+# one step: the hit path of a storm is a few dozen steps a record.
+_Entry = tuple[int, Interface, bytes]
 
 
 def _packet_apart(out: bytearray, if_id: int, interface: Interface, options: bytes,
@@ -278,8 +272,8 @@ class UpcallBlocks:
         self._seen_while_shedding: set[int] = set()  # hashes of keys
         # Two generations, as in flowkey.KeyCache: hits come from the recent one or are
         # promoted from the older one; a full recent one becomes the older one.
-        self._described: dict[tuple, _Described] = {}
-        self._described_older: dict[tuple, _Described] = {}
+        self._described: dict[tuple, _Entry] = {}
+        self._described_older: dict[tuple, _Entry] = {}
         self._misses = 0  # look-ups in a row that missed
         self._heads: dict[tuple, tuple[int, bytes]] = {}
         # For keys written without text: interface and options before and after the key,
@@ -330,10 +324,12 @@ class UpcallBlocks:
         padding = pcapng.PADDING
         fixed = pcapng.EPB_WITH_OPTIONS_FIXED
         misses, scan_after, scan_sample = self._misses, SCAN_AFTER_MISSES, SCAN_SAMPLE
+        # Flag masks, made once a batch: per record, each cost as much as a look-up.
+        unsheddable, described_flags = UNREADABLE | F_FAILED, ~_OWN_COMMENTS
         undecoded = 0
         interface = None
         if self._note is not None and records:
-            interface = self._slow_packet(out, records[0], dropped, self._note).interface
+            interface = self._slow_packet(out, records[0], dropped, self._note)
             self._note = None
             dropped = 0
             records = records[1:]
@@ -344,73 +340,69 @@ class UpcallBlocks:
             packet_at = HEADER_SIZE + pkt_offset
             packet_end = packet_at + pkt_len
             if packet_end > len(record) or pkt_offset < key_len or pkt_len > pkt_size:
-                interface = self._slow_packet(out, record, dropped).interface
+                interface = self._slow_packet(out, record, dropped)
                 dropped = 0
                 continue
-            described = shed = None
             # A whole key, read whole, that may go without its text.
-            sheddable = not (decode or flags & (UNREADABLE | F_FAILED) or key_len != key_size
+            sheddable = not (decode or flags & unsheddable or key_len != key_size
                              or pkt_len != pkt_size)
             # In a scan of new keys, only one upcall in scan_sample looks in the cache;
-            # while keys are shed, also one whose key comes again, to be decoded and kept
-            # there (else it alternated: decoded, shed, decoded...).
-            looked = misses < scan_after or not misses % scan_sample
-            tried = not looked and sheddable
-            if tried:
-                shed = self._shed(record, key_end, out)
-                looked = shed is None
-            if looked:
-                # What the comment and interface depend on: the flags but the trailers'
-                # and F_OUTCOME_SHED (each record's own comments: _own_options), thread,
-                # dpif and key bytes, the numbers other than time and lengths, and the
-                # packet's lengths only when it was cut (the comment says so).
-                cache_key = (flags & ~(_TRAILERS | F_OUTCOME_SHED),
-                             bytes(record[FLAGS_OFFSET + 4:key_end]),
-                             key_size, pid, tid, cpu, type_,
-                             pkt_size << 32 | pkt_len if pkt_len < pkt_size else -1)
-                described = cache.get(cache_key)
-                if described is None:
-                    described = self._described_older.get(cache_key)
-                    if described is not None:
-                        cache = self._remember(cache_key, described)
-            if described is not None:
-                misses = 0
-                if_id, interface, options = described.if_id, described.interface, \
-                    described.options
-            else:
+            # while keys are shed, also one whose key comes again (_shed gives None), to
+            # be decoded and kept there (else it alternated: decoded, shed, decoded...).
+            scan_shed = sheddable and misses >= scan_after and misses % scan_sample
+            entry = self._shed(record, key_end, (pid, tid, cpu, type_), out) \
+                if scan_shed else None
+            if entry is not None:
                 misses += 1
-                if sheddable and not tried:
-                    shed = self._shed(record, key_end, out)
-                if shed is not None:
-                    if_id, interface, options = shed
-                    undecoded += 1
+                undecoded += 1
+            else:
+                looked = scan_shed or misses < scan_after or not misses % scan_sample
+                if looked:
+                    # What the comment and interface depend on: the flags but the
+                    # trailers' and F_OUTCOME_SHED (each record's own comments:
+                    # _own_options), thread, dpif and key bytes, the numbers other than
+                    # time and lengths, and the packet's lengths only when it was cut
+                    # (the comment says so).
+                    cache_key = (flags & described_flags,
+                                 bytes(record[FLAGS_OFFSET + 4:key_end]),
+                                 key_size, pid, tid, cpu, type_,
+                                 pkt_size << 32 | pkt_len if pkt_len < pkt_size else -1)
+                    entry = cache.get(cache_key)
+                    if entry is None:
+                        entry = self._described_older.get(cache_key)
+                        if entry is not None:
+                            cache = self._remember(cache_key, entry)
+                if entry is not None:
+                    misses = 0
                 else:
-                    described = self._describe(record, out)
-                    if looked and described.decoded:
-                        cache = self._remember(cache_key, described)
-                    if_id, interface, options = described.if_id, described.interface, \
-                        described.options
+                    misses += 1
+                    if sheddable and not scan_shed:
+                        entry = self._shed(record, key_end, (pid, tid, cpu, type_), out)
+                    if entry is not None:
+                        undecoded += 1
+                    else:
+                        entry, decoded = self._describe(record, out)
+                        if looked and decoded:
+                            cache = self._remember(cache_key, entry)
+            if_id, interface, options = entry
             interface.received += 1
             timestamp = ktime + offset
-            own = b""
             if flags & _OWN_COMMENTS:  # what _own_options gives, without its call for
                 # a record marked shed alone, as every record is in a storm's shedding
-                own = shed_option if flags & _OWN_COMMENTS == F_OUTCOME_SHED else \
+                options += shed_option if flags & _OWN_COMMENTS == F_OUTCOME_SHED else \
                     self._own_options(record, flags)
             if dropped:
-                _packet_apart(out, if_id, interface, options + own, timestamp,
+                _packet_apart(out, if_id, interface, options, timestamp,
                               record[packet_at:packet_end], pkt_size, dropped)
                 dropped = 0
                 continue
             pad = padding[pkt_len & 3]
-            total = fixed + pkt_len + len(pad) + len(options) + len(own)
+            total = fixed + pkt_len + len(pad) + len(options)
             out += pack_head(pcapng.BLOCK_EPB, total, if_id, timestamp >> 32,
                              timestamp & 0xFFFFFFFF, pkt_len, pkt_size)
             out += record[packet_at:packet_end]
             out += pad
             out += options
-            if own:
-                out += own
             out += pack_end(total)
         if interface is not None:
             self._last_interface = interface
@@ -419,30 +411,30 @@ class UpcallBlocks:
         self.undecoded += undecoded
         return out
 
-    def _remember(self, cache_key: tuple, described: _Described) -> dict:
+    def _remember(self, cache_key: tuple, entry: _Entry) -> dict:
         """Cache a description; the recent generation (a new one when it was full)."""
         cache = self._described
         if len(cache) >= MAX_CACHED_OPTIONS // 2:
             self._described_older = cache
             cache = self._described = {}
-        cache[cache_key] = described
+        cache[cache_key] = entry
         return cache
 
     def _slow_packet(self, out: bytearray, record: bytes | memoryview, dropped: int,
-                     extra_options: bytes = b"") -> _Described:
+                     extra_options: bytes = b"") -> Interface:
         """A packet built on its own: one that carries a note, or a record whose lengths
         disagree with its bytes or each other. recv_upcall.c makes none of the latter, but
         a record is not trusted with the file's integrity: the packet is the bytes
         present, its original length at least that. Not cached: the comment depends on
-        the lengths."""
+        the lengths. Returns the packet's interface."""
         upcall = parse(record)
-        described = self._describe(record, out)
-        described.interface.received += 1
-        _packet_apart(out, described.if_id, described.interface,
-                      described.options + self._own_options(record, upcall.flags)
-                      + extra_options, upcall.ktime_ns + self.clock_offset_ns, upcall.packet,
+        (if_id, interface, options), _ = self._describe(record, out)
+        interface.received += 1
+        _packet_apart(out, if_id, interface,
+                      options + self._own_options(record, upcall.flags) + extra_options,
+                      upcall.ktime_ns + self.clock_offset_ns, upcall.packet,
                       max(upcall.pkt_size, len(upcall.packet)), dropped)
-        return described
+        return interface
 
     def _own_options(self, record: bytes | memoryview, flags: int) -> bytes:
         """A received upcall's comments after its first: its outcome (shed, or as the
@@ -460,8 +452,9 @@ class UpcallBlocks:
                 dropped, None if last is None else self.table.find(last.identity)):
             self.unattributed_drops += dropped
 
-    def _describe(self, record: bytes | memoryview, out: bytearray) -> _Described:
-        """Interface and options for an upcall not in the cache.
+    def _describe(self, record: bytes | memoryview, out: bytearray) -> tuple[_Entry, bool]:
+        """Interface and options for an upcall not in the cache, and whether they may be
+        cached (False for a failed upcall).
 
         In a storm of new flows this runs for every upcall, so the usual case (nothing
         cut, nothing unreadable) takes a shorter way: the key's text alone, and the
@@ -479,15 +472,15 @@ class UpcallBlocks:
             options = pcapng.commented_key_options(text, key)
         except ValueError:
             return self._describe_in_full(record, out)  # which says what is wrong
-        return _Described(if_id, self.table.interfaces[if_id], options, True)
+        return (if_id, self.table.interfaces[if_id], options), True
 
-    def _shed(self, record: bytes | memoryview, key_end: int, out: bytearray
-              ) -> tuple[int, Interface, bytes] | None:
+    def _shed(self, record: bytes | memoryview, key_end: int, thread: tuple[int, ...],
+              out: bytearray) -> _Entry | None:
         """The interface and options of a received upcall's whole key written without its
         text, or None for one to decode after all: a key seen so lately, or one whose
         shape is not known yet. In a storm too big to decode this runs for every upcall:
         the options but the key's bytes are cached by what they depend on (the comment's
-        first line, and the shape)."""
+        first line, and the shape). `thread`: the record's pid, tid, cpu and type."""
         key = record[HEADER_SIZE:key_end]
         # Seen keys are kept, decoded or not: the same key on another CPU or thread is
         # another comment, not in the cache yet.
@@ -501,8 +494,7 @@ class UpcallBlocks:
         if shape is None:
             return None
         port = shape.port(key)
-        parts_key = (bytes(record[PID_OFFSET:_PKT_SIZE_AT]), bytes(record[_COMM_AT:HEADER_SIZE]),
-                     shape, port)
+        parts_key = (thread, bytes(record[_COMM_AT:HEADER_SIZE]), shape, port)
         parts = self._shed_parts.get(parts_key)
         if parts is None:
             if_id, head_text = self._head(record, port, comment.linktype(shape.has_eth, key),
@@ -544,7 +536,8 @@ class UpcallBlocks:
             head = heads[head_key] = (if_id, first_line.encode("utf-8", "backslashreplace"))
         return head
 
-    def _describe_in_full(self, record: bytes | memoryview, out: bytearray) -> _Described:
+    def _describe_in_full(self, record: bytes | memoryview, out: bytearray
+                          ) -> tuple[_Entry, bool]:
         upcall = parse(record)
         decoded = decode_key(upcall.key, upcall.key_size)
         port = decoded.fields.get("in_port")
@@ -557,7 +550,7 @@ class UpcallBlocks:
             text = comment.text(upcall, decoded.text, port, name)
         options = pcapng.packet_options(comment=text, key=upcall.key)
         # A failed upcall's comment has its errno and portid: it is not cached.
-        return _Described(if_id, self.table.interfaces[if_id], options, not upcall.failed)
+        return (if_id, self.table.interfaces[if_id], options), not upcall.failed
 
     def _interface(self, dpif: str, port: int | None, linktype: int, name: str | None,
                    out: bytearray) -> int:
