@@ -211,10 +211,13 @@ def packet_options(
     return b"".join(parts)
 
 
-def comment_option(comment: bytes) -> bytes:
-    """An opt_comment of UTF-8 bytes, padded: one more comment for a packet's options."""
-    return b"".join((_pack_option_head(OPT_COMMENT, len(comment)), comment,
-                     _PADDING[len(comment) & 3]))
+def comment_option(comment: bytes, tail: bytes = b"", after: bytes = b"") -> bytes:
+    """An opt_comment of UTF-8 bytes (`comment` and then `tail`), padded: one more comment
+    for a packet's options; `after` follows it. In one join: the outcome comment of every
+    upcall in a storm is built so (its text and its handling time, then a put's mask)."""
+    length = len(comment) + len(tail)
+    return b"".join((_pack_option_head(OPT_COMMENT, length), comment, tail,
+                     _PADDING[length & 3], after))
 
 
 def commented_key_options(comment: bytes, key: bytes) -> bytes:

@@ -167,8 +167,9 @@ class _OutcomeLines:
         self._refilled = now
         self.making = decode
 
-    def option(self, record: bytes | memoryview) -> bytes:
-        span = outcome_span(record)
+    def option(self, record: bytes | memoryview, flags: int) -> bytes:
+        """The record's outcome comment (and a put's mask); `flags` are the record's."""
+        span = outcome_span(record, flags)
         if span is None:
             return b""
         start, end = span
@@ -197,8 +198,8 @@ class _OutcomeLines:
             cached = self.texts[cache_key] = what, mask
             self.credit -= self._cpu_clock() - started
         what, mask = cached
-        return pcapng.comment_option(what + comment.handled_text(None if handling < 0
-                                                                  else handling)) + mask
+        return pcapng.comment_option(what, comment.handled_text(None if handling < 0
+                                                                 else handling), mask)
 
 
 def _enqueue_option(record: bytes | memoryview) -> bytes:
@@ -443,7 +444,7 @@ class UpcallBlocks:
         if flags & F_FAILED:
             return b""
         options = _UNKNOWN_OPTIONS[UNKNOWN_SHED] if flags & F_OUTCOME_SHED else \
-            self._outcomes.option(record) if flags & F_OUTCOME else b""
+            self._outcomes.option(record, flags) if flags & F_OUTCOME else b""
         return (options + _enqueue_option(record)) if flags & F_KERNEL else options
 
     def _charge_to_last(self, dropped: int) -> None:

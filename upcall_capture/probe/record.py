@@ -192,6 +192,9 @@ OUTCOME_HEAD = struct.Struct("<BBBxq16sIII")
 _TRAILER_LENGTH = struct.Struct("<I")
 _LENGTHS = struct.Struct("<III")  # mask, put actions, execute actions: OUTCOME_HEAD's end
 _MASK_LEN_AT = OUTCOME_HEAD.size - _LENGTHS.size
+_TRAILER_FIXED = OUTCOME_HEAD.size + _TRAILER_LENGTH.size  # a trailer with no bytes between
+_trailer_length_at, _lengths_at = _TRAILER_LENGTH.unpack_from, _LENGTHS.unpack_from
+_ENQUEUE_SIZE, _TRAILER_LENGTH_SIZE = ENQUEUE_TRAILER.size, _TRAILER_LENGTH.size
 
 
 def pack_outcome(outcome: Outcome) -> bytes:
@@ -243,14 +246,17 @@ def _outcome_at(data: bytes | memoryview, at: int) -> Outcome:
                    bytes(data[at:at + execute_len]))
 
 
-def outcome_span(record: bytes | memoryview) -> tuple[int, int] | None:
+def outcome_span(record: bytes | memoryview, flags: int | None = None
+                 ) -> tuple[int, int] | None:
     """Where the record's OUTCOME trailer lies (F_OUTCOME): (start, end). None if its
-    lengths do not add up: the flag is the capture's, but a corrupt record may carry it."""
-    end = len(record) - (ENQUEUE_TRAILER.size if
-                         U32.unpack_from(record, FLAGS_OFFSET)[0] & F_KERNEL else 0)
-    if end - _TRAILER_LENGTH.size < HEADER_SIZE:
-        return None
-    start = end - _TRAILER_LENGTH.unpack_from(record, end - _TRAILER_LENGTH.size)[0]
+    lengths do not add up: the flag is the capture's, but a corrupt record may carry it.
+    `flags`: the record's, when the caller has them unpacked already. (Every upcall's
+    outcome comment starts here: the sizes are module constants.)"""
+    if flags is None:
+        flags = U32.unpack_from(record, FLAGS_OFFSET)[0]
+    end = len(record) - (_ENQUEUE_SIZE if flags & F_KERNEL else 0)
+    at = end - _TRAILER_LENGTH_SIZE  # the trailer's own length, at its end
+    start = end - _trailer_length_at(record, at)[0] if at >= HEADER_SIZE else -1
     if start < HEADER_SIZE or not _holds_together(record, start, end):
         return None
     return start, end
@@ -259,9 +265,8 @@ def outcome_span(record: bytes | memoryview) -> tuple[int, int] | None:
 def _holds_together(data: bytes | memoryview, start: int, end: int) -> bool:
     """data[start:end] is as long as the OUTCOME trailer there says."""
     length = end - start
-    return length >= OUTCOME_HEAD.size + _TRAILER_LENGTH.size and \
-        OUTCOME_HEAD.size + sum(_LENGTHS.unpack_from(data, start + _MASK_LEN_AT)) + \
-        _TRAILER_LENGTH.size == length
+    return length >= _TRAILER_FIXED and \
+        _TRAILER_FIXED + sum(_lengths_at(data, start + _MASK_LEN_AT)) == length
 
 
 def outcome_mask(record: bytes | memoryview, start: int) -> bytes:
