@@ -381,7 +381,7 @@ def test_outcomes_not_decoded_under_load_are_decoded_by_r_and_written_in_by_r_w(
     monkeypatch.setattr(comment, "outcome_what", outcome_what)
 
     def written(name: str, batches: list[int], *, share: float = 1.0, pause_s: float = 0.0,
-                decode: bool = True) -> Path:
+                decode: bool = True, outcome_texts: bool = True) -> Path:
         """The records in batches of the sizes given, `pause_s` of the clock before each
         but the first."""
         blocks = UpcallBlocks(snaplen=9216, clock_offset_ns=0, port_name=lambda d, p: None,
@@ -390,7 +390,8 @@ def test_outcomes_not_decoded_under_load_are_decoded_by_r_and_written_in_by_r_w(
         for size in batches:
             if at:
                 clock.now += pause_s
-            out.append(bytes(blocks.packets(records[at:at + size], decode=decode)))
+            out.append(bytes(blocks.packets(records[at:at + size], decode=decode,
+                                            outcome_texts=outcome_texts)))
             at += size
         assert at == len(records)
         path = tmp_path / name
@@ -416,6 +417,10 @@ def test_outcomes_not_decoded_under_load_are_decoded_by_r_and_written_in_by_r_w(
         path = written(f"loaded-{pause_s}.pcapng", [100] * 4, share=0.15, pause_s=pause_s)
         assert len(not_decoded(path)) == 400 - made, pause_s
     assert len(not_decoded(written("shed.pcapng", [100] * 4, decode=False))) == 400
+    # Nor while outcome texts alone are shed (the workers are behind): keys are decoded.
+    texts_shed = written("texts-shed.pcapng", [100] * 4, outcome_texts=False)
+    assert len(not_decoded(texts_shed)) == 400
+    assert all(comment.parse(p.comments[0]).decoded for p in packets_of(texts_shed))
     decoded = written("decoded.pcapng", [400])
     assert not not_decoded(decoded)
     shed = tmp_path / "shed.pcapng"

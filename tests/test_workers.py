@@ -179,9 +179,10 @@ def test_shed_packets_are_all_written_counted_and_say_so():
 
 
 def test_keys_are_shed_as_the_ring_fills_and_outcomes_before_them():
-    # Behind, the capture sheds outcomes (HandlerOps.pace): from half of max_in_flight out
-    # with the workers, and while keys are shed, which is from a quarter of the ring on
-    # (the reader waits at max_in_flight, and the ring holds the rest) down to 1/32.
+    # Behind, the capture sheds outcomes (HandlerOps.pace) and the workers new outcome
+    # texts: from half of max_in_flight out with the workers, and while keys are shed,
+    # which is from half the ring on (the reader waits at max_in_flight, and the ring
+    # holds the rest) down to 1/32.
     pool = workers.WorkerPool(1, SETTINGS, max_in_flight=8)
     try:
         builder = PooledBlocks(pool, SETTINGS, lambda: 1)
@@ -190,8 +191,12 @@ def test_keys_are_shed_as_the_ring_fills_and_outcomes_before_them():
         assert not pool.behind
         second = builder.prepare(records[3:4], 0, None)
         assert pool.behind
+        pool.pace(0.0)
+        assert pool.shedding.outcome_texts and not pool.shedding.keys
         builder.blocks(first)
         assert not pool.behind
+        pool.pace(0.0)
+        assert not pool.shedding.outcome_texts
         builder.blocks(second)
         for fill, decoding in ((workers.SHED_KEYS_ABOVE / 2, True),
                                (workers.SHED_KEYS_ABOVE, False),
@@ -199,6 +204,7 @@ def test_keys_are_shed_as_the_ring_fills_and_outcomes_before_them():
                                (workers.SHED_KEYS_UNTIL, True)):
             pool.pace(fill)
             assert (pool.decoding, pool.behind) == (decoding, not decoding), fill
+            assert pool.shedding.outcome_texts == (not decoding)
             builder.blocks(builder.prepare(records[4:5] if decoding else records[5:8], 0,
                                            None))
         # The first batch sent while shedding: its three new keys, of a shape known by
@@ -210,7 +216,7 @@ def test_keys_are_shed_as_the_ring_fills_and_outcomes_before_them():
 
 
 def test_a_batch_sent_for_decoding_is_shed_once_the_capture_sheds():
-    # The switch reaches the workers through memory they share (SheddingFlag), so that
+    # The switch reaches the workers through memory they share (Shedding), so that
     # the batches already out (MAX_IN_FLIGHT records: some 100 ms of decoding) are shed
     # too: here the flag goes up while the pool itself still decodes, as it is once a
     # batch has gone out.
@@ -220,18 +226,41 @@ def test_a_batch_sent_for_decoding_is_shed_once_the_capture_sheds():
         builder = PooledBlocks(pool, SETTINGS, lambda: 1)
         builder.blocks(builder.prepare(records[:100], 0, None))
         assert pool.undecoded == 0 and pool.decoding
-        pool.shedding.set(True)
+        pool.shedding.keys = True
         builder.blocks(builder.prepare(records[100:200], 0, None))
         assert pool.undecoded == 100
-        pool.shedding.set(False)
+        pool.shedding.keys = False
         builder.blocks(builder.prepare(records[200:], 0, None))
         assert pool.undecoded == 100
         pool.pace(ring_fill=1.0)
-        assert pool.shedding
+        assert pool.shedding.keys
         pool.pace(ring_fill=0.0)
-        assert not pool.shedding
+        assert not pool.shedding.keys
     finally:
         pool.close()
+
+
+def test_a_worker_behind_makes_no_new_outcome_texts_and_decodes_keys_still():
+    # The second shared byte: outcome texts wait while the workers are behind, keys not.
+    records = with_outcomes(storm(MIXED[:1], 80, unique=True))
+    pool = workers.WorkerPool(1, SETTINGS)
+    try:
+        builder = PooledBlocks(pool, SETTINGS, lambda: 1)
+        pool.shedding.outcome_texts = True
+        shed = builder.blocks(builder.prepare(records[:40], 0, None))
+        pool.shedding.outcome_texts = False
+        made = builder.blocks(builder.prepare(records[40:], 0, None))
+    finally:
+        pool.close()
+
+    packets = [b for b in pcapng.iter_blocks(SHB + shed + made)
+               if isinstance(b, pcapng.Packet)]
+    assert all(comment.parse(p.comments[0]).decoded for p in packets)  # keys: text
+    texts = [p.comments[1] for p in packets]
+    # Unknown outcomes (every fourth) have no text to make: the same either way.
+    assert texts[:40].count(comment.OUTCOME_NOT_DECODED) == 30
+    assert comment.OUTCOME_NOT_DECODED not in texts[40:]
+    assert pool.undecoded == 0
 
 
 def test_read_back_writes_in_the_text_of_every_key_not_decoded(tmp_path):

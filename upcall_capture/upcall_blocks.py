@@ -154,18 +154,18 @@ class _OutcomeLines:
         self.texts: dict[bytes, tuple[bytes, bytes]] = {}
         self.share = share
         self.credit = math.inf if share >= 1 else OUTCOME_TEXT_CREDIT_S  # seconds
-        self.making = False  # the batch's keys are decoded: new texts may be made
+        self.making = False  # new texts may be made in this batch (start_batch)
         self._clock = clock
         self._cpu_clock = cpu_clock
         self._refilled = clock()
 
-    def start_batch(self, decode: bool) -> None:
+    def start_batch(self, making: bool) -> None:
         now = self._clock()
         if self.share < 1:
             self.credit = min(OUTCOME_TEXT_CREDIT_S,
                               self.credit + self.share * (now - self._refilled))
         self._refilled = now
-        self.making = decode
+        self.making = making
 
     def option(self, record: bytes | memoryview, flags: int) -> bytes:
         """The record's outcome comment (and a put's mask); `flags` are the record's."""
@@ -303,17 +303,18 @@ class UpcallBlocks:
         self._note = pcapng.packet_options(comment=text, inbound=False)
 
     def packets(self, records: Sequence[bytes | memoryview], dropped: int = 0, *,
-                decode: bool = True) -> bytearray:
+                decode: bool = True, outcome_texts: bool = True) -> bytearray:
         """Blocks for records in time order (a bytearray: copying a batch of megabytes
         into bytes would only cost time and memory). `decode=False`: keys not in the
-        cache are written without their text. Records are bytes, or views of bytes.
+        cache are written without their text; with it or `outcome_texts=False`, so are
+        outcomes whose text is not. Records are bytes, or views of bytes.
 
         `dropped` are losses since the previous call. They happened before these records,
         so the first packet carries them as its epb_dropcount, with any still pending;
         without a record they wait for the next packet, or for statistics()."""
         out = bytearray()
         self.emitted = []
-        self._outcomes.start_batch(decode)
+        self._outcomes.start_batch(decode and outcome_texts)
         dropped += self._pending_drops
         self._pending_drops = 0
         cache = self._described

@@ -15,13 +15,13 @@ workers build their batches with `decode=False` until it is down to SHED_KEYS_UN
 still every packet's block, but a key they have not decoded already is written raw, with
 a comment that says so, which costs them a fraction of decoding. So the packets keep up
 as long as the packet path does, and `-r FILE -w NEW` writes the missing texts in later.
-The switch is a byte the workers share with us (SheddingFlag), read as a batch starts:
+The switch is a byte the workers share with us (Shedding), read as a batch starts:
 so it reaches the batches already out too. Sent with the batch, as before, it left a
 whole MAX_IN_FLIGHT of them (some 100 ms of a worker's decoding) to be decoded as the
 ring filled on. At 200,000 new flows/s, the ring's peak fill in each 100 ms, in two
 runs each way: median 0.27 and 0.25, highest 0.54 and 0.96 then; 0.21 and 0.20, and
 0.48 and 0.56 now. Before the capture sheds keys it sheds outcomes (`behind`:
-outcomes.HandlerOps.pace).
+outcomes.HandlerOps.pace), and the workers make no new outcome texts (another byte).
 
 Workers are separate interpreters (`python -m upcall_capture.workers`), each with two
 pipes and two rings in memory it shares with us (channel.py): a batch's records go as
@@ -63,9 +63,12 @@ MAX_IN_FLIGHT = 16384
 # recv_upcall's ring this full at a read: keys are shed until it is down to
 # SHED_KEYS_UNTIL. Keys were shed at 8,192 records out, but the workers' pace is uneven
 # on a loaded host, and at 100,000 new flows/s one worker that kept up left 8% to 18% of
-# them without text; waiting in the ring instead, none. Outcomes go first (1/16: see
-# outcomes.SHED_ABOVE).
-SHED_KEYS_ABOVE = 1 / 4
+# them without text; waiting in the ring instead, none. At a quarter, a storm's start
+# passed it: the first batch reaches the worker some 100 ms after the first upcall, and
+# then every flow is new. In a storm of 4,000 flows repeated at 150,000 and 200,000/s,
+# each flow's first sighting went without text in half the runs. Outcomes go first
+# (1/16: see outcomes.SHED_ABOVE).
+SHED_KEYS_ABOVE = 1 / 2
 SHED_KEYS_UNTIL = 1 / 32
 # Replies taken from a worker ahead of the output thread: batches of up to 256.
 REPLIES_AHEAD = 16
@@ -115,15 +118,16 @@ class _Built:
     cpu_seconds: float
 
 
-class SheddingFlag:
-    """One byte in memory shared with the workers: non-zero while keys are shed. A
-    worker looks at it before each batch, so a batch sent for decoding is shed as soon
-    as the capture falls behind, not only those sent after. `fd` is for the workers to
-    map, until forget_fd() (SharedMemory says why)."""
+class Shedding:
+    """What the workers shed, in two bytes of memory shared with them: new keys' texts
+    (`keys`) and new outcome texts (`outcome_texts`). A worker looks at them before each
+    batch, so a batch sent for decoding is shed as soon as the capture falls behind, not
+    only those sent after. `fd` is for the workers to map, until forget_fd()
+    (SharedMemory says why)."""
 
     def __init__(self, fd: int | None = None) -> None:
         self._memory = SharedMemory(mmap.PAGESIZE, fd, name="upcall-capture-shedding")
-        self._byte = self._memory.view[:1]
+        self._bytes = self._memory.view[:2]
 
     @property
     def fd(self) -> int | None:
@@ -132,19 +136,29 @@ class SheddingFlag:
     def forget_fd(self) -> None:
         self._memory.forget_fd()
 
-    def set(self, shedding: bool) -> None:
-        self._byte[0] = shedding
+    @property
+    def keys(self) -> bool:
+        return self._bytes[0] != 0
 
-    def __bool__(self) -> bool:
-        return self._byte[0] != 0
+    @keys.setter
+    def keys(self, shed: bool) -> None:
+        self._bytes[0] = shed
+
+    @property
+    def outcome_texts(self) -> bool:
+        return self._bytes[1] != 0
+
+    @outcome_texts.setter
+    def outcome_texts(self, shed: bool) -> None:
+        self._bytes[1] = shed
 
     def close(self) -> None:
-        self._byte.release()
+        self._bytes.release()
         self._memory.close()
 
 
 class _Worker:
-    def __init__(self, settings: BlockSettings, number: int, shedding: SheddingFlag) -> None:
+    def __init__(self, settings: BlockSettings, number: int, shedding: Shedding) -> None:
         self.number = number
         self._memory = SharedMemory(channel.PAIR_BYTES, name=f"upcall-capture-{number}")
         try:
@@ -252,9 +266,9 @@ class WorkerPool:
         self._in_flight = 0
         self._lock = threading.Lock()
         self._started_ns = time.monotonic_ns()
-        self.shedding: SheddingFlag | None = None
+        self.shedding: Shedding | None = None
         try:
-            self.shedding = SheddingFlag()
+            self.shedding = Shedding()
             for number in range(count):
                 self.workers.append(_Worker(settings, number, self.shedding))
             self.shedding.forget_fd()
@@ -290,16 +304,22 @@ class WorkerPool:
 
     def pace(self, ring_fill: float) -> None:
         """Shed new keys while recv_upcall's ring fills up (its share held at the last
-        read): the workers are that far behind, and no packet is lost for a key."""
-        if self.decoding and ring_fill >= SHED_KEYS_ABOVE:
-            self.shedding.set(True)
-        elif not self.decoding and ring_fill <= SHED_KEYS_UNTIL:
-            self.shedding.set(False)
+        read): the workers are that far behind, and no packet is lost for a key. New
+        outcome texts (a new flow's megaflow: some 0.08 ms) wait from the moment they
+        are `behind`: keys come first. At a storm's start, the workers' first batches
+        spent their whole credit of outcome texts (50 ms) while the records out piled
+        up to MAX_IN_FLIGHT, and the ring passed SHED_KEYS_ABOVE before they caught up."""
+        shedding = self.shedding
+        if not shedding.keys and ring_fill >= SHED_KEYS_ABOVE:
+            shedding.keys = True
+        elif shedding.keys and ring_fill <= SHED_KEYS_UNTIL:
+            shedding.keys = False
+        shedding.outcome_texts = self.behind
 
     @property
     def decoding(self) -> bool:
         """New keys are decoded: the workers' shared flag is down."""
-        return not self.shedding
+        return not self.shedding.keys
 
     @property
     def behind(self) -> bool:
@@ -335,7 +355,7 @@ def _records(blob: bytes, lengths: bytes) -> list[memoryview]:
 class _Describer:
     """A worker's UpcallBlocks, kept in step with the main process's table."""
 
-    def __init__(self, settings: BlockSettings, shedding: SheddingFlag) -> None:
+    def __init__(self, settings: BlockSettings, shedding: Shedding) -> None:
         self.settings = settings
         self.shedding = shedding
         self.section = -1
@@ -385,9 +405,11 @@ class _Describer:
             blocks.note_next(batch.note)
         undecoded = blocks.undecoded
         # Written to the pipe as it is: a copy into bytes cost time and a heap that grew.
-        # Whether keys are shed is read as the batch starts, not as it was sent.
+        # What is shed is read as the batch starts, not as it was sent.
+        shedding = self.shedding
         built = blocks.packets(_records(blob, batch.lengths), batch.dropped,
-                               decode=not self.shedding)
+                               decode=not shedding.keys,
+                               outcome_texts=not shedding.outcome_texts)
         table = blocks.table
         counts = []
         for if_id, interface in enumerate(table.interfaces):
@@ -403,7 +425,7 @@ class _Describer:
             cpu_seconds=time.process_time() - started), built
 
 
-def serve(requests: BinaryIO, replies: BinaryIO, shedding: SheddingFlag,
+def serve(requests: BinaryIO, replies: BinaryIO, shedding: Shedding,
           memory: SharedMemory) -> None:
     """A worker: batches in, blocks out, until the main process closes its end."""
     incoming, outgoing = channel.ring_pair(memory.view)
@@ -432,7 +454,7 @@ if __name__ == "__main__":
 
     tune_gc()
     try:
-        shedding = workers.SheddingFlag(int(sys.argv[1]))
+        shedding = workers.Shedding(int(sys.argv[1]))
         shedding.forget_fd()
         memory = SharedMemory(channel.PAIR_BYTES, int(sys.argv[2]))
         memory.forget_fd()
