@@ -122,12 +122,13 @@ class RingReader:
                     available = used  # the rest waits for this one
                     break
                 end = used + _HEADER.size + (record_length & length_mask)
-                if end > length:
+                taken = (end + 7) & ~7  # where the next record starts
+                if taken > length:
                     break
                 if not record_length & discard:
                     keep(used + _HEADER.size)
                     keep(end)
-                used = (end + 7) & ~7
+                used = taken
             self.backlog = available - used >= _HEADER.size
             if not used:
                 return []
