@@ -459,15 +459,21 @@ class UpcallBlocks:
         cached (False for a failed upcall).
 
         In a storm of new flows this runs for every upcall, so the usual case (nothing
-        cut, nothing unreadable) takes a shorter way: the key's text alone, and the
-        comment's first line, interface and port name from a cache of their own, as
-        they depend only on the thread, dpif and port.
+        cut, nothing unreadable) takes a shorter way: the key's text alone (and from a
+        compiled shape, its port and eth() without a search of the text: an eighth of
+        this), and the comment's first line, interface and port name from a cache of
+        their own, as they depend only on the thread, dpif and port.
         """
         key = self._plain_key(record)
         if key is None:
             return self._describe_in_full(record, out)
-        key_text = format_key(key)
-        port, has_eth = port_and_eth(key_text)
+        shape = key_shape(key)
+        if shape is not None:  # it knows where the in_port is: no search of the text
+            key_text, port, has_eth = shape.text(key, len(key)), shape.port(key), \
+                shape.has_eth
+        else:
+            key_text = format_key(key)
+            port, has_eth = port_and_eth(key_text)
         if_id, head_text = self._head(record, port, comment.linktype(has_eth, key), out)
         text = head_text + key_text.encode()
         try:
