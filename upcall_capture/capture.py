@@ -89,7 +89,7 @@ class DpifNames:
     def resolve(self, records: list) -> list:
         """The records, names filled in. Done as soon as records are read: the process
         may not live long (reading the name also makes it resident for the probe)."""
-        if not count_flagged(records, F_DPIF_UNREADABLE):
+        if not count_flagged(records, F_DPIF_UNREADABLE)[0]:
             return records
         return [self._resolved(record) if record[FLAGS_OFFSET] & F_DPIF_UNREADABLE
                 else record for record in records]
@@ -618,7 +618,7 @@ class Capture:
         self._output_thread.put(records, dropped)
         self.captured += len(records)
         if self.kernel is not None:
-            self.failed += count_flagged(records, F_FAILED)
+            self.failed += count_flagged(records, F_FAILED)[0]
         for output in self.outputs:
             if output.ended:
                 self.request_stop(output.ended)

@@ -199,9 +199,9 @@ class Outcomes:
     def _all_pass(self, records: Sequence[bytes | memoryview]) -> bool:
         """Every record passes as it is: marked shed by the probe, or failed (the queue
         being empty, nothing waits before them). Their shed ones are counted."""
-        if count_flagged(records, F_FAILED | F_OUTCOME_SHED) < len(records):
+        passing, shed = count_flagged(records, F_FAILED | F_OUTCOME_SHED, F_OUTCOME_SHED)
+        if passing < len(records):
             return False
-        shed = count_flagged(records, F_OUTCOME_SHED)
         if shed:
             self._count_unknown(UNKNOWN_SHED, shed)
         return True
