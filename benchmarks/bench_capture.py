@@ -1064,6 +1064,11 @@ def main(argv: list[str] | None = None) -> int:
             print("issue 13's done-when runs...", flush=True)
             print()
             print(targets_report(records, workdir))
+            # How fast this host is now: the same runs differ by 2x from one hour to
+            # the next here, and this figure with them (make bench prints it too).
+            per_cpu, _ = describe_throughput(sent)[1]
+            print(f"\nthe host now: offline describe of unique keys, {_k(per_cpu)} a "
+                  "worker CPU-second")
             return 0
         sizes = (sum(len(u.packet) for u in sent) / len(sent),
                  sum(len(u.key) for u in sent) / len(sent))
