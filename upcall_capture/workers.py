@@ -118,12 +118,28 @@ class _Built:
     cpu_seconds: float
 
 
+class _SharedFlag:
+    """A boolean in one byte of Shedding's shared memory."""
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+
+    def __get__(self, shedding: Shedding, owner: type | None = None) -> bool:
+        return shedding._bytes[self.index] != 0
+
+    def __set__(self, shedding: Shedding, shed: bool) -> None:
+        shedding._bytes[self.index] = shed
+
+
 class Shedding:
     """What the workers shed, in two bytes of memory shared with them: new keys' texts
     (`keys`) and new outcome texts (`outcome_texts`). A worker looks at them before each
     batch, so a batch sent for decoding is shed as soon as the capture falls behind, not
     only those sent after. `fd` is for the workers to map, until forget_fd()
     (SharedMemory says why)."""
+
+    keys = _SharedFlag(0)
+    outcome_texts = _SharedFlag(1)
 
     def __init__(self, fd: int | None = None) -> None:
         self._memory = SharedMemory(mmap.PAGESIZE, fd, name="upcall-capture-shedding")
@@ -135,22 +151,6 @@ class Shedding:
 
     def forget_fd(self) -> None:
         self._memory.forget_fd()
-
-    @property
-    def keys(self) -> bool:
-        return self._bytes[0] != 0
-
-    @keys.setter
-    def keys(self, shed: bool) -> None:
-        self._bytes[0] = shed
-
-    @property
-    def outcome_texts(self) -> bool:
-        return self._bytes[1] != 0
-
-    @outcome_texts.setter
-    def outcome_texts(self, shed: bool) -> None:
-        self._bytes[1] = shed
 
     def close(self) -> None:
         self._bytes.release()
