@@ -181,7 +181,7 @@ def test_shed_packets_are_all_written_counted_and_say_so():
 def test_keys_are_shed_as_the_ring_fills_and_outcomes_before_them():
     # Behind, the capture sheds outcomes (HandlerOps.pace) and the workers new outcome
     # texts: from half of max_in_flight out with the workers, and while keys are shed,
-    # which is from half the ring on (the reader waits at max_in_flight, and the ring
+    # which is from a quarter of the ring on (the reader waits at max_in_flight, and the ring
     # holds the rest) down to 1/32.
     pool = workers.WorkerPool(1, SETTINGS, max_in_flight=8)
     try:
