@@ -167,13 +167,17 @@ class Outcomes:
             kept = bisect.bisect_left(self._ops, start, key=_KTIME)
             self.counts.dropped_ops += len(self._ops) - kept
             del self._ops[kept:]
-        elif self._shed and self._shed[-1][1] == math.inf:
-            self._shed[-1][1] = now_ns
+        elif (going_on := self._shedding_now()) is not None:
+            going_on[1] = now_ns
+
+    def _shedding_now(self) -> list[float] | None:
+        """The shedding that goes on ([start, infinity]), or None."""
+        return self._shed[-1] if self._shed and self._shed[-1][1] == math.inf else None
 
     def add_ops(self, events: Sequence[bytes | memoryview], lost: int) -> None:
         """Ops events read from the ring, and the ring's count of lost ones so far."""
-        if self._shed and self._shed[-1][1] == math.inf:  # those copied before it began
-            start = self._shed[-1][0]
+        if (going_on := self._shedding_now()) is not None:  # those copied before it began
+            start = going_on[0]
             kept = [raw for raw in events if OP_HEAD.unpack_from(raw)[0] < start]
             self.counts.dropped_ops += len(events) - len(kept)
             events = kept
