@@ -106,9 +106,13 @@ class Replay:
     def __init__(self, replay_bin: Path, records: Path, *args: str) -> None:
         self.proc = subprocess.Popen(
             [str(replay_bin), "-S", *args, str(records)],
-            stdout=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
         )
         self.pid = self.proc.pid
+        # Ready once it says it waits (as bench_capture.Replay waits): a test that
+        # attached bcc at once met a process not yet exec'd, without the probe ("cannot
+        # enable the USDT probe"), once in CI. (Or until it exits, if it fails to start.)
+        self.proc.stderr.readline()
 
     def start(self) -> None:
         os.kill(self.pid, signal.SIGUSR1)
