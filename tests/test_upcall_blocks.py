@@ -9,7 +9,7 @@ import re
 import pytest
 import upcalls
 from conftest import REPLAY_DIR, VECTORS
-from probe_records import probe_record
+from probe_records import probe_record, storm
 
 from upcall_capture import comment, pcapng, upcall_blocks
 from upcall_capture.flowkey import decode_key, format_key
@@ -151,6 +151,23 @@ def test_while_keys_are_shed_a_scan_that_comes_again_is_decoded_and_kept(monkeyp
     assert blocks.undecoded == len(not_decoded) <= len(SENT)
     assert all(i < len(SENT) for i in not_decoded)  # only on the first pass
     assert len(not_decoded) > len(SENT) // 2  # most were shed: the test means something
+
+
+def test_keys_decoded_before_the_shedding_keep_their_text_on_another_cpu():
+    # A repeated storm decoded on one CPU; then the capture falls behind, keys are shed,
+    # and the traced thread moves to the other CPU: the comment says which, so none of
+    # these is in the cache. Each key was decoded already: decoded again, not shed.
+    blocks = new_blocks()
+    data = blocks.packets([record(u, 0, tid=1000 + i, cpu=0) for i, u in enumerate(SENT)])
+    moved = [record(u, 1, tid=1000 + i, cpu=1) for i, u in enumerate(SENT)]
+    _, packets = blocks_of(data + blocks.packets(moved, decode=False))
+    assert blocks.undecoded == 0
+    for upcall, packet in zip(SENT, packets[len(SENT):], strict=True):
+        assert " cpu=1" in packet.comments[0].split("\n")[0]
+        assert packet.comments[0].endswith(format_key(upcall.key))
+    # A key never decoded is still shed: shedding itself is not what was turned off.
+    blocks.packets(storm(SENT, len(SENT), unique=True), decode=False)
+    assert blocks.undecoded > len(SENT) // 2
 
 
 @pytest.mark.parametrize("count", [0, 1])

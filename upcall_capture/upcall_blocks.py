@@ -70,11 +70,15 @@ SCAN_SAMPLE = 32
 # was seen lately: a storm that repeats gets its keys' text while the capture stays busy,
 # and a scan of new keys pays for none. (Decoding one miss in 8, as before, left a storm
 # of 4,000 repeated flows at 200,000/s 3% to 5% without text.) Keys are remembered by
-# hash, where a collision only decodes a key early, up to this many; once decoded, still,
-# as the same key on another CPU (the handler thread moved) is a comment not cached yet:
-# forgotten, a storm of 4,000 flows shed from a cold start, each on one CPU and then the
-# other, left 7,977 upcalls without text; now 3,968, one a flow at most.
-MAX_SEEN_WHILE_SHEDDING = 65536
+# hash, where a collision only decodes a key early, up to this many: those shed, and
+# those decoded into the cache, shedding or not, as the same key on another CPU (the
+# handler thread moved) is a comment not cached yet. Forgotten once decoded, a storm of
+# 4,000 flows shed from a cold start, each on one CPU and then the other, left 7,977
+# upcalls without text (then 3,968, one a flow at most). Remembered only while shedding,
+# each of 4,000 repeated flows went once without text when the traced thread moved to
+# the other CPU after the shedding began (every bench-targets run at 200,000/s: 4,000,
+# all on that CPU).
+MAX_SEEN_KEYS = 65536
 
 
 def port_and_eth(key_text: str) -> tuple[int | None, bool]:
@@ -270,7 +274,7 @@ class UpcallBlocks:
         self.emitted: list[int] = []
         self.undecoded = 0  # packets written without their key's text
         self._outcomes = _OutcomeLines(outcome_text_share, clock, cpu_clock)
-        self._seen_while_shedding: set[int] = set()  # hashes of keys
+        self._seen_keys: set[int] = set()  # hashes of keys decoded or shed
         # Two generations, as in flowkey.KeyCache: hits come from the recent one or are
         # promoted from the older one; a full recent one becomes the older one.
         self._described: dict[tuple, _Entry] = {}
@@ -386,6 +390,8 @@ class UpcallBlocks:
                         entry, decoded = self._describe(record, out)
                         if looked and decoded:
                             cache = self._remember(cache_key, entry)
+                            # On another thread or CPU, it is decoded again, not shed.
+                            self._seen_before(record[HEADER_SIZE:key_end])
             if_id, interface, options = entry
             interface.received += 1
             timestamp = ktime + offset
@@ -490,14 +496,9 @@ class UpcallBlocks:
         the options but the key's bytes are cached by what they depend on (the comment's
         first line, and the shape). `thread`: the record's pid, tid, cpu and type."""
         key = record[HEADER_SIZE:key_end]
-        # Seen keys are kept, decoded or not: the same key on another CPU or thread is
-        # another comment, not in the cache yet.
-        seen, sighting = self._seen_while_shedding, hash(key)  # a view of bytes: no copy
-        if sighting in seen:
+        # The same key on another CPU or thread is another comment, not in the cache yet.
+        if self._seen_before(key):
             return None
-        if len(seen) >= MAX_SEEN_WHILE_SHEDDING:
-            seen.clear()
-        seen.add(sighting)
         shape = key_shape(key)
         if shape is None:
             return None
@@ -515,6 +516,17 @@ class UpcallBlocks:
                                                    before, after)
         if_id, interface, before, after = parts
         return if_id, interface, b"".join((before, key, after))
+
+    def _seen_before(self, key: bytes | memoryview) -> bool:
+        """Whether the key was decoded or shed lately (by hash: a view of bytes is hashed
+        without a copy); it is remembered from now on."""
+        seen, sighting = self._seen_keys, hash(key)
+        if sighting in seen:
+            return True
+        if len(seen) >= MAX_SEEN_KEYS:
+            seen.clear()
+        seen.add(sighting)
+        return False
 
     @staticmethod
     def _plain_key(record: bytes | memoryview) -> bytes | None:
