@@ -13,7 +13,7 @@ from probe_records import probe_record, storm
 
 from upcall_capture import comment, pcapng, upcall_blocks
 from upcall_capture.flowkey import decode_key, format_key
-from upcall_capture.probe.record import parse
+from upcall_capture.probe.record import header_offset, parse
 from upcall_capture.upcall_blocks import UpcallBlocks, port_and_eth
 
 SENT = upcalls.read_records(REPLAY_DIR / "mixed.upc")[:200]
@@ -168,6 +168,21 @@ def test_keys_decoded_before_the_shedding_keep_their_text_on_another_cpu():
     # A key never decoded is still shed: shedding itself is not what was turned off.
     blocks.packets(storm(SENT, len(SENT), unique=True), decode=False)
     assert blocks.undecoded > len(SENT) // 2
+
+
+def test_a_storm_of_thousands_of_new_flows_is_kept_and_keeps_its_text_when_shed():
+    # A storm's start is a few thousand misses in a row: still not a scan, so each key is
+    # kept, and shedding later on another CPU does not take its text.
+    flows = storm(SENT, 3000, unique=True)
+    blocks = new_blocks()
+    for start in range(0, len(flows), 256):
+        blocks.packets(flows[start:start + 256])
+    cpu_at = header_offset("cpu")
+    moved = [bytearray(flow) for flow in flows]
+    for flow in moved:
+        flow[cpu_at] ^= 1
+    blocks.packets([bytes(flow) for flow in moved], decode=False)
+    assert blocks.undecoded == 0
 
 
 @pytest.mark.parametrize("count", [0, 1])
