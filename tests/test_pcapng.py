@@ -656,3 +656,13 @@ def test_undecodable_names_are_written_as_valid_utf8() -> None:
     block = pcapng.interface_description(pcapng.LINKTYPE_ETHERNET, 0, name="br\udcff0")
     (idb,) = list(pcapng.iter_blocks(SAMPLE[: SIZES[0]] + block))[1:]
     assert idb.options[pcapng.IF_NAME][0].decode("utf-8") == "br\\udcff0"
+
+
+@given(head=st.binary(max_size=40), tail=st.binary(max_size=40), key=st.binary(max_size=40))
+def test_the_fast_commented_key_options_are_packet_options_bytes(head, tail, key):
+    # The storm's paths build these in one join (a new key) and around a key (a shed
+    # one): byte for byte what the general writer makes, at every padding.
+    expected = pcapng.packet_options(comment=head + tail, key=key)
+    assert pcapng.commented_key_options(head, key, tail) == expected
+    before, after = pcapng.commented_key_options_around(head + tail, len(key))
+    assert before + key + after == expected

@@ -220,22 +220,26 @@ def comment_option(comment: bytes, tail: bytes = b"", after: bytes = b"") -> byt
                      _PADDING[length & 3], after))
 
 
-def commented_key_options(comment: bytes, key: bytes) -> bytes:
-    """A commented, inbound packet's options with its key. `comment` is UTF-8 already.
-    The same bytes as packet_options(comment=..., key=...), in one join."""
-    before, after = commented_key_options_around(comment, len(key))
-    return b"".join((before, key, after))
+def commented_key_options(comment: bytes, key: bytes | memoryview, tail: bytes = b"") -> bytes:
+    """A commented, inbound packet's options with its key; the comment is `comment` and
+    then `tail`, UTF-8 already. The same bytes as packet_options(comment=..., key=...),
+    in one join: a storm of new flows builds every upcall's so (the comment's first line,
+    then the key's text)."""
+    length = len(comment) + len(tail)
+    if length > _MAX_OPTION_LENGTH or len(key) + 4 > _MAX_OPTION_LENGTH:
+        raise ValueError("pcapng option over the 65535-byte limit")
+    return b"".join((
+        _pack_option_head(OPT_COMMENT, length), comment, tail, _PADDING[length & 3],
+        _INBOUND_OPTION, _pack_option_head(OPT_CUSTOM_BINARY, len(key) + 4),
+        _KEY_OPTION_PEN, key, _PADDING[len(key) & 3]))
 
 
 def commented_key_options_around(comment: bytes, key_length: int) -> tuple[bytes, bytes]:
     """commented_key_options()'s bytes before and after a key of `key_length` bytes: the
     same for every key of a shape, so a packet's can be cached."""
-    if len(comment) > _MAX_OPTION_LENGTH or key_length + 4 > _MAX_OPTION_LENGTH:
-        raise ValueError("pcapng option over the 65535-byte limit")
-    return b"".join((
-        _pack_option_head(OPT_COMMENT, len(comment)), comment, _PADDING[len(comment) & 3],
-        _INBOUND_OPTION, _pack_option_head(OPT_CUSTOM_BINARY, key_length + 4),
-        _KEY_OPTION_PEN)), _PADDING[key_length & 3]
+    options = commented_key_options(comment, bytes(key_length))
+    after = _PADDING[key_length & 3]
+    return options[:len(options) - key_length - len(after)], after
 
 
 def enhanced_packet(

@@ -391,8 +391,10 @@ class UpcallBlocks:
                         entry = self._shed(record, key_end, (pid, tid, cpu, type_), out)
                     if entry is not None:
                         undecoded += 1
-                    else:
-                        entry, decoded = self._describe(record, out)
+                    else:  # the key as _plain_key gives it, from the header read already
+                        entry, decoded = self._describe(record, out, None if (
+                            flags & unsheddable or key_len != key_size
+                            or pkt_len != pkt_size) else bytes(record[HEADER_SIZE:key_end]))
                         if looked and decoded:
                             cache = self._remember(cache_key, entry)
                             # On another thread or CPU, it is decoded again, not shed.
@@ -441,7 +443,7 @@ class UpcallBlocks:
         present, its original length at least that. Not cached: the comment depends on
         the lengths. Returns the packet's interface."""
         upcall = parse(record)
-        (if_id, interface, options), _ = self._describe(record, out)
+        (if_id, interface, options), _ = self._describe(record, out, self._plain_key(record))
         interface.received += 1
         _packet_apart(out, if_id, interface,
                       options + self._own_options(record, upcall.flags) + extra_options,
@@ -465,9 +467,10 @@ class UpcallBlocks:
                 dropped, None if last is None else self.table.find(last.identity)):
             self.unattributed_drops += dropped
 
-    def _describe(self, record: bytes | memoryview, out: bytearray) -> tuple[_Entry, bool]:
+    def _describe(self, record: bytes | memoryview, out: bytearray, key: bytes | None
+                  ) -> tuple[_Entry, bool]:
         """Interface and options for an upcall not in the cache, and whether they may be
-        cached (False for a failed upcall).
+        cached (False for a failed upcall). `key`: the record's, when _plain_key gives it.
 
         In a storm of new flows this runs for every upcall, so the usual case (nothing
         cut, nothing unreadable) takes a shorter way: the key's text alone (and from a
@@ -475,7 +478,6 @@ class UpcallBlocks:
         this), and the comment's first line, interface and port name from a cache of
         their own, as they depend only on the thread, dpif and port.
         """
-        key = self._plain_key(record)
         if key is None:
             return self._describe_in_full(record, out)
         shape = key_shape(key)
@@ -486,9 +488,8 @@ class UpcallBlocks:
             key_text = format_key(key)
             port, has_eth = port_and_eth(key_text)
         if_id, head_text = self._head(record, port, comment.linktype(has_eth, key), out)
-        text = head_text + key_text.encode()
         try:
-            options = pcapng.commented_key_options(text, key)
+            options = pcapng.commented_key_options(head_text, key, key_text.encode())
         except ValueError:
             return self._describe_in_full(record, out)  # which says what is wrong
         return (if_id, self.table.interfaces[if_id], options), True
