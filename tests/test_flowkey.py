@@ -14,7 +14,9 @@ import keyenc as k
 import pytest
 
 from upcall_capture.flowkey import DecodedKey, KeyCache, decode_key, format_key
+from upcall_capture.flowkey import shapes as shapes_module
 from upcall_capture.flowkey.shapes import ShapeCache
+from upcall_capture.flowkey.walk import plan_key, render
 
 
 def hx(value: int) -> str:
@@ -499,6 +501,43 @@ def test_many_keys_of_one_shape_keep_their_own_values() -> None:
         assert decoded_text == text
         assert {name: decoded_fields[name] for name in fields} == fields
     assert len(shapes) == 1
+
+
+def test_a_shapes_shared_run_is_printed_for_its_own_bytes() -> None:
+    """The run from skb_priority to ct_label is looked up by its bytes: keys that differ
+    there (at its first value, its last or between) and keys that differ elsewhere (the
+    addresses) each print their own text, as the walk prints it, also after the run
+    texts have been emptied, as they are when full."""
+    rng = random.Random(5)
+
+    def new_key() -> bytes:
+        return k.kernel_key(
+            priority=rng.choice([0, 7]), in_port=rng.choice([1, 2]),
+            conntrack=(0x22, 0, rng.choice([0, 9]), rng.choice([0, 1 << 127])),
+            ethertype=0x0800, l3=k.ipv4(str(ipaddress.IPv4Address(rng.getrandbits(32))),
+                                        "10.0.0.1", 6),
+            l4=k.ports(k.TCP, 1, 2))
+
+    key = new_key()
+    assert shapes_module._runs(plan_key(key, len(key)).pieces)  # the test means something
+    cache = ShapeCache(compile_after=1)
+    keys = [new_key() for _ in range(2 * shapes_module.MAX_RUN_TEXTS)]
+    for key in keys + keys[:100]:
+        assert cache.text(key, len(key)) == render(plan_key(key, len(key)), key, len(key), None)
+    assert len(cache) == 1
+
+
+def test_run_texts_stay_bounded(monkeypatch) -> None:
+    monkeypatch.setattr(shapes_module, "MAX_RUN_TEXTS", 8)
+    runs = shapes_module.RunTexts()
+    tables = [runs.table() for _ in range(3)]
+    for number in range(40):
+        table = tables[number % 3]
+        assert runs.keep(table, bytes([number]), str(number)) == str(number)
+        assert table[bytes([number])] == str(number)
+        assert sum(map(len, tables)) <= 8
+    del table, tables
+    assert not list(runs._tables)  # a table goes with what held it
 
 
 def test_shapes_of_equal_length_are_told_apart() -> None:
