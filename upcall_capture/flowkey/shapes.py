@@ -13,7 +13,7 @@ shared attributes is printed once for each distinct run of bytes, and looked up 
 that: in the benchmark's storm of new flows a key's text took 2.1 µs instead of 2.6.
 
 Everything here is bounded: compiled shapes, candidates per key length, the count of
-shapes seen once, and the texts kept for each run.
+shapes seen once, and the runs' texts kept (RunTexts).
 """
 
 from __future__ import annotations
