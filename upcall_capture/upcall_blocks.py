@@ -248,6 +248,15 @@ _NOT_DECODED = comment.NOT_DECODED.encode()
 _Entry = tuple[int, Interface, bytes]
 
 
+def _plain_key(record: bytes | memoryview, flags: int, key_size: int, key_len: int,
+               pkt_size: int, pkt_len: int) -> bytes | None:
+    """The key of a received upcall's record with nothing cut or unreadable (from the
+    numbers in its header), else None."""
+    if flags & (UNREADABLE | F_FAILED) or key_len != key_size or pkt_len != pkt_size:
+        return None
+    return bytes(record[HEADER_SIZE:HEADER_SIZE + key_len])
+
+
 def _packet_apart(out: bytearray, if_id: int, interface: Interface, options: bytes,
                   timestamp: int, packet: bytes | memoryview, original_length: int,
                   dropped: int) -> None:
@@ -391,10 +400,9 @@ class UpcallBlocks:
                         entry = self._shed(record, key_end, (pid, tid, cpu, type_), out)
                     if entry is not None:
                         undecoded += 1
-                    else:  # the key as _plain_key gives it, from the header read already
-                        entry, decoded = self._describe(record, out, None if (
-                            flags & unsheddable or key_len != key_size
-                            or pkt_len != pkt_size) else bytes(record[HEADER_SIZE:key_end]))
+                    else:
+                        entry, decoded = self._describe(record, out, _plain_key(
+                            record, flags, key_size, key_len, pkt_size, pkt_len))
                         if looked and decoded:
                             cache = self._remember(cache_key, entry)
                             # On another thread or CPU, it is decoded again, not shed.
@@ -443,7 +451,10 @@ class UpcallBlocks:
         present, its original length at least that. Not cached: the comment depends on
         the lengths. Returns the packet's interface."""
         upcall = parse(record)
-        (if_id, interface, options), _ = self._describe(record, out, self._plain_key(record))
+        (_, key_size, _, _, _, _, pkt_size, pkt_len, key_len, _,
+         flags) = _DESCRIBE.unpack_from(record)
+        (if_id, interface, options), _ = self._describe(record, out, _plain_key(
+            record, flags, key_size, key_len, pkt_size, pkt_len))
         interface.received += 1
         _packet_apart(out, if_id, interface,
                       options + self._own_options(record, upcall.flags) + extra_options,
@@ -470,7 +481,7 @@ class UpcallBlocks:
     def _describe(self, record: bytes | memoryview, out: bytearray, key: bytes | None
                   ) -> tuple[_Entry, bool]:
         """Interface and options for an upcall not in the cache, and whether they may be
-        cached (False for a failed upcall). `key`: the record's, when _plain_key gives it.
+        cached (False for a failed upcall). `key`: what _plain_key gives.
 
         In a storm of new flows this runs for every upcall, so the usual case (nothing
         cut, nothing unreadable) takes a shorter way: the key's text alone (and from a
@@ -533,16 +544,6 @@ class UpcallBlocks:
             seen.clear()
         seen.add(sighting)
         return False
-
-    @staticmethod
-    def _plain_key(record: bytes | memoryview) -> bytes | None:
-        """The key of a received upcall's record with nothing cut or unreadable, else
-        None."""
-        (_, key_size, _, _, _, _, pkt_size, pkt_len, key_len, _,
-         flags) = _DESCRIBE.unpack_from(record)
-        if flags & (UNREADABLE | F_FAILED) or key_len != key_size or pkt_len != pkt_size:
-            return None
-        return bytes(record[HEADER_SIZE:HEADER_SIZE + key_len])
 
     def _head(self, record: bytes | memoryview, port: int | None, linktype: int,
               out: bytearray) -> tuple[int, bytes]:
