@@ -13,7 +13,7 @@ from probe_records import probe_record, storm
 
 from upcall_capture import comment, pcapng, upcall_blocks
 from upcall_capture.flowkey import decode_key, format_key
-from upcall_capture.probe.record import header_offset, parse
+from upcall_capture.probe.record import HEADER_SIZE, header_offset, parse
 from upcall_capture.upcall_blocks import UpcallBlocks, port_and_eth
 
 SENT = upcalls.read_records(REPLAY_DIR / "mixed.upc")[:200]
@@ -183,6 +183,19 @@ def test_a_storm_of_thousands_of_new_flows_is_kept_and_keeps_its_text_when_shed(
         flow[cpu_at] ^= 1
     blocks.packets([bytes(flow) for flow in moved], decode=False)
     assert blocks.undecoded == 0
+
+
+def test_a_record_cut_within_its_key_says_the_key_was_cut():
+    # The probe never makes one, but a record is not trusted: the key's text says how
+    # much of it there is, rather than printing what is there as a whole key (it printed
+    # "6 leftover bytes", as for a whole key that ends in a broken attribute).
+    upcall = SENT[0]
+    cut = record(upcall, 0)[:HEADER_SIZE + len(upcall.key) // 2]
+    _, packets = blocks_of(new_blocks().packets([cut]))
+    key_text = packets[0].comments[0].split("\n")[1]
+    assert key_text == format_key(upcall.key[:len(upcall.key) // 2], len(upcall.key))
+    assert key_text.endswith(f"<key truncated: captured {len(upcall.key) // 2} of "
+                             f"{len(upcall.key)} bytes>")
 
 
 @pytest.mark.parametrize("count", [0, 1])

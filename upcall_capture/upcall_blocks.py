@@ -251,10 +251,13 @@ _Entry = tuple[int, Interface, bytes]
 def _plain_key(record: bytes | memoryview, flags: int, key_size: int, key_len: int,
                pkt_size: int, pkt_len: int) -> bytes | None:
     """The key of a received upcall's record with nothing cut or unreadable (from the
-    numbers in its header), else None."""
-    if flags & (UNREADABLE | F_FAILED) or key_len != key_size or pkt_len != pkt_size:
+    numbers in its header, and the record's length: a record cut short, which only the
+    slow path meets, has its key cut too), else None."""
+    key_end = HEADER_SIZE + key_len
+    if flags & (UNREADABLE | F_FAILED) or key_len != key_size or pkt_len != pkt_size \
+            or key_end > len(record):
         return None
-    return bytes(record[HEADER_SIZE:HEADER_SIZE + key_len])
+    return bytes(record[HEADER_SIZE:key_end])
 
 
 def _packet_apart(out: bytearray, if_id: int, interface: Interface, options: bytes,
@@ -457,7 +460,7 @@ class UpcallBlocks:
             record, flags, key_size, key_len, pkt_size, pkt_len))
         interface.received += 1
         _packet_apart(out, if_id, interface,
-                      options + self._own_options(record, upcall.flags) + extra_options,
+                      options + self._own_options(record, flags) + extra_options,
                       upcall.ktime_ns + self.clock_offset_ns, upcall.packet,
                       max(upcall.pkt_size, len(upcall.packet)), dropped)
         return interface
