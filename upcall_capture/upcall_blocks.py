@@ -3,9 +3,11 @@
 Pure (bytes in, bytes out), but for one budget of time: which new outcome texts are made
 depends on the clocks it is given, unless `outcome_text_share` is 1. This is the hot path
 of a capture:
-- per record: one header unpack, one cache look-up, and the packet block appended to
-  one bytearray for the batch (its head packed, the packet bytes sliced in, the cached
-  options after them), with no other object made per record;
+- per record: one header unpack, one cache look-up, and the packet block's pieces (its
+  head packed, the packet bytes sliced, the cached options) appended to the batch's
+  list, which is joined once at the end: five appends cost less than adding each piece
+  to a bytearray, which grows and copies as it goes (a repeated key 2.04 -> 1.71 µs in
+  one process, one written without text 3.15 -> 2.78);
 - what only depends on what repeats in an upcall storm (the upcall's metadata and key)
   is built once and cached, bounded: the interface it goes to, and its encoded comment
   and key options;
@@ -260,7 +262,7 @@ def _plain_key(record: bytes | memoryview, flags: int, key_size: int, key_len: i
     return bytes(record[HEADER_SIZE:key_end])
 
 
-def _packet_apart(out: bytearray, if_id: int, interface: Interface, options: bytes,
+def _packet_apart(out: list[bytes | memoryview], if_id: int, interface: Interface, options: bytes,
                   timestamp: int, packet: bytes | memoryview, original_length: int,
                   dropped: int) -> None:
     """A packet block built on its own: one that carries losses (epb_dropcount) or a
@@ -268,7 +270,7 @@ def _packet_apart(out: bytearray, if_id: int, interface: Interface, options: byt
     interface.dropped += dropped
     if dropped:
         options += pcapng.dropcount_option(dropped)
-    out += pcapng.enhanced_packet(if_id, timestamp, bytes(packet), original_length, options)
+    out.append(pcapng.enhanced_packet(if_id, timestamp, bytes(packet), original_length, options))
 
 
 class UpcallBlocks:
@@ -324,16 +326,16 @@ class UpcallBlocks:
         self._note = pcapng.packet_options(comment=text, inbound=False)
 
     def packets(self, records: Sequence[bytes | memoryview], dropped: int = 0, *,
-                decode: bool = True, outcome_texts: bool = True) -> bytearray:
-        """Blocks for records in time order (a bytearray: copying a batch of megabytes
-        into bytes would only cost time and memory). `decode=False`: keys not in the
+                decode: bool = True, outcome_texts: bool = True) -> bytes:
+        """Blocks for records in time order. `decode=False`: keys not in the
         cache are written without their text; with it or `outcome_texts=False`, so are
         outcomes whose text is not. Records are bytes, or views of bytes.
 
         `dropped` are losses since the previous call. They happened before these records,
         so the first packet carries them as its epb_dropcount, with any still pending;
         without a record they wait for the next packet, or for statistics()."""
-        out = bytearray()
+        out: list[bytes | memoryview] = []  # the blocks' pieces, in order
+        add = out.append
         self.emitted = []
         self._outcomes.start_batch(decode and outcome_texts)
         dropped += self._pending_drops
@@ -424,18 +426,18 @@ class UpcallBlocks:
                 continue
             pad = padding[pkt_len & 3]
             total = fixed + pkt_len + len(pad) + len(options)
-            out += pack_head(pcapng.BLOCK_EPB, total, if_id, timestamp >> 32,
-                             timestamp & 0xFFFFFFFF, pkt_len, pkt_size)
-            out += record[packet_at:packet_end]
-            out += pad
-            out += options
-            out += pack_end(total)
+            add(pack_head(pcapng.BLOCK_EPB, total, if_id, timestamp >> 32,
+                          timestamp & 0xFFFFFFFF, pkt_len, pkt_size))
+            add(record[packet_at:packet_end])
+            add(pad)
+            add(options)
+            add(pack_end(total))
         if interface is not None:
             self._last_interface = interface
         self._pending_drops = dropped
         self._misses = misses
         self.undecoded += undecoded
-        return out
+        return b"".join(out)
 
     def _remember(self, cache_key: tuple, entry: _Entry) -> dict:
         """Cache a description; the recent generation (a new one when it was full)."""
@@ -446,7 +448,7 @@ class UpcallBlocks:
         cache[cache_key] = entry
         return cache
 
-    def _slow_packet(self, out: bytearray, record: bytes | memoryview, dropped: int,
+    def _slow_packet(self, out: list[bytes | memoryview], record: bytes | memoryview, dropped: int,
                      extra_options: bytes = b"") -> Interface:
         """A packet built on its own: one that carries a note, or a record whose lengths
         disagree with its bytes or each other. recv_upcall.c makes none of the latter, but
@@ -481,7 +483,7 @@ class UpcallBlocks:
                 dropped, None if last is None else self.table.find(last.identity)):
             self.unattributed_drops += dropped
 
-    def _describe(self, record: bytes | memoryview, out: bytearray, key: bytes | None
+    def _describe(self, record: bytes | memoryview, out: list[bytes | memoryview], key: bytes | None
                   ) -> tuple[_Entry, bool]:
         """Interface and options for an upcall not in the cache, and whether they may be
         cached (False for a failed upcall). `key`: what _plain_key gives.
@@ -509,7 +511,7 @@ class UpcallBlocks:
         return (if_id, self.table.interfaces[if_id], options), True
 
     def _shed(self, record: bytes | memoryview, key_end: int, thread: tuple[int, ...],
-              out: bytearray) -> _Entry | None:
+              out: list[bytes | memoryview]) -> _Entry | None:
         """The interface and options of a received upcall's whole key written without its
         text, or None for one to decode after all: a key seen so lately, or one whose
         shape is not known yet. In a storm too big to decode this runs for every upcall:
@@ -549,7 +551,7 @@ class UpcallBlocks:
         return False
 
     def _head(self, record: bytes | memoryview, port: int | None, linktype: int,
-              out: bytearray) -> tuple[int, bytes]:
+              out: list[bytes | memoryview]) -> tuple[int, bytes]:
         """The interface id and the comment's first line (with its newline), cached by
         what they depend on."""
         heads = self._heads
@@ -566,7 +568,7 @@ class UpcallBlocks:
             head = heads[head_key] = (if_id, first_line.encode("utf-8", "backslashreplace"))
         return head
 
-    def _describe_in_full(self, record: bytes | memoryview, out: bytearray
+    def _describe_in_full(self, record: bytes | memoryview, out: list[bytes | memoryview]
                           ) -> tuple[_Entry, bool]:
         upcall = parse(record)
         decoded = decode_key(upcall.key, upcall.key_size)
@@ -583,7 +585,7 @@ class UpcallBlocks:
         return (if_id, self.table.interfaces[if_id], options), not upcall.failed
 
     def _interface(self, dpif: str, port: int | None, linktype: int, name: str | None,
-                   out: bytearray) -> int:
+                   out: list[bytes | memoryview]) -> int:
         identity = (dpif, port, linktype)
         if_id = self.table.find(identity)
         if if_id is None:
@@ -593,7 +595,7 @@ class UpcallBlocks:
             )
             if_id = self.table.add(identity, description)
             self.emitted.append(if_id)
-            out += description
+            out.append(description)
         return if_id
 
     def statistics(self, ktime_ns: int, *, start_ktime_ns: int,

@@ -399,14 +399,13 @@ class _Describer:
             for identity, description in batch.table[common:]:
                 self.blocks.table.add(identity, description)
 
-    def build(self, batch: _Batch, blob: bytes) -> tuple[_Built, bytearray]:
+    def build(self, batch: _Batch, blob: bytes) -> tuple[_Built, bytes]:
         started = time.process_time()
         self._follow_table(batch)
         blocks = self.blocks
         if batch.note is not None:
             blocks.note_next(batch.note)
         undecoded = blocks.undecoded
-        # Written to the pipe as it is: a copy into bytes cost time and a heap that grew.
         # What is shed is read as the batch starts, not as it was sent.
         shedding = self.shedding
         built = blocks.packets(_records(blob, batch.lengths), batch.dropped,
