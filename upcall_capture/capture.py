@@ -427,10 +427,6 @@ class Summary:
         return text
 
 
-def _sum(a: Counters, b: Counters) -> Counters:
-    return Counters(a.fired + b.fired, a.filtered + b.filtered, a.lost + b.lost)
-
-
 class Capture:
     TARGET_EXITED = "the traced process exited"
     COUNT_REACHED = "count reached"
@@ -536,7 +532,7 @@ class Capture:
             now = time.monotonic_ns()
             if self.progress is not None and now >= next_progress:
                 next_progress = now + PROGRESS_INTERVAL_NS
-                self.progress(self.captured, _sum(self._earlier, counters),
+                self.progress(self.captured, self._earlier + counters,
                               (now - start_ns) / 1e9)
             if now >= next_liveness:
                 next_liveness = now + LIVENESS_INTERVAL_NS
@@ -570,7 +566,7 @@ class Capture:
         self._deliver(self._annotated(self._merger.release_all(), None), counters)
         # Every batch is written before a gap note can be given to the outputs.
         self._output_thread.close()
-        self._earlier = _sum(self._earlier, counters)
+        self._earlier = self._earlier + counters
         return self.stop_reason is None
 
     def _follow(self, deadline: int | None) -> bool:

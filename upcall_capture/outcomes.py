@@ -37,7 +37,7 @@ import struct
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from dataclasses import astuple, dataclass, field
+from dataclasses import dataclass, field
 from operator import attrgetter
 
 from upcall_capture.errors import UsageError
@@ -497,8 +497,7 @@ class HandlerOps:
         """The probes' counters, summed over the processes followed."""
         if self.probe is None:
             return self._earlier
-        return OpsCounters(*map(sum, zip(astuple(self._earlier),
-                                         astuple(self.probe.counters()), strict=True)))
+        return self._earlier + self.probe.counters()
 
     def follow(self, pid: int) -> None:
         """The traced process was replaced by `pid`: attach to its probes, where it has

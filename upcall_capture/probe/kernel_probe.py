@@ -7,8 +7,7 @@ skb->data). `unavailable()` says in one line which of them is missing.
 
 from __future__ import annotations
 
-import ctypes
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from upcall_capture.errors import UsageError
@@ -68,12 +67,11 @@ class KernelProbe(RingProbe):
         except Exception as err:  # bcc raises a bare Exception
             self.close()
             raise UsageError(f"cannot load the kernel side's BPF program: {err}") from None
-        self._start("kernel_events", "the kernel side's ring")
+        self._start("kernel_events", "the kernel side's ring", counters=len(fields(KernelCounters)))
 
     def drain(self) -> list[memoryview]:
         return self._buffer.read()
 
     def counters(self) -> KernelCounters:
-        table = self._bpf["counters"]
-        return KernelCounters(*(int(table.sum(ctypes.c_int(i)).value) for i in range(5)))
+        return KernelCounters(*self._counter_values())
 

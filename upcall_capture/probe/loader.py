@@ -10,10 +10,11 @@ import ctypes
 import os
 import platform
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from upcall_capture.errors import UsageError
+from upcall_capture.probe.percpu_counters import PerCpuCounters
 from upcall_capture.probe.record import PKT_GAP_MAX
 from upcall_capture.probe.ring_buffer import RingBuffer
 from upcall_capture.probe.usdt_args import args_reader
@@ -55,6 +56,10 @@ class Counters:
     filtered: int
     lost: int
 
+    def __add__(self, other: Counters) -> Counters:
+        return Counters(self.fired + other.fired, self.filtered + other.filtered,
+                        self.lost + other.lost)
+
 
 def check_environment() -> None:
     """Fail early, in one line, on what would otherwise be a bcc traceback."""
@@ -94,17 +99,26 @@ class RingProbe:
 
     _bpf = None
     _buffer: RingBuffer | None = None
+    _counters: PerCpuCounters | None = None
 
-    def _start(self, ring: str, ring_name: str) -> None:
+    def _start(self, ring: str, ring_name: str, counters: int) -> None:
         """Once loaded: let the program submit, and map its ring (`ring_name` is what an
-        error calls it)."""
+        error calls it); the first `counters` of its `counters` array are read."""
         self._bpf["control"][ctypes.c_int(0)] = ctypes.c_uint32(0)
         events = self._bpf[ring]
+        bcc = import_bcc()
+        self._counters = PerCpuCounters(self._bpf["counters"].map_fd, counters,
+                                        len(bcc.utils.get_possible_cpus()),
+                                        bcc.libbcc.lib._name)
         try:
             self._buffer = RingBuffer(events.map_fd, events.max_entries)
         except OSError as err:
             self.close()
             raise UsageError(f"cannot map {ring_name}: {err.strerror}") from None
+
+    def _counter_values(self) -> tuple[int, ...]:
+        """The program's counters, each summed over the CPUs."""
+        return self._counters.read()
 
     @property
     def backlog(self) -> bool:
@@ -179,7 +193,7 @@ class RecvUpcallProbe(RingProbe):
             self._bpf = bcc.BPF(text=text.encode(), usdt_contexts=[usdt], cflags=cflags)
         except Exception as err:
             raise UsageError(f"cannot load the BPF program: {err}") from None
-        self._start("events", "the ring buffer")
+        self._start("events", "the ring buffer", counters=len(fields(Counters)))
 
     def drain(self, timeout_ms: int = POLL_TIMEOUT_MS) -> list[memoryview]:
         """Wait timeout_ms (unless the last drain left a backlog), then read up to
@@ -194,7 +208,5 @@ class RecvUpcallProbe(RingProbe):
         return self._buffer.peak_fill()
 
     def counters(self) -> Counters:
-        table = self._bpf["counters"]
-        fired, filtered, lost = (int(table.sum(ctypes.c_int(i)).value) for i in range(3))
-        return Counters(fired, filtered, lost)
+        return Counters(*self._counter_values())
 

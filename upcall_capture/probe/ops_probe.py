@@ -6,7 +6,7 @@ import ctypes
 import fcntl
 import os
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from upcall_capture.errors import UsageError
@@ -40,6 +40,12 @@ class OpsCounters:
     lost: int  # events that found the ring full
     shed: int  # events not copied while shedding (OpsProbe.shed)
 
+    def __add__(self, other: OpsCounters) -> OpsCounters:
+        # Field by field: dataclasses.astuple() cost 5 µs a call, read after every read
+        # of recv_upcall's ring.
+        return OpsCounters(self.puts + other.puts, self.executes + other.executes,
+                           self.lost + other.lost, self.shed + other.shed)
+
 
 class OpsProbe(RingProbe):
     """flow_ops.c attached to one process's op_flow_put and op_flow_execute."""
@@ -67,7 +73,7 @@ class OpsProbe(RingProbe):
             self.close()
             raise UsageError(f"cannot attach to the flow put and execute probes of pid "
                              f"{self.pid}: {err}") from None
-        self._start("op_events", "the flow operations' ring")
+        self._start("op_events", "the flow operations' ring", counters=len(fields(OpsCounters)))
 
     def drain(self) -> list[memoryview]:
         return self._buffer.read()
@@ -150,8 +156,7 @@ class OpsProbe(RingProbe):
         super().close()
 
     def counters(self) -> OpsCounters:
-        table = self._bpf["counters"]
-        return OpsCounters(*(int(table.sum(ctypes.c_int(i)).value) for i in range(4)))
+        return OpsCounters(*self._counter_values())
 
 
 def _is_open(fd: int) -> bool:
