@@ -16,8 +16,11 @@ as this project owns no PEN. The PEN is in the section's byte order, as the spec
 tshark 4.0 reads past the option silently (not even `-V` shows it) and editcap copies it;
 only our own reader decodes it (`Packet.key`). A flow put's megaflow mask travels the same
 way, its value after the PEN starting with MASK_TAG (`Packet.mask`), and so does an
-outcome left undecoded, tagged OUTCOME_TAG (`Packet.raw_outcome`): no key starts with
-those bytes, as its first attribute would be over 28,000 bytes long.
+outcome left undecoded, tagged OUTCOME_TAG (`Packet.raw_outcome`). A key that starts
+with their first byte, 0xff, is written after KEY_TAG, so that none is taken for them:
+the probe copies whatever bytes the traced process passes, and a fuzzed key b"\xffout"
+read back as no key at all. No key of OVS's is escaped in practice: its first attribute
+would be 255 bytes long, or longer than the whole key.
 
 Reading: `iter_blocks` parses SHB, IDB, EPB, SPB and ISB of either byte order and yields other
 block types with their framing only; `complete_length` gives the length of the leading run of
@@ -163,7 +166,15 @@ _INBOUND_OPTION = _option(EPB_FLAGS, _pack_u32(EPB_FLAG_INBOUND))
 _KEY_OPTION_PEN = _pack_u32(KEY_OPTION_PEN)
 MASK_TAG = b"\xffmsk"
 OUTCOME_TAG = b"\xffout"
-_TAGS = (MASK_TAG, OUTCOME_TAG)
+KEY_TAG = b"\xffkey"  # before a key that starts with 0xff, as the tags do
+_OTHER_TAGS = (MASK_TAG, OUTCOME_TAG)
+_TAG_START = 0xFF
+
+
+def _key_value(key: bytes | memoryview) -> bytes | memoryview:
+    """What follows the PEN in a key's option: the key, after KEY_TAG if it starts with
+    0xff."""
+    return KEY_TAG + key if key and key[0] == _TAG_START else key
 
 
 def mask_option(mask: bytes) -> bytes:
@@ -204,7 +215,7 @@ def packet_options(
     if dropcount is not None:
         parts.append(dropcount_option(dropcount))
     if key is not None:
-        parts.append(_option(OPT_CUSTOM_BINARY, _KEY_OPTION_PEN + key))
+        parts.append(_option(OPT_CUSTOM_BINARY, _KEY_OPTION_PEN + _key_value(key)))
     parts += (_option(OPT_COMMENT, _encode_text(text)) for text in more_comments)
     if mask is not None:
         parts.append(mask_option(mask))
@@ -226,6 +237,7 @@ def commented_key_options(comment: bytes, key: bytes | memoryview, tail: bytes =
     in one join: a storm of new flows builds every upcall's so (the comment's first line,
     then the key's text)."""
     length = len(comment) + len(tail)
+    key = _key_value(key)
     if length > _MAX_OPTION_LENGTH or len(key) + 4 > _MAX_OPTION_LENGTH:
         raise ValueError("pcapng option over the 65535-byte limit")
     return b"".join((
@@ -235,8 +247,9 @@ def commented_key_options(comment: bytes, key: bytes | memoryview, tail: bytes =
 
 
 def commented_key_options_around(comment: bytes, key_length: int) -> tuple[bytes, bytes]:
-    """commented_key_options()'s bytes before and after a key of `key_length` bytes: the
-    same for every key of a shape, so a packet's can be cached."""
+    """commented_key_options()'s bytes before and after a key of `key_length` bytes that
+    does not start with 0xff (KEY_TAG): the same for every key of a shape, so a packet's
+    can be cached."""
     options = commented_key_options(comment, bytes(key_length))
     after = _PADDING[key_length & 3]
     return options[:len(options) - key_length - len(after)], after
@@ -554,9 +567,12 @@ def _option_timestamp(options: Options, code: int, order: _ByteOrder) -> int | N
 
 def _our_key(options: Options, order: _ByteOrder) -> bytes | None:
     for value in options.get(OPT_CUSTOM_BINARY, ()):
-        if len(value) >= 4 and order.u32(value)[0] == KEY_OPTION_PEN and \
-                value[4:8] not in _TAGS:
-            return value[4:]
+        if len(value) >= 4 and order.u32(value)[0] == KEY_OPTION_PEN:
+            tag = value[4:8]
+            if tag == KEY_TAG:
+                return value[8:]
+            if tag not in _OTHER_TAGS:  # files before KEY_TAG have unescaped keys too
+                return value[4:]
     return None
 
 
