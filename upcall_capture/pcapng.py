@@ -19,8 +19,9 @@ way, its value after the PEN starting with MASK_TAG (`Packet.mask`), and so does
 outcome left undecoded, tagged OUTCOME_TAG (`Packet.raw_outcome`). A key that starts
 with their first byte, 0xff, is written after KEY_TAG, so that none is taken for them:
 the probe copies whatever bytes the traced process passes, and a fuzzed key b"\xffout"
-read back as no key at all. No key of OVS's is escaped in practice: its first attribute
-would be 255 bytes long, or longer than the whole key.
+read back as no key at all. No key of OVS's is escaped in practice: its first byte is
+the low byte of its first attribute's length, and none is 255 bytes long (or 511...):
+those of fixed size are under 64 bytes, the others (nested, MPLS) a multiple of 4.
 
 Reading: `iter_blocks` parses SHB, IDB, EPB, SPB and ISB of either byte order and yields other
 block types with their framing only; `complete_length` gives the length of the leading run of

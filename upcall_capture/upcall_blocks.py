@@ -530,8 +530,8 @@ class UpcallBlocks:
         if parts is None:
             if_id, head_text = self._head(record, port, comment.linktype(shape.has_eth, key),
                                           out)
-            # Never escaped (pcapng.KEY_TAG): a compiled shape's first byte is the low
-            # byte of a well-formed attribute's length, a multiple of 4.
+            # Never escaped (pcapng.KEY_TAG): a shape is compiled for well-formed keys
+            # only, and no well-formed first attribute is 255 bytes long (or 511...).
             before, after = pcapng.commented_key_options_around(head_text + _NOT_DECODED,
                                                                 len(key))
             if len(self._shed_parts) >= MAX_CACHED_HEADS:
