@@ -248,6 +248,8 @@ _NOT_DECODED = comment.NOT_DECODED.encode()
 # record's own comments (_own_options) and opt_endofopt follow them. A tuple, unpacked in
 # one step: the hit path of a storm is a few dozen steps a record.
 _Entry = tuple[int, Interface, bytes]
+# A batch's blocks as they are built: pieces, joined once at the end (packets()).
+_Pieces = list[bytes | memoryview]
 
 
 def _plain_key(record: bytes | memoryview, flags: int, key_size: int, key_len: int,
@@ -262,7 +264,7 @@ def _plain_key(record: bytes | memoryview, flags: int, key_size: int, key_len: i
     return bytes(record[HEADER_SIZE:key_end])
 
 
-def _packet_apart(out: list[bytes | memoryview], if_id: int, interface: Interface, options: bytes,
+def _packet_apart(out: _Pieces, if_id: int, interface: Interface, options: bytes,
                   timestamp: int, packet: bytes | memoryview, original_length: int,
                   dropped: int) -> None:
     """A packet block built on its own: one that carries losses (epb_dropcount) or a
@@ -334,7 +336,7 @@ class UpcallBlocks:
         `dropped` are losses since the previous call. They happened before these records,
         so the first packet carries them as its epb_dropcount, with any still pending;
         without a record they wait for the next packet, or for statistics()."""
-        out: list[bytes | memoryview] = []  # the blocks' pieces, in order
+        out: _Pieces = []
         add = out.append
         self.emitted = []
         self._outcomes.start_batch(decode and outcome_texts)
@@ -448,7 +450,7 @@ class UpcallBlocks:
         cache[cache_key] = entry
         return cache
 
-    def _slow_packet(self, out: list[bytes | memoryview], record: bytes | memoryview, dropped: int,
+    def _slow_packet(self, out: _Pieces, record: bytes | memoryview, dropped: int,
                      extra_options: bytes = b"") -> Interface:
         """A packet built on its own: one that carries a note, or a record whose lengths
         disagree with its bytes or each other. recv_upcall.c makes none of the latter, but
@@ -483,7 +485,7 @@ class UpcallBlocks:
                 dropped, None if last is None else self.table.find(last.identity)):
             self.unattributed_drops += dropped
 
-    def _describe(self, record: bytes | memoryview, out: list[bytes | memoryview], key: bytes | None
+    def _describe(self, record: bytes | memoryview, out: _Pieces, key: bytes | None
                   ) -> tuple[_Entry, bool]:
         """Interface and options for an upcall not in the cache, and whether they may be
         cached (False for a failed upcall). `key`: what _plain_key gives.
@@ -511,7 +513,7 @@ class UpcallBlocks:
         return (if_id, self.table.interfaces[if_id], options), True
 
     def _shed(self, record: bytes | memoryview, key_end: int, thread: tuple[int, ...],
-              out: list[bytes | memoryview]) -> _Entry | None:
+              out: _Pieces) -> _Entry | None:
         """The interface and options of a received upcall's whole key written without its
         text, or None for one to decode after all: a key seen so lately, or one whose
         shape is not known yet. In a storm too big to decode this runs for every upcall:
@@ -553,7 +555,7 @@ class UpcallBlocks:
         return False
 
     def _head(self, record: bytes | memoryview, port: int | None, linktype: int,
-              out: list[bytes | memoryview]) -> tuple[int, bytes]:
+              out: _Pieces) -> tuple[int, bytes]:
         """The interface id and the comment's first line (with its newline), cached by
         what they depend on."""
         heads = self._heads
@@ -570,7 +572,7 @@ class UpcallBlocks:
             head = heads[head_key] = (if_id, first_line.encode("utf-8", "backslashreplace"))
         return head
 
-    def _describe_in_full(self, record: bytes | memoryview, out: list[bytes | memoryview]
+    def _describe_in_full(self, record: bytes | memoryview, out: _Pieces
                           ) -> tuple[_Entry, bool]:
         upcall = parse(record)
         decoded = decode_key(upcall.key, upcall.key_size)
@@ -587,7 +589,7 @@ class UpcallBlocks:
         return (if_id, self.table.interfaces[if_id], options), not upcall.failed
 
     def _interface(self, dpif: str, port: int | None, linktype: int, name: str | None,
-                   out: list[bytes | memoryview]) -> int:
+                   out: _Pieces) -> int:
         identity = (dpif, port, linktype)
         if_id = self.table.find(identity)
         if if_id is None:
