@@ -9,7 +9,14 @@ import threading
 
 import pytest
 
-from upcall_capture.sink import DIRECT_ALIGN, DIRECT_CHUNK, OutputThread, open_file
+from upcall_capture.sink import (
+    DIRECT_ALIGN,
+    DIRECT_CHUNK,
+    IOV_MAX,
+    OutputThread,
+    Sink,
+    open_file,
+)
 
 
 def test_direct_writes_leave_exactly_the_bytes_written(tmp_path):
@@ -30,6 +37,50 @@ def test_direct_writes_leave_exactly_the_bytes_written(tmp_path):
         assert sink.good_bytes == len(written)
     sink.close()
     assert path.read_bytes() == written
+
+
+def test_pieces_written_at_once_leave_exactly_their_bytes_in_order(tmp_path):
+    """write_pieces() stages pieces one by one (never joined): across the staging
+    buffer's chunks, around a partial block left by the write before."""
+    path = tmp_path / "c.pcapng"
+    sink = open_file(str(path))
+    if not sink.direct:
+        pytest.skip(f"{tmp_path} does not take O_DIRECT")
+    rng = random.Random(2)
+    written = bytearray(b"x" * 100)  # a partial block first
+    sink.write(bytes(written))
+    for sizes in ([DIRECT_CHUNK - 150, 300, 7], [1] * 50, [DIRECT_CHUNK, DIRECT_CHUNK + 9, 0],
+                  [rng.randrange(1, 200_000) for _ in range(30)]):
+        pieces = [os.urandom(size) for size in sizes]
+        assert sink.write_pieces(pieces) == len(pieces)
+        written += b"".join(pieces)
+        assert path.read_bytes() == written
+        assert sink.good_bytes == len(written)
+    sink.close()
+
+
+def test_buffered_pieces_go_whole_through_a_pipe_that_takes_part_of_a_write():
+    """More pieces than one writev() takes, into a pipe whose reader takes a little at a
+    time: each write is partial, and every byte still arrives once, in order."""
+    read_end, write_end = os.pipe()
+    sink = Sink(write_end, "<pipe>", truncatable=False)
+    pieces = [os.urandom(random.Random(size).randrange(1, 300)) for size in
+              range(IOV_MAX + 500)]
+    expected = b"".join(pieces)
+    received = bytearray()
+
+    def read_slowly():
+        while chunk := os.read(read_end, 4096):
+            received.extend(chunk)
+
+    reader = threading.Thread(target=read_slowly)
+    reader.start()
+    assert sink.write_pieces(pieces) == len(pieces)
+    os.close(write_end)
+    reader.join()
+    os.close(read_end)
+    assert received == expected
+    assert sink.good_bytes == len(expected)
 
 
 def test_batches_are_handled_in_order_in_pieces():
