@@ -134,7 +134,7 @@ def test_idle_runs_once_the_queue_is_empty():
     assert events == [1, 2, 3, "idle"]
 
 
-def test_blocks_are_held_back_until_idle_or_a_megabyte(tmp_path):
+def test_blocks_are_held_back_until_idle_or_coalesce_bytes(tmp_path):
     import upcalls
     from conftest import REPLAY_DIR
     from probe_records import storm
@@ -142,7 +142,7 @@ def test_blocks_are_held_back_until_idle_or_a_megabyte(tmp_path):
     from upcall_capture import capture, pcapng
     from upcall_capture.upcall_blocks import UpcallBlocks
 
-    records = storm(upcalls.read_records(REPLAY_DIR / "mixed.upc"), 4000, unique=False)
+    records = storm(upcalls.read_records(REPLAY_DIR / "mixed.upc"), 12000, unique=False)
     path = tmp_path / "held.pcapng"
     output = capture.PcapngOutput(
         capture.InlineBlocks(lambda: UpcallBlocks(snaplen=9216, clock_offset_ns=0,
@@ -155,13 +155,13 @@ def test_blocks_are_held_back_until_idle_or_a_megabyte(tmp_path):
     output.wait_written()  # written behind the output thread (sink.WriteBehind)
     assert output.written == 10 and path.stat().st_size > header
     written_at = path.stat().st_size
-    for start in range(10, 4000, 100):  # about 3 MB in all
+    for start in range(10, 12000, 100):  # about 9 MB in all
         batch = records[start:start + 100]
         output.packets(batch, 0, output.prepare(batch, 0))
     output.wait_written()
-    # Written a megabyte or more at a time, the rest still held.
+    # Written COALESCE_BYTES or more at a time, the rest still held.
     assert path.stat().st_size - written_at >= capture.COALESCE_BYTES
-    assert 10 < output.written < 4000 and (output.written - 10) % 100 == 0
+    assert 10 < output.written < 12000 and (output.written - 10) % 100 == 0
     output.finish(1, 0)
     packets = [b for b in pcapng.iter_blocks(path.read_bytes()) if isinstance(b, pcapng.Packet)]
-    assert len(packets) == output.written == 4000
+    assert len(packets) == output.written == 12000

@@ -30,9 +30,11 @@ from collections.abc import Callable, Sequence
 from upcall_capture.errors import CaptureError, UsageError
 
 # Direct I/O: transfers in multiples of this, from memory aligned to it (a page covers
-# every logical block size in use), staged through a buffer of DIRECT_CHUNK bytes.
+# every logical block size in use), staged through a buffer of DIRECT_CHUNK bytes: as
+# large as the writes a capture coalesces (capture.COALESCE_BYTES), so that each is one
+# direct transfer.
 DIRECT_ALIGN = mmap.PAGESIZE
-DIRECT_CHUNK = 1 << 20
+DIRECT_CHUNK = 4 << 20
 # writev()'s limit on pieces a call (Linux's UIO_MAXIOV).
 IOV_MAX = 1024
 
@@ -220,14 +222,15 @@ class WriteBehind(_Background):
     megabyte took 2 ms here: in a storm of 250,000 new flows/s the output thread spent over
     half its time in writes, while the workers' replies waited and the workers with them.
 
-    At most `max_bytes` wait to be written (submit() waits for room). Each submit() is
+    At most `max_bytes` wait to be written (submit() waits for room): by default two of a
+    capture's coalesced writes (capture.COALESCE_BYTES). Each submit() is
     followed by `on_written(written, submitted)`: how many of its pieces are in the file,
     of how many. The first error (a CaptureError: the sink cut the file back to its last
     good piece) ends the writing: what waits is dropped, and the next submit() or wait()
     raises it."""
 
     def __init__(self, sink: Sink, on_written: Callable[[int, int], None], *,
-                 max_bytes: int = 4 << 20) -> None:
+                 max_bytes: int = 8 << 20) -> None:
         self.sink = sink
         self.on_written = on_written
         self.max_bytes = max_bytes
