@@ -87,3 +87,22 @@ def test_shared_memory_is_one_memory_for_whoever_maps_its_fd():
         assert again.fd is None
     finally:
         memory.close()
+
+
+def test_a_chunk_read_in_place_is_the_rings_own_until_its_room_is_given_back():
+    memory = mmap.mmap(-1, mmap.PAGESIZE + 1000)  # as a worker maps it (map_shared)
+    ring = ByteRing(memoryview(memory))
+    pipe = io.BytesIO()
+    channel.send(pipe, ring, b"m", b"key:" * 150, always)
+    channel.send(pipe, ring, b"n", b"x" * 1001, always)  # larger than the ring
+    pipe.seek(0)
+    meta, bulk, end = channel.receive_in_place(pipe, ring)
+    assert (meta, bytes(bulk), end) == (b"m", b"key:" * 150, 600)
+    assert bulk.readonly and hash(bulk[:4]) == hash(b"key:")  # the describer hashes keys
+    memory[mmap.PAGESIZE:mmap.PAGESIZE + 4] = b"KEY:"
+    assert bulk[:4] == b"KEY:"  # not a copy
+    with pytest.raises(BrokenPipeError):  # no room yet: the writer would wait
+        ring.reserve(600, lambda: False)
+    ring.release_to(end)
+    assert ring.reserve(600, lambda: False) == 1000  # at once, from the beginning again
+    assert channel.receive_in_place(pipe, ring) == (b"n", b"x" * 1001, None)

@@ -373,3 +373,60 @@ def test_a_worker_gone_while_its_ring_is_full_ends_the_capture_not_a_wait():
         started = time.monotonic()
         pool.close()
         assert time.monotonic() - started < 3
+
+
+def _views_of(memory, roots: list) -> list[memoryview]:
+    """The views of `memory` that anything reachable from `roots` holds (modules, and what
+    only they reach, left out)."""
+    import gc
+    import types
+
+    module_dicts = {id(vars(module)) for module in list(sys.modules.values()) if module}
+    seen, found, todo = set(), [], list(roots)
+    while todo:
+        thing = todo.pop()
+        if id(thing) in seen or id(thing) in module_dicts or \
+                isinstance(thing, (types.ModuleType, type)):
+            continue
+        seen.add(id(thing))
+        if isinstance(thing, memoryview):
+            try:
+                if thing.obj is memory:
+                    found.append(thing)
+            except ValueError:  # released: it holds nothing
+                pass
+            continue
+        todo += gc.get_referents(thing)
+    return found
+
+
+def test_a_worker_keeps_nothing_of_the_ring_it_reads_its_batches_in():
+    # A worker builds each batch where it lies in the ring it shares with the main process
+    # (channel.receive_in_place), which writes the next batches there once the room is
+    # given back: anything kept of it (a cache's key or value) would change under it.
+    import mmap
+    from array import array
+
+    from upcall_capture import flowkey, upcall_blocks
+
+    records = with_outcomes(storm(MIXED, 1200, unique=False)) + \
+        storm(MIXED, 300, unique=True)  # repeated keys, outcomes, and new keys
+    memory = mmap.mmap(-1, 1 << 20)  # as a worker maps it (channel.map_shared)
+    ring = memoryview(memory).toreadonly()
+    shedding = workers.Shedding()
+    try:
+        in_place = workers._Describer(SETTINGS, shedding)
+        copied = workers._Describer(SETTINGS, shedding)
+        for number, batch in enumerate(in_batches(records, 100)):
+            blob = b"".join(batch)
+            request = workers._Batch(0, [] if number == 0 else None, 1, 0, None,
+                                     array("I", map(len, batch)).tobytes())
+            memory[:len(blob)] = blob
+            got = in_place.build(request, ring[:len(blob)])[1]
+            memory[:len(blob)] = bytes(len(blob))  # the room written over
+            assert got == copied.build(request, blob)[1], f"batch {number}"
+        roots = [in_place, flowkey._SHAPES, upcall_blocks._WHERE]
+        assert _views_of(memory, roots) == []
+    finally:
+        ring.release()
+        shedding.close()

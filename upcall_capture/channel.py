@@ -11,9 +11,13 @@ storm of new flows, where the worker is what keeps up or not.
 A ring (ByteRing) is a FIFO of variable-size chunks with one writer and one reader, in
 two processes. Each chunk is contiguous: one that would run past the end starts at the
 beginning again, and the bytes skipped count as used until the reader is past them.
-The reader copies a chunk out and releases it at once, so that nothing of ours keeps a
-view into the memory (a view of it could not be hashed, as the describer hashes keys,
-either). A bulk larger than the ring goes through the pipe after its frame.
+The main process copies a reply out and releases it at once. A worker reads its batch
+where it lies (receive_in_place) and releases it once the batch's blocks are built, so
+that the worker, which is what keeps up or not in a storm of new flows, copies none of
+it only to read it. Nothing it keeps (caches, texts) may hold a view of the ring: the
+view's bytes change under it once the room is released. The worker maps the memory with
+Python's mmap (map_shared), whose views can be hashed, as the describer hashes keys. A
+bulk larger than the ring goes through the pipe after its frame.
 
 Waiting: the writer waits for room by looking at the reader's released position, a few
 times a millisecond at most, and notices a peer that is gone (`alive`). A ring is full
@@ -105,6 +109,7 @@ class ByteRing:
     def __init__(self, memory: memoryview) -> None:
         self._released = Position(memory)
         self._data = memory[mmap.PAGESIZE:]
+        self._readonly = self._data.toreadonly()
         self.capacity = len(self._data)
         self._written = self._released.load()  # the writer's position
 
@@ -136,13 +141,23 @@ class ByteRing:
 
     def read(self, start: int, size: int) -> bytes:
         """The chunk's bytes, copied; its room goes back to the writer."""
-        offset = start % self.capacity
-        data = bytes(self._data[offset:offset + size])
-        self._released.store(start + size)
+        data = bytes(self.view(start, size))
+        self.release_to(start + size)
         return data
+
+    def view(self, start: int, size: int) -> memoryview:
+        """The chunk's bytes where they lie, read only: they stay so until its room goes
+        back to the writer (release_to)."""
+        offset = start % self.capacity
+        return self._readonly[offset:offset + size]
+
+    def release_to(self, end: int) -> None:
+        """Give the room up to `end` (a chunk's start + size) back to the writer."""
+        self._released.store(end)
 
     def release(self) -> None:
         self._released.release()
+        self._readonly.release()
         self._data.release()
 
 
@@ -161,6 +176,22 @@ def send(stream: BinaryIO, ring: ByteRing, meta: bytes, bulk: bytes | bytearray,
 
 def receive(stream: BinaryIO, ring: ByteRing) -> tuple[bytes, bytes] | None:
     """The next (meta, bulk), or None at the end of the pipe (or of a cut frame)."""
+    received = receive_in_place(stream, ring)
+    if received is None:
+        return None
+    meta, bulk, end = received
+    if end is None:
+        return meta, bulk
+    data = bytes(bulk)
+    ring.release_to(end)
+    return meta, data
+
+
+def receive_in_place(stream: BinaryIO, ring: ByteRing
+                     ) -> tuple[bytes, bytes | memoryview, int | None] | None:
+    """The next (meta, bulk, end), or None at the end of the pipe (or of a cut frame).
+    A bulk in the ring is a read-only view of it, whose room stays taken until
+    ring.release_to(end); `end` is None for one that came through the pipe."""
     head = stream.read(_FRAME.size)
     if len(head) < _FRAME.size:
         return None
@@ -169,9 +200,20 @@ def receive(stream: BinaryIO, ring: ByteRing) -> tuple[bytes, bytes] | None:
     if len(meta) < meta_size:
         return None
     if start >= 0:
-        return meta, ring.read(start, bulk_size)
+        return meta, ring.view(start, bulk_size), start + bulk_size
     bulk = stream.read(bulk_size)
-    return (meta, bulk) if len(bulk) == bulk_size else None
+    return (meta, bulk, None) if len(bulk) == bulk_size else None
+
+
+def map_shared(fd: int, size: int) -> mmap.mmap:
+    """A worker's mapping of the memory its main process shares with it (SharedMemory's
+    fd, closed here). Python's mmap, unlike SharedMemory's: a read-only view of it can be
+    hashed (the object it views must be hashable, and a ctypes array is not). The
+    duplicate fd it keeps meets no bcc in a worker."""
+    try:
+        return mmap.mmap(fd, size)
+    finally:
+        os.close(fd)
 
 
 def ring_pair(memory: memoryview) -> tuple[ByteRing, ByteRing]:

@@ -346,7 +346,7 @@ class WorkerPool:
 # The worker's side
 
 
-def _records(blob: bytes, lengths: bytes) -> list[memoryview]:
+def _records(blob: bytes | memoryview, lengths: bytes) -> list[memoryview]:
     sizes = array("I")
     sizes.frombytes(lengths)
     view = memoryview(blob)
@@ -399,7 +399,7 @@ class _Describer:
             for identity, description in batch.table[common:]:
                 self.blocks.table.add(identity, description)
 
-    def build(self, batch: _Batch, blob: bytes) -> tuple[_Built, bytes]:
+    def build(self, batch: _Batch, blob: bytes | memoryview) -> tuple[_Built, bytes]:
         started = time.process_time()
         self._follow_table(batch)
         blocks = self.blocks
@@ -427,9 +427,11 @@ class _Describer:
 
 
 def serve(requests: BinaryIO, replies: BinaryIO, shedding: Shedding,
-          memory: SharedMemory) -> None:
-    """A worker: batches in, blocks out, until the main process closes its end."""
-    incoming, outgoing = channel.ring_pair(memory.view)
+          memory: mmap.mmap) -> None:
+    """A worker: batches in, blocks out, until the main process closes its end. A batch's
+    records are read where they lie in the shared memory, and their room given back once
+    its blocks are built (channel.receive_in_place)."""
+    incoming, outgoing = channel.ring_pair(memoryview(memory))
     parent = os.getppid()
 
     def alive() -> bool:  # the main process, which takes our replies
@@ -440,11 +442,14 @@ def serve(requests: BinaryIO, replies: BinaryIO, shedding: Shedding,
         return
     describer = _Describer(pickle.loads(settings[0]), shedding)
     trimmer = HeapTrimmer()
-    while (request := channel.receive(requests, incoming)) is not None:
-        meta, blob = request
-        built, blocks = describer.build(pickle.loads(meta), blob)
+    while (request := channel.receive_in_place(requests, incoming)) is not None:
+        meta, records, end = request
+        built, blocks = describer.build(pickle.loads(meta), records)
+        del request, records  # nothing may see the ring's room once it is given back
+        if end is not None:
+            incoming.release_to(end)
         channel.send(replies, outgoing, pickle.dumps(built), blocks, alive)
-        del request, blob, blocks  # freed before a trim
+        del blocks  # freed before a trim
         trimmer.tick()
 
 
@@ -457,8 +462,7 @@ if __name__ == "__main__":
     try:
         shedding = workers.Shedding(int(sys.argv[1]))
         shedding.forget_fd()
-        memory = SharedMemory(channel.PAIR_BYTES, int(sys.argv[2]))
-        memory.forget_fd()
+        memory = channel.map_shared(int(sys.argv[2]), channel.PAIR_BYTES)
         workers.serve(sys.stdin.buffer, sys.stdout.buffer, shedding, memory)
     except (BrokenPipeError, KeyboardInterrupt):
         pass
