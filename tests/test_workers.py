@@ -360,7 +360,7 @@ def test_a_worker_gone_while_its_ring_is_full_ends_the_capture_not_a_wait():
         os.kill(worker.process.pid, signal.SIGSTOP)
         records = storm(MIXED, 8000, unique=True)
         batches = in_batches(records, 200)
-        assert sum(map(len, records)) > 2 * channel.RING_BYTES  # more than the ring holds
+        assert sum(map(len, records)) > 2 * channel.REQUEST_RING_BYTES  # more than it holds
         tickets = [builder.prepare(batch, 0, None) for batch in batches]
         time.sleep(0.2)  # the sender is now waiting for room, with batches still to send
         assert worker._sender.is_alive() and not worker._outbox.empty()

@@ -43,12 +43,16 @@ from typing import BinaryIO
 
 from upcall_capture.probe.ring_buffer import Position
 
-# Each ring's room: a dozen batches of 256 records (some 150 KB each with 350-byte
-# packets), twice the pipe it replaces held here (1 MiB: more needs CAP_SYS_RESOURCE).
-# Both processes touch every page in time, so it counts in both one's peak RSS: two rings
-# a worker took a worker's peak from 53 to 56 MB.
-RING_BYTES = 2 << 20
-PAIR_BYTES = 2 * (mmap.PAGESIZE + RING_BYTES)  # a worker's two, each after its header page
+# Each ring's room. Requests: a dozen batches of 256 records (some 150 KB each with
+# 350-byte packets), twice the pipe it replaces held here (1 MiB: more needs
+# CAP_SYS_RESOURCE). Replies: twice that, as the thread that takes them waits for the
+# main process's GIL (up to its 5 ms switch interval) while the worker makes a batch's
+# blocks every millisecond: at 250,000 new flows/s, a worker waited 1.3 to 1.6 s of a
+# 10 s storm for room in 2 MiB, and 0.6 s in 4 MiB or 6 MiB (instrumented runs). Both
+# processes touch every page in time, so it counts in both one's peak RSS.
+REQUEST_RING_BYTES = 2 << 20
+REPLY_RING_BYTES = 4 << 20
+PAIR_BYTES = 2 * mmap.PAGESIZE + REQUEST_RING_BYTES + REPLY_RING_BYTES  # each after a page
 # The writer's wait for room: from this, doubling up to WAIT_MAX_S.
 WAIT_MIN_S = 0.0001
 WAIT_MAX_S = 0.002
@@ -218,5 +222,5 @@ def map_shared(fd: int, size: int) -> mmap.mmap:
 
 def ring_pair(memory: memoryview) -> tuple[ByteRing, ByteRing]:
     """A worker's two rings in its shared memory (PAIR_BYTES): requests, replies."""
-    half = len(memory) // 2
-    return ByteRing(memory[:half]), ByteRing(memory[half:])
+    split = mmap.PAGESIZE + REQUEST_RING_BYTES
+    return ByteRing(memory[:split]), ByteRing(memory[split:])
