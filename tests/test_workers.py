@@ -430,3 +430,23 @@ def test_a_worker_keeps_nothing_of_the_ring_it_reads_its_batches_in():
     finally:
         ring.release()
         shedding.close()
+
+
+def test_keys_stay_shed_until_the_workers_have_room_to_decode_them():
+    # In a storm too big to decode, the ring empties while keys are shed: decoding again
+    # would fill it at once. Keys come back once the workers are less busy.
+    import time
+
+    pool = workers.WorkerPool(1, SETTINGS)
+    try:
+        pool.pace(ring_fill=1.0)
+        assert pool.shedding.keys
+        time.sleep(workers.BUSY_WINDOW_S)
+        pool.workers[0].cpu_seconds += 10.0  # as the batches back in that time count
+        pool.pace(ring_fill=0.0)
+        assert pool.shedding.keys
+        time.sleep(workers.BUSY_WINDOW_S)  # none: the storm is over
+        pool.pace(ring_fill=0.0)
+        assert not pool.shedding.keys
+    finally:
+        pool.close()

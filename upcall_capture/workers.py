@@ -11,9 +11,10 @@ Shedding: decoding a new key is what costs (some microseconds); copying a packet
 cheap. At most MAX_IN_FLIGHT records are out with the workers: past that the ring's
 reader waits, and recv_upcall's ring holds the backlog (locked kernel memory that is
 there anyway, not our heap). When the ring is SHED_KEYS_ABOVE full at a read, the
-workers build their batches with `decode=False` until it is down to SHED_KEYS_UNTIL:
-still every packet's block, but a key they have not decoded already is written raw, with
-a comment that says so, which costs them a fraction of decoding. So the packets keep up
+workers build their batches with `decode=False` until it is down to SHED_KEYS_UNTIL
+and they have room to decode again (DECODE_AGAIN_BELOW): still every packet's block,
+but a key they have not decoded already is written raw, with a comment that says so,
+which costs them a fraction of decoding. So the packets keep up
 as long as the packet path does, and `-r FILE -w NEW` writes the missing texts in later.
 The switch is a byte the workers share with us (Shedding), read as a batch starts:
 so it reaches the batches already out too. Sent with the batch, as before, it left a
@@ -72,6 +73,14 @@ MAX_IN_FLIGHT = 16384
 # outcomes.SHED_ABOVE).
 SHED_KEYS_ABOVE = 1 / 4
 SHED_KEYS_UNTIL = 1 / 32
+# And only once the workers have room to decode again: they were busy less than this share
+# of the last BUSY_WINDOW_S, shedding (decoding a new key costs about twice as much). In a
+# storm too big to decode, keys came back each time the ring was down to 1/32, every new
+# one was decoded until the ring was a quarter full again, and so on: 4% to 18% of the
+# keys of 250,000 new flows/s got their text that way, at twice the cost of shedding
+# them, and each time the ring was left a quarter full for whatever came next.
+DECODE_AGAIN_BELOW = 0.5
+BUSY_WINDOW_S = 0.25
 # Replies taken from a worker ahead of the output thread: batches of up to 256.
 REPLIES_AHEAD = 16
 
@@ -268,6 +277,8 @@ class WorkerPool:
         self._in_flight = 0
         self._lock = threading.Lock()
         self._started_ns = time.monotonic_ns()
+        self._window = (self._started_ns, 0.0)  # the busy window's start, and CPU then
+        self._recently_busy = 0.0  # in the last whole window
         self.shedding: Shedding | None = None
         try:
             self.shedding = Shedding()
@@ -306,15 +317,18 @@ class WorkerPool:
 
     def pace(self, ring_fill: float) -> None:
         """Shed new keys while recv_upcall's ring fills up (its share held at the last
-        read): the workers are that far behind, and no packet is lost for a key. New
+        read): the workers are that far behind, and no packet is lost for a key. They
+        are decoded again once the ring is nearly empty and the workers have room. New
         outcome texts (a new flow's megaflow: some 0.08 ms) wait from the moment they
         are `behind`: keys come first. (At a storm's start, the workers' first batches
         spent their whole credit of outcome texts, 50 ms, while the records out piled up
         to MAX_IN_FLIGHT.)"""
         shedding = self.shedding
+        recently_busy = self._busy_lately()
         if not shedding.keys and ring_fill >= SHED_KEYS_ABOVE:
             shedding.keys = True
-        elif shedding.keys and ring_fill <= SHED_KEYS_UNTIL:
+        elif shedding.keys and ring_fill <= SHED_KEYS_UNTIL and \
+                recently_busy < DECODE_AGAIN_BELOW:
             shedding.keys = False
         shedding.outcome_texts = self.behind
 
@@ -332,8 +346,22 @@ class WorkerPool:
     def busy(self) -> float:
         """How busy the workers were since they started: their CPU time over the time
         there was, 1.0 for every worker busy all along."""
-        elapsed = (time.monotonic_ns() - self._started_ns) / 1e9
-        return sum(w.cpu_seconds for w in self.workers) / max(elapsed * len(self.workers), 1e-9)
+        return self._busy_since(self._started_ns, 0.0)[0]
+
+    def _busy_lately(self) -> float:
+        """How busy the workers were in the last whole window of BUSY_WINDOW_S."""
+        started_ns, cpu_then = self._window
+        if time.monotonic_ns() - started_ns >= BUSY_WINDOW_S * 1e9:
+            self._recently_busy, cpu_now = self._busy_since(started_ns, cpu_then)
+            self._window = (time.monotonic_ns(), cpu_now)
+        return self._recently_busy
+
+    def _busy_since(self, started_ns: int, cpu_then: float) -> tuple[float, float]:
+        """The workers' busy share since `started_ns`, when their CPU time was `cpu_then`
+        (a batch's counts once it is back), and their CPU time now."""
+        elapsed = (time.monotonic_ns() - started_ns) / 1e9
+        cpu_now = sum(w.cpu_seconds for w in self.workers)
+        return (cpu_now - cpu_then) / max(elapsed * len(self.workers), 1e-9), cpu_now
 
     def close(self) -> None:
         for worker in self.workers:
