@@ -184,11 +184,7 @@ def receive(stream: BinaryIO, ring: ByteRing) -> tuple[bytes, bytes] | None:
     if received is None:
         return None
     meta, bulk, end = received
-    if end is None:
-        return meta, bulk
-    data = bytes(bulk)
-    ring.release_to(end)
-    return meta, data
+    return meta, bulk if end is None else ring.read(end - len(bulk), len(bulk))
 
 
 def receive_in_place(stream: BinaryIO, ring: ByteRing
