@@ -239,7 +239,7 @@ class _Worker:
         if not (dropper.is_alive() or self._sender.is_alive()):
             self._requests.release()
             self._replies.release()
-            self._memory.close()  # else left mapped: a thread may still touch it
+            self._memory.close()  # else left mapped: the thread may still touch it
 
 
 @dataclass(frozen=True)
