@@ -328,17 +328,13 @@ def test_a_filling_ring_sheds_keys_not_packets_and_says_so(replay, tmp_path):
 
 
 def test_a_pool_closes_at_once_with_replies_nobody_collected():
-    # A capture ended by an error leaves batches out: more replies than the worker's reply
-    # ring holds must not keep the worker, and so close(), waiting for room.
+    # A capture ended by an error leaves batches out: more replies than are read ahead
+    # (REPLIES_AHEAD) must not keep the worker, and so close(), waiting.
     import time
-
-    from upcall_capture import channel
 
     pool = workers.WorkerPool(1, SETTINGS)
     builder = PooledBlocks(pool, SETTINGS, lambda: 1)
-    records = storm(MIXED, 12800, unique=False)
-    assert sum(map(len, records)) > channel.REPLY_RING_BYTES  # their blocks are larger
-    for batch in in_batches(records, 20):
+    for batch in in_batches(storm(MIXED, 40 * workers.REPLIES_AHEAD, unique=False), 20):
         builder.prepare(batch, 0, None)
     started = time.monotonic()
     pool.close()

@@ -45,11 +45,10 @@ from upcall_capture.probe.ring_buffer import Position
 
 # Each ring's room. Requests: a dozen batches of 256 records (some 150 KB each with
 # 350-byte packets), twice the pipe it replaces held here (1 MiB: more needs
-# CAP_SYS_RESOURCE). Replies: twice that, as the thread that takes them (the output
-# thread's) waits for the main process's GIL (up to its 5 ms switch interval) while the
-# worker makes a batch's blocks every millisecond: at 250,000 new flows/s, a worker
-# waited 1.3 to 1.6 s of a 10 s storm for room in 2 MiB, and 0.6 s in 4 MiB or 6 MiB
-# (instrumented runs, when a thread of its own took them). Both
+# CAP_SYS_RESOURCE). Replies: twice that, as the thread that takes them waits for the
+# main process's GIL (up to its 5 ms switch interval) while the worker makes a batch's
+# blocks every millisecond: at 250,000 new flows/s, a worker waited 1.3 to 1.6 s of a
+# 10 s storm for room in 2 MiB, and 0.6 s in 4 MiB or 6 MiB (instrumented runs). Both
 # processes touch every page in time, so it counts in both one's peak RSS.
 REQUEST_RING_BYTES = 2 << 20
 REPLY_RING_BYTES = 4 << 20
