@@ -346,20 +346,22 @@ class WorkerPool:
     def busy(self) -> float:
         """How busy the workers were since they started: their CPU time over the time
         there was, 1.0 for every worker busy all along."""
-        return self._busy_since(self._started_ns, 0.0)[0]
+        return self._busy_since(self._started_ns, 0.0, time.monotonic_ns())[0]
 
     def _busy_lately(self) -> float:
         """How busy the workers were in the last whole window of BUSY_WINDOW_S."""
         started_ns, cpu_then = self._window
-        if time.monotonic_ns() - started_ns >= BUSY_WINDOW_S * 1e9:
-            self._recently_busy, cpu_now = self._busy_since(started_ns, cpu_then)
-            self._window = (time.monotonic_ns(), cpu_now)
+        now_ns = time.monotonic_ns()
+        if now_ns - started_ns >= BUSY_WINDOW_S * 1e9:
+            self._recently_busy, cpu_now = self._busy_since(started_ns, cpu_then, now_ns)
+            self._window = (now_ns, cpu_now)
         return self._recently_busy
 
-    def _busy_since(self, started_ns: int, cpu_then: float) -> tuple[float, float]:
-        """The workers' busy share since `started_ns`, when their CPU time was `cpu_then`
-        (a batch's counts once it is back), and their CPU time now."""
-        elapsed = (time.monotonic_ns() - started_ns) / 1e9
+    def _busy_since(self, started_ns: int, cpu_then: float, now_ns: int
+                    ) -> tuple[float, float]:
+        """The workers' busy share from `started_ns`, when their CPU time was `cpu_then`
+        (a batch's counts once it is back), to `now_ns`; and their CPU time now."""
+        elapsed = (now_ns - started_ns) / 1e9
         cpu_now = sum(w.cpu_seconds for w in self.workers)
         return (cpu_now - cpu_then) / max(elapsed * len(self.workers), 1e-9), cpu_now
 
