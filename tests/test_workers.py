@@ -215,6 +215,37 @@ def test_keys_are_shed_as_the_ring_fills_and_outcomes_before_them():
         pool.close()
 
 
+def test_shed_keys_come_back_once_the_ring_is_drained_unless_shed_again_soon():
+    # A stall of the host sheds keys where the workers keep up: they come back as soon as
+    # the ring is drained, busy as the workers are then. Shed again within TRIED_HOLD_S,
+    # the storm is too big to decode: they wait for the workers to have room as well.
+    now = [0]
+    pool = workers.WorkerPool(1, SETTINGS, clock=lambda: now[0])
+    worker = pool.workers[0]
+
+    def after(seconds: float, busy: float, fill: float) -> bool:
+        """Keys shed at a read `seconds` later, the worker `busy` that share of them."""
+        now[0] += int(seconds * 1e9)
+        worker.cpu_seconds += busy * seconds
+        pool.pace(fill)
+        return pool.shedding.keys
+
+    try:
+        window = workers.BUSY_WINDOW_S
+        assert after(0.1, 1.0, workers.SHED_KEYS_ABOVE)
+        assert after(window, 1.0, workers.SHED_KEYS_UNTIL * 2)  # not drained yet
+        assert not after(window, 1.0, workers.SHED_KEYS_UNTIL)
+        assert after(workers.TRIED_HOLD_S / 2, 1.0, workers.SHED_KEYS_ABOVE)  # too soon
+        assert after(window, 1.0, workers.SHED_KEYS_UNTIL)  # so: busy, they wait
+        assert after(window, workers.DECODE_AGAIN_BELOW * 1.5, workers.SHED_KEYS_UNTIL)
+        assert not after(window, workers.DECODE_AGAIN_BELOW / 2, workers.SHED_KEYS_UNTIL)
+        # Shed again long after they came back: a new stall, not the same storm.
+        assert after(workers.TRIED_HOLD_S, 1.0, workers.SHED_KEYS_ABOVE)
+        assert not after(window, 1.0, workers.SHED_KEYS_UNTIL)
+    finally:
+        pool.close()
+
+
 def test_a_batch_sent_for_decoding_is_shed_once_the_capture_sheds():
     # The switch reaches the workers through memory they share (Shedding), so that
     # the batches already out (MAX_IN_FLIGHT records: some 100 ms of decoding) are shed
@@ -430,23 +461,3 @@ def test_a_worker_keeps_nothing_of_the_ring_it_reads_its_batches_in():
     finally:
         ring.release()
         shedding.close()
-
-
-def test_keys_stay_shed_until_the_workers_have_room_to_decode_them():
-    # In a storm too big to decode, the ring empties while keys are shed: decoding again
-    # would fill it at once. Keys come back once the workers are less busy.
-    import time
-
-    pool = workers.WorkerPool(1, SETTINGS)
-    try:
-        pool.pace(ring_fill=1.0)
-        assert pool.shedding.keys
-        time.sleep(workers.BUSY_WINDOW_S)
-        pool.workers[0].cpu_seconds += 10.0  # as the batches back in that time count
-        pool.pace(ring_fill=0.0)
-        assert pool.shedding.keys
-        time.sleep(workers.BUSY_WINDOW_S)  # none: the storm is over
-        pool.pace(ring_fill=0.0)
-        assert not pool.shedding.keys
-    finally:
-        pool.close()

@@ -12,7 +12,8 @@ cheap. At most MAX_IN_FLIGHT records are out with the workers: past that the rin
 reader waits, and recv_upcall's ring holds the backlog (locked kernel memory that is
 there anyway, not our heap). When the ring is SHED_KEYS_ABOVE full at a read, the
 workers build their batches with `decode=False` until it is down to SHED_KEYS_UNTIL
-and they have room to decode again (DECODE_AGAIN_BELOW): still every packet's block,
+(and, in a storm too big to decode, they have room to decode again: TRIED_HOLD_S,
+DECODE_AGAIN_BELOW): still every packet's block,
 but a key they have not decoded already is written raw, with a comment that says so,
 which costs them a fraction of decoding. So the packets keep up as long as the packet
 path does, and `-r FILE -w NEW` writes the missing texts in later.
@@ -45,7 +46,7 @@ import sys
 import threading
 import time
 from array import array
-from collections.abc import Hashable, Sequence
+from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass
 from itertools import accumulate
 from typing import BinaryIO
@@ -73,12 +74,18 @@ MAX_IN_FLIGHT = 16384
 # outcomes.SHED_ABOVE).
 SHED_KEYS_ABOVE = 1 / 4
 SHED_KEYS_UNTIL = 1 / 32
-# And only once the workers have room to decode again: they were busy less than this share
-# of the last BUSY_WINDOW_S, shedding (decoding a new key costs about twice as much). In a
-# storm too big to decode, keys came back each time the ring was down to 1/32, every new
-# one was decoded until the ring was a quarter full again, and so on: 4% to 18% of the
-# keys of 250,000 new flows/s got their text that way, at twice the cost of shedding
-# them, and each time the ring was left a quarter full for whatever came next.
+# Once keys that came back were shed again within TRIED_HOLD_S, the storm is taken to be
+# too big to decode: from then on they come back only once the workers have room to
+# decode again, busy less than DECODE_AGAIN_BELOW of the last BUSY_WINDOW_S, shedding
+# (decoding a new key costs about twice as much). In a storm too big to decode, keys came
+# back each time the ring was down to 1/32, every new one was decoded until the ring was
+# a quarter full again, and so on: 4% to 18% of the keys of 250,000 new flows/s got their
+# text that way, at twice the cost of shedding them, and each time the ring was left a
+# quarter full for whatever came next. But at 100,000 new flows/s, where one worker keeps
+# up, a stall of the host sheds keys too, and shedding kept the worker half busy there:
+# in four runs, keys stayed shed 0.2 to 1.9 s after the ring was drained, some 20,000 to
+# 190,000 new flows without text each time.
+TRIED_HOLD_S = 1.0
 DECODE_AGAIN_BELOW = 0.5
 BUSY_WINDOW_S = 0.25
 # Replies taken from a worker ahead of the output thread: batches of up to 256.
@@ -269,16 +276,20 @@ class WorkerPool:
     writes, for the tickets in dispatch order."""
 
     def __init__(self, count: int, settings: BlockSettings, *,
-                 max_in_flight: int = MAX_IN_FLIGHT) -> None:
+                 max_in_flight: int = MAX_IN_FLIGHT,
+                 clock: Callable[[], int] = time.monotonic_ns) -> None:
         self.settings = settings
         self.max_in_flight = max_in_flight
+        self._clock = clock
         self.workers: list[_Worker] = []
         self.undecoded = 0  # packets written without their key's text
         self._in_flight = 0
         self._lock = threading.Lock()
-        self._started_ns = time.monotonic_ns()
+        self._started_ns = clock()
         self._window = (self._started_ns, 0.0)  # the busy window's start, and CPU then
         self._recently_busy = 0.0  # in the last whole window
+        self._keys_back_ns: int | None = None  # when shed keys last came back
+        self._too_big = False  # they were shed again within TRIED_HOLD_S
         self.shedding: Shedding | None = None
         try:
             self.shedding = Shedding()
@@ -318,18 +329,23 @@ class WorkerPool:
     def pace(self, ring_fill: float) -> None:
         """Shed new keys while recv_upcall's ring fills up (its share held at the last
         read): the workers are that far behind, and no packet is lost for a key. They
-        are decoded again once the ring is nearly empty and the workers have room. New
-        outcome texts (a new flow's megaflow: some 0.08 ms) wait from the moment they
-        are `behind`: keys come first. (At a storm's start, the workers' first batches
-        spent their whole credit of outcome texts, 50 ms, while the records out piled up
-        to MAX_IN_FLIGHT.)"""
+        are decoded again once the ring is nearly empty; in a storm too big to decode
+        (they were shed again soon after they came back), only once the workers have
+        room as well. New outcome texts (a new flow's megaflow: some 0.08 ms) wait from
+        the moment they are `behind`: keys come first. (At a storm's start, the workers'
+        first batches spent their whole credit of outcome texts, 50 ms, while the records
+        out piled up to MAX_IN_FLIGHT.)"""
         shedding = self.shedding
-        recently_busy = self._busy_lately()
+        now_ns = self._clock()
+        recently_busy = self._busy_lately(now_ns)
         if not shedding.keys and ring_fill >= SHED_KEYS_ABOVE:
             shedding.keys = True
+            back = self._keys_back_ns
+            self._too_big = back is not None and now_ns - back < TRIED_HOLD_S * 1e9
         elif shedding.keys and ring_fill <= SHED_KEYS_UNTIL and \
-                recently_busy < DECODE_AGAIN_BELOW:
+                (not self._too_big or recently_busy < DECODE_AGAIN_BELOW):
             shedding.keys = False
+            self._keys_back_ns = now_ns
         shedding.outcome_texts = self.behind
 
     @property
@@ -346,12 +362,11 @@ class WorkerPool:
     def busy(self) -> float:
         """How busy the workers were since they started: their CPU time over the time
         there was, 1.0 for every worker busy all along."""
-        return self._busy_since(self._started_ns, 0.0, time.monotonic_ns())[0]
+        return self._busy_since(self._started_ns, 0.0, self._clock())[0]
 
-    def _busy_lately(self) -> float:
+    def _busy_lately(self, now_ns: int) -> float:
         """How busy the workers were in the last whole window of BUSY_WINDOW_S."""
         started_ns, cpu_then = self._window
-        now_ns = time.monotonic_ns()
         if now_ns - started_ns >= BUSY_WINDOW_S * 1e9:
             self._recently_busy, cpu_now = self._busy_since(started_ns, cpu_then, now_ns)
             self._window = (now_ns, cpu_now)
