@@ -40,15 +40,16 @@ static int bpf_probe_read_user(void *dst, u32 size, const void *src)
 READER
 int main(void)
 {
-    static u8 memory[1024];
-    for (int i = 0; i < 1024; i++)
+    static u8 memory[2048];
+    for (int i = 0; i < 2048; i++)
         memory[i] = (u8)(i * 7 + 1);
     struct pt_regs regs = {
         .ax = 0x1111222233334444ULL, .bx = (u64)memory, .cx = 0xaaaabbbbfffffffeULL,
         .dx = 0x5555666677778888ULL, .di = (u64)(memory + 64), .r9 = 0x0102030405060708ULL,
     };
     u64 arg[6];
-    int failed = read_upcall_args(&regs, arg);
+    static u8 scratch[ARG_SPAN_MAX];
+    int failed = read_upcall_args(&regs, arg, scratch);
     printf("%d %d", failed, reads);
     for (int i = 0; i < 6; i++)
         printf(" %llx", arg[i]);
@@ -60,7 +61,7 @@ int main(void)
 
 def run_reader(tmp_path, reader: str) -> tuple[int, int, list[int]]:
     binary = build_c(tmp_path, "reader", HARNESS.replace("READER", reader),
-                     ("-O1", "-Wall", "-Werror"))
+                     ("-O1", "-Wall", "-Werror", f"-DARG_SPAN_MAX={usdt_args.MAX_SPAN}"))
     failed, reads, *values = subprocess.run([str(binary)], check=True, capture_output=True,
                                             text=True).stdout.split()
     return int(failed), int(reads), [int(v, 16) for v in values]
@@ -71,10 +72,10 @@ def memory_value(offset: int, size: int, signed: bool = False) -> int:
     return int.from_bytes(raw, "little", signed=signed) & (2**64 - 1)
 
 
-def test_ovs_spec_registers_cut_to_size_and_nearby_memory_in_one_read(tmp_path):
+def test_ovs_spec_registers_cut_to_size_and_its_memory_in_one_read(tmp_path):
     failed, reads, values = run_reader(tmp_path, direct_reader(OVS_SPEC))
     assert failed == 0
-    assert reads == 2  # 12(%rbx) alone; 576 and 584 together
+    assert reads == 1  # 12(%rbx) to 592(%rbx)
     assert values == [0x5555666677778888, 0xFFFFFFFE, 0x1111222233334444,
                       memory_value(12, 4), memory_value(576, 8), memory_value(584, 8)]
 
@@ -94,9 +95,24 @@ def test_signed_operands_and_constants_are_sign_extended(tmp_path):
                       0x5555666677778888]
 
 
-def test_far_apart_operands_are_read_apart():
-    reader = direct_reader("8@0(%rbx) 4@8(%rbx) 8@200(%rbx) 4@%ecx 8@%rax 8@-8(%rsp)")
-    assert reader.count("bpf_probe_read_user(") == 3
+def test_far_apart_operands_are_read_apart_each_into_the_scratch_memory(tmp_path):
+    # Memory on one base further apart than MAX_SPAN, and on another base: three reads,
+    # each taken out of the scratch memory before the next overwrites it.
+    far = usdt_args.MAX_SPAN + 100
+    spec = f"8@0(%rbx) 4@8(%rbx) 8@{far}(%rbx) 4@%ecx 8@%rax 8@-8(%rdi)"
+    failed, reads, values = run_reader(tmp_path, direct_reader(spec))
+    assert (failed, reads) == (0, 3)
+    assert values == [memory_value(0, 8), memory_value(8, 4), memory_value(far, 8),
+                      0xFFFFFFFE, 0x1111222233334444, memory_value(56, 8)]
+
+
+def test_one_read_never_spans_more_than_a_page():
+    # Each page a read touches then holds an operand: it reads no memory that reads apart
+    # would not have.
+    assert usdt_args.MAX_SPAN <= 4096
+    spec = f"8@0(%rbx) 8@{usdt_args.MAX_SPAN - 8}(%rbx) 8@{usdt_args.MAX_SPAN - 7}(%rbx) " \
+        "4@%ecx 8@%rax 8@%rdx"
+    assert direct_reader(spec).count("bpf_probe_read_user(") == 2
 
 
 @pytest.mark.parametrize("spec", [

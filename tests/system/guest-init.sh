@@ -33,6 +33,11 @@ save_state() {
     ovs-dpctl show >"$RESULTS/ovs-dpctl-show.txt" 2>&1
     dmesg >"$RESULTS/dmesg.txt" 2>&1
     cp "$OVS_RUN/ovs-vswitchd.pid" "$RESULTS/" 2>/dev/null
+    # The probe sites' argument specs, as the tool reads them: what its BPF reader is
+    # written for.
+    python3 -c 'import sys; from upcall_capture.target import recv_upcall_sites
+for site in recv_upcall_sites(int(sys.argv[1])): print(site.args)' \
+        "$(cat "$OVS_RUN/ovs-vswitchd.pid")" >"$RESULTS/probe-args.txt" 2>&1
 }
 
 fail() {

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 
 from upcall_capture import pcapng
+from upcall_capture.probe.usdt_args import args_reader, parse_spec
 
 pytestmark = pytest.mark.system
 
@@ -423,6 +424,18 @@ def test_guest_traffic_made_every_kind_of_upcall(guest: GuestRun) -> None:
 def test_capture_is_valid_pcapng(guest: GuestRun) -> None:
     assert guest.tshark_complaints == ""
     assert guest.captured, "the capture has no packets"
+
+
+def test_ovs_probe_arguments_take_one_read_per_base_register(guest: GuestRun) -> None:
+    # The BPF reader is written for the site's spec (usdt_args.py), not bcc's readarg, and
+    # memory operands on one base register take one read between them (each read costs
+    # the traced ovs-vswitchd some 65 ns).
+    specs = (guest.results / "probe-args.txt").read_text().splitlines()
+    assert len(specs) == 1, specs
+    reader = args_reader(specs, "x86_64")
+    assert reader is not None, f"bcc's readarg would read {specs[0]}"
+    bases = {o.register for o in parse_spec(specs[0]) if o.offset is not None}
+    assert reader.count("bpf_probe_read_user(") == len(bases)
 
 
 def test_tool_reports_every_upcall_and_none_lost(guest: GuestRun) -> None:

@@ -17,7 +17,7 @@ from upcall_capture.errors import UsageError
 from upcall_capture.probe.percpu_counters import PerCpuCounters
 from upcall_capture.probe.record import PKT_GAP_MAX
 from upcall_capture.probe.ring_buffer import RingBuffer
-from upcall_capture.probe.usdt_args import args_reader
+from upcall_capture.probe.usdt_args import MAX_SPAN, args_reader
 from upcall_capture.target import PROBE_NAME, PROBE_PROVIDER, recv_upcall_sites
 
 SOURCE = Path(__file__).with_name("recv_upcall.c")
@@ -185,7 +185,7 @@ class RecvUpcallProbe(RingProbe):
         text = (program_text(SOURCE).replace(ARGS_MARKER, reader or "")
                 .replace(FILTER_MARKER, self.filter_c))
         cflags = [f"-DKEY_CAP={self.key_cap}", f"-DSNAPLEN={self.snaplen}",
-                  f"-DPKT_GAP_MAX={PKT_GAP_MAX}",
+                  f"-DPKT_GAP_MAX={PKT_GAP_MAX}", f"-DARG_SPAN_MAX={MAX_SPAN}",
                   f"-DRING_PAGES={self.buffer_pages}", "-w"]
         if reader is None:
             cflags.append("-DBCC_READARG")

@@ -9,8 +9,8 @@
  * Each hit builds one record in a per-CPU scratch buffer (the BPF stack is only 512
  * bytes) and submits just the bytes it uses: a fixed header, then the key, then the
  * packet (perhaps with the bytes that lay between them). The loader defines KEY_CAP,
- * SNAPLEN, PKT_GAP_MAX, RING_PAGES, the argument reader and the filter functions, and
- * decodes the header with the same layout (probe/record.py).
+ * SNAPLEN, PKT_GAP_MAX, ARG_SPAN_MAX, RING_PAGES, the argument reader and the filter
+ * functions, and decodes the header with the same layout (probe/record.py).
  */
 #include <uapi/linux/ptrace.h>
 
@@ -66,6 +66,7 @@ struct cpu_state {
     u64 comm_read_ns;
     struct dpif_name dpifs[DPIF_SLOTS];
     u32 next_dpif;          /* the slot a name read next goes into, in turn */
+    u8 arg_bytes[ARG_SPAN_MAX];  /* read_upcall_args() reads memory operands here */
 };
 
 BPF_PERCPU_ARRAY(scratch, struct cpu_state, 1);
@@ -111,7 +112,7 @@ int trace_recv_upcall(struct pt_regs *ctx)
     arg[3] = pkt_size32;
 #else
     /* The loader's reader for this probe site (usdt_args.py). */
-    if (read_upcall_args(ctx, arg))
+    if (read_upcall_args(ctx, arg, state->arg_bytes))
         flags |= F_ARG_UNREADABLE;
 #endif
     u64 dpif = arg[0], packet = arg[2], key = arg[4], key_size = arg[5];

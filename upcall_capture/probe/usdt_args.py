@@ -3,14 +3,16 @@
 bcc's bpf_usdt_readarg() reads each memory operand with a bpf_probe_read_user() of its
 own, and each such call costs the traced program some 70 ns here. A probe site's spec
 often places several arguments in one struct (the replay's: "8@(%rdi) 4@8(%rdi) ...";
-OVS's -O2 build: "... 8@576(%rbx) 8@584(%rbx)"). For a single x86-64 site we write the
-reader ourselves: registers are read from pt_regs, and memory operands on the same base
-register within MAX_SPAN bytes of each other are fetched with one read. Any other case
-(several sites, other machines, operand forms we do not parse) gets bcc's readarg.
+OVS's -O2 build: "... 4@12(%rbx) 8@576(%rbx) 8@584(%rbx)"). For a single x86-64 site we
+write the reader ourselves: registers are read from pt_regs, and memory operands on the
+same base register within MAX_SPAN bytes of each other are fetched with one read. Any
+other case (several sites, other machines, operand forms we do not parse) gets bcc's
+readarg.
 
-Pure: spec text in, C text out. recv_upcall.c calls read_upcall_args(ctx, arg) and gets
-arg[0..5] as u64 values, or a non-zero return when memory could not be read. bcc's readarg
-calls stay in recv_upcall.c itself: bcc rewrites them for the function they appear in.
+Pure: spec text in, C text out. recv_upcall.c calls read_upcall_args(ctx, arg, mem) with
+MAX_SPAN bytes of scratch memory (ARG_SPAN_MAX in the C) and gets arg[0..5] as u64 values,
+or a non-zero return when memory could not be read. bcc's readarg calls stay in
+recv_upcall.c itself: bcc rewrites them for the function they appear in.
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-# Reading a few bytes more in one call is cheaper than a second call; far-apart operands
-# (OVS's 12(%rbx) and 576(%rbx)) are read apart rather than copying what lies between.
-MAX_SPAN = 64
+# A read costs the traced program some 65 ns, and a few more for each 100 bytes it copies
+# (measured by the kernel's BPF run time, the replay: 16 bytes more in a read of their own,
+# 65 ns; 600 bytes, 87 ns). So OVS's 12(%rbx) and 576(%rbx) are read as one, some 40 ns
+# less. Not over a page: each page such a read touches then holds an operand, which the
+# reads apart would have touched too.
+MAX_SPAN = 1024
 
 ARG_COUNT = 6
 
@@ -101,19 +106,20 @@ def direct_reader(spec: str) -> str | None:
     if operands is None or len(operands) != ARG_COUNT:
         return None
     lines = [f"/* Written for the site's spec: {spec} */",
-             "static __always_inline int read_upcall_args(struct pt_regs *ctx, u64 *arg)",
+             "static __always_inline int read_upcall_args(struct pt_regs *ctx, u64 *arg,",
+             "                                            u8 *mem)",
              "{"]
-    for n, group in enumerate(_memory_groups(operands)):
+    # Each group is read into `mem` and taken out of it before the next is read.
+    for group in _memory_groups(operands):
         base = operands[group[0]]
         span = max(operands[i].offset + operands[i].size for i in group) - base.offset
-        lines += [f"    u8 mem{n}[{span}];",
-                  f"    if (bpf_probe_read_user(mem{n}, {span}, "
+        lines += [f"    if (bpf_probe_read_user(mem, {span}, "
                   f"(void *)(ctx->{base.register} + ({base.offset}))))",
                   "        return -1;"]
         for i in group:
             operand = operands[i]
             lines += [f"    u64 v{i} = 0;",
-                      f"    __builtin_memcpy(&v{i}, mem{n} + {operand.offset - base.offset}, "
+                      f"    __builtin_memcpy(&v{i}, mem + {operand.offset - base.offset}, "
                       f"{operand.size});",
                       f"    arg[{i}] = {_typed(f'v{i}', operand)};"]
     for i, operand in enumerate(operands):
