@@ -21,7 +21,9 @@ packets up to 1,500 bytes of IP, as in an upcall storm), with `-u` for unique ke
 - **Probe overhead**: the replay fires N upcalls as fast as it can with no probe, with a
   bare counting uprobe, and with our BPF program attached (and its rings read by a
   copy-only reader, so that none is lost); the ratio of the cost per upcall with ours to
-  that with the bare uprobe is the figure the issue bounds at 2x.
+  that with the bare uprobe is the figure the issue bounds at 2x. Then again with the
+  replay built with the probe's memory operands laid out as OVS's -O2 build has them (two
+  groups some 550 bytes apart on one base register: upcall-replay-ovs-layout).
 - **CPU per upcall**: online, the tool's user+system time (from wait4) less its start-up
   cost, over the upcalls it captured; offline, the same stages run in this process on the
   same records, timed apart: read (copy out of a ring laid out as the kernel's, split,
@@ -77,6 +79,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 REPLAY_DIR = ROOT / "samples" / "replay"
 REPLAY_BIN = REPLAY_DIR / "upcall-replay"
+REPLAY_OVS_LAYOUT_BIN = REPLAY_DIR / "upcall-replay-ovs-layout"
 sys.path.insert(0, str(REPLAY_DIR))
 sys.path.insert(0, str(ROOT / "tests"))
 sys.path.insert(0, str(ROOT))
@@ -133,8 +136,8 @@ int count_hit(struct pt_regs *ctx)
 class Replay:
     """upcall-replay, started paused (-S) so that a probe can attach first."""
 
-    def __init__(self, records: Path, *args: str) -> None:
-        self.proc = subprocess.Popen([str(REPLAY_BIN), "-S", *args, str(records)],
+    def __init__(self, records: Path, *args: str, binary: Path = REPLAY_BIN) -> None:
+        self.proc = subprocess.Popen([str(binary), "-S", *args, str(records)],
                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         self.pid = self.proc.pid
         # The SIGUSR1 handler is in place once it says it is waiting.
@@ -206,10 +209,11 @@ class OurProbe:
         self.probe.close()
 
 
-def fire_as_fast_as_possible(records: Path, count: int, probe_class) -> tuple[float, int]:
-    """Seconds per upcall for the replay, with a probe of probe_class (or none) attached;
-    and how many that probe lost."""
-    replay = Replay(records, "-n", str(count))
+def fire_as_fast_as_possible(records: Path, count: int, probe_class, binary: Path
+                             ) -> tuple[float, int]:
+    """Seconds per upcall for the replay `binary`, with a probe of probe_class (or none)
+    attached; and how many that probe lost."""
+    replay = Replay(records, "-n", str(count), binary=binary)
     probe = probe_class(replay.pid) if probe_class else None
     try:
         replay.fire()
@@ -235,13 +239,15 @@ class Overhead:
         return self.ours_ns / self.bare_ns
 
 
-def probe_overhead(records: Path, count: int, rounds: int) -> Overhead:
-    """Median of `rounds` interleaved runs of each kind."""
+def probe_overhead(records: Path, count: int, rounds: int, binary: Path = REPLAY_BIN
+                   ) -> Overhead:
+    """Median of `rounds` interleaved runs of each kind, firing from the replay `binary`."""
     samples: dict[str, list[float]] = {"none": [], "bare": [], "ours": []}
     lost = 0
     for _ in range(rounds):
         for name, probe_class in (("none", None), ("bare", BareUprobe), ("ours", OurProbe)):
-            seconds, lost_now = fire_as_fast_as_possible(records, count, probe_class)
+            seconds, lost_now = fire_as_fast_as_possible(records, count, probe_class,
+                                                         binary)
             samples[name].append(seconds * 1e9)
             lost += lost_now
 
@@ -978,8 +984,9 @@ def _k(rate: float) -> str:
     return f"{rate / 1000:,.0f}k"
 
 
-def report(args, repeated: Search, unique: Search, startup_s: float, overhead: Overhead,
-           stages: dict[str, StageCosts], lat: tuple[list[float], list[float]],
+def report(args, repeated: Search, unique: Search, startup_s: float,
+           overheads: tuple[Overhead, Overhead], stages: dict[str, StageCosts],
+           lat: tuple[list[float], list[float]],
            record_sizes: tuple[float, float], kernel: tuple[float, float],
            outcomes: tuple[float, float]) -> str:
     seconds = args.seconds
@@ -1029,12 +1036,14 @@ def report(args, repeated: Search, unique: Search, startup_s: float, overhead: O
         f"| main process: ops events read, each tied to its upcall | {outcomes[0]:.2f} |",
         f"| building blocks: the outcome comment and the mask | {outcomes[1]:.2f} |",
         "",
-        "| probe overhead (traced program, per upcall) | ns |",
-        "|---|---|",
-        f"| no probe | {overhead.none_ns:.0f} |",
-        f"| bare counting uprobe | {overhead.bare_ns:.0f} |",
-        f"| upcall-capture's BPF | {overhead.ours_ns:.0f} |",
-        f"| **ratio to the bare uprobe** | **{overhead.ratio:.2f}x** |",
+        "| probe overhead (traced program, per upcall), ns | the replay's operands "
+        "| OVS's operand layout |",
+        "|---|---|---|",
+        "| no probe | {:.0f} | {:.0f} |".format(*(o.none_ns for o in overheads)),
+        "| bare counting uprobe | {:.0f} | {:.0f} |".format(*(o.bare_ns for o in overheads)),
+        "| upcall-capture's BPF | {:.0f} | {:.0f} |".format(*(o.ours_ns for o in overheads)),
+        "| **ratio to the bare uprobe** | **{:.2f}x** | **{:.2f}x** |".format(
+            *(o.ratio for o in overheads)),
         "",
         "| latency at 10 upcalls/s | median | max |",
         "|---|---|---|",
@@ -1092,7 +1101,10 @@ def main(argv: list[str] | None = None) -> int:
         print("outcomes' CPU per upcall (offline)...", flush=True)
         outcomes = outcome_costs(sent)
         print("probe overhead...", flush=True)
-        overhead = probe_overhead(records, args.overhead_count, 5 if args.full else 3)
+        rounds = 5 if args.full else 3
+        overheads = (probe_overhead(records, args.overhead_count, rounds),
+                     probe_overhead(records, args.overhead_count, rounds,
+                                    REPLAY_OVS_LAYOUT_BIN))
         print("latency at 10/s...", flush=True)
         lat = latency(records)
         print("lossless rates...", flush=True)
@@ -1125,7 +1137,7 @@ def main(argv: list[str] | None = None) -> int:
         print("offline describe throughput...", flush=True)
         per_worker = describe_throughput(sent)
         print()
-        print(report(args, repeated, unique, startup_s, overhead, stages, lat, sizes,
+        print(report(args, repeated, unique, startup_s, overheads, stages, lat, sizes,
                      kernel, outcomes))
         print()
         print(scaling_report(unique, ceiling, decoded, per_worker))

@@ -79,6 +79,13 @@ struct record {
     enum dpif_upcall_type type;
     uint8_t *packet;
     uint32_t packet_size;
+#ifdef OVS_LAYOUT
+    /* The key some 550 bytes past the packet's size, as in OVS's struct dpif_upcall (the
+     * size is in its struct dp_packet): gcc then gives the probe two far-apart memory
+     * operands on one base, as OVS's -O2 build has ("4@12(%rbx) 8@568(%rbx) 8@576(%rbx)").
+     * Built as upcall-replay-ovs-layout, for the benchmark's probe overhead. */
+    uint8_t dp_packet_rest[540];
+#endif
     struct nlattr *key;
     size_t key_len;
     int32_t key_uniq_off;
