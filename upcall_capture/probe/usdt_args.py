@@ -20,11 +20,11 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-# A read costs the traced program some 65 ns, and a few more for each 100 bytes it copies
-# (measured by the kernel's BPF run time, the replay: 16 bytes more in a read of their own,
-# 65 ns; 600 bytes, 87 ns). So OVS's 12(%rbx) and 576(%rbx) are read as one, some 40 ns
-# less. Not over a page: each page such a read touches then holds an operand, which the
-# reads apart would have touched too.
+# A read costs the traced program some 65 ns however little it copies; a few hundred bytes
+# more in one read cost less. So OVS's 4@12(%rbx) and 8@568(%rbx) are read as one: with
+# the replay built with OVS's layout (make bench's second probe-overhead column), the BPF
+# program ran some 75 ns less a hit (kernel.bpf_stats_enabled). Not over a page: each page
+# such a read touches then holds an operand, which the reads apart would have touched too.
 MAX_SPAN = 1024
 
 ARG_COUNT = 6
