@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
+import random
 import re
 import signal
 import subprocess
@@ -80,6 +82,24 @@ def test_every_upcall_byte_for_byte(replay, tmp_path, ring):
     assert sum(s.received for s in stats) == fired
     assert sum(s.dropped for s in stats) == 0
     assert len(stats) == len(interfaces)
+
+
+def test_more_datapaths_than_the_probe_keeps_names_of(replay, tmp_path):
+    # recv_upcall.c keeps four dpif names a CPU: with seven, in no order, names come and go
+    # from its slots, and each upcall must still carry its own.
+    names = [f"system@dp{n}" for n in range(7)]
+    rng = random.Random(7)
+    records = [dataclasses.replace(r, dpif=rng.choice(names))
+               for r in upcalls.read_records(BASIC) * 20]
+    path = tmp_path / "datapaths.upc"
+    upcalls.write_records(path, records)
+    source, tool, out, _ = capture(replay, tmp_path, path, "-n", str(len(records)))
+    assert f"fired {len(records)} upcalls" in source.wait()
+    status, stderr = tool.wait()
+    assert status == 0, stderr
+
+    _, _, packets, _ = read_capture(out)
+    assert [p.comments[0].split(" ")[2] for p in packets] == [f"dpif={r.dpif}" for r in records]
 
 
 def test_count_stops_exactly(replay, tmp_path):
