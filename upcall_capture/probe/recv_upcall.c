@@ -51,8 +51,9 @@ enum counter { C_FIRED, C_FILTERED, C_LOST, C_MAX };
  * for another thread or dpif pointer, or after NAMES_TTL_NS in case a new thread or
  * datapath took the old one's tid or memory. That saves the traced program some 80 ns a
  * hit. A host has one kernel datapath or a few: a few slots hold them, any name in any
- * slot. Slots picked by address held two names in one slot whenever their addresses
- * collided (the replay's two did), and then each read the other out: some 130 ns a hit. */
+ * slot. Slots picked by address put two names in one slot whenever their addresses
+ * collided (the replay's two did), and then each upcall of the other datapath than the
+ * last read its name again, some 130 ns. */
 #define NAMES_TTL_NS 100000000ULL
 #define DPIF_SLOTS 4
 struct dpif_name {
