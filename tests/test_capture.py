@@ -25,6 +25,7 @@ from conftest import (
 
 from upcall_capture import pcapng
 from upcall_capture.flowkey import format_key
+from upcall_capture.probe.record import MAX_KEY_CAP, MAX_SNAPLEN
 
 pytestmark = pytest.mark.capture
 
@@ -82,6 +83,21 @@ def test_every_upcall_byte_for_byte(replay, tmp_path, ring):
     assert sum(s.received for s in stats) == fired
     assert sum(s.dropped for s in stats) == 0
     assert len(stats) == len(interfaces)
+
+
+def test_the_largest_caps_load_and_capture(replay, tmp_path):
+    # recv_upcall.c's per-CPU scratch (the record, the names, the argument bytes) must fit
+    # one per-CPU map value, 32 KiB, at the largest snaplen and key size the CLI takes.
+    records = upcalls.read_records(BASIC)
+    source, tool, out, _ = capture(
+        replay, tmp_path, BASIC, "-n", str(len(records)),
+        tool_args=("-s", str(MAX_SNAPLEN), "--key-size", str(MAX_KEY_CAP)))
+    assert f"fired {len(records)} upcalls" in source.wait()
+    status, stderr = tool.wait()
+    assert status == 0, stderr
+
+    _, _, packets, _ = read_capture(out)
+    assert [(p.data, p.key) for p in packets] == [(r.packet, r.key) for r in records]
 
 
 def test_more_datapaths_than_the_probe_keeps_names_of(replay, tmp_path):
