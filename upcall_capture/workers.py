@@ -13,10 +13,10 @@ reader waits, and recv_upcall's ring holds the backlog (locked kernel memory tha
 there anyway, not our heap). When the ring is SHED_KEYS_ABOVE full at a read, the
 workers build their batches with `decode=False` until it is down to SHED_KEYS_UNTIL
 (and, in a storm too big to decode, they have room to decode again: TRIED_HOLD_S,
-DECODE_AGAIN_BELOW): still every packet's block,
-but a key they have not decoded already is written raw, with a comment that says so,
-which costs them a fraction of decoding. So the packets keep up as long as the packet
-path does, and `-r FILE -w NEW` writes the missing texts in later.
+DECODE_AGAIN_BELOW): still every packet's block, but a key they have not decoded already
+is written raw, with a comment that says so, which costs them a fraction of decoding.
+So the packets keep up as long as the packet path does, and `-r FILE -w NEW` writes the
+missing texts in later.
 The switch is a byte the workers share with us (Shedding), read as a batch starts:
 so it reaches the batches already out too. Sent with the batch, as before, it left a
 whole MAX_IN_FLIGHT of them (some 100 ms of a worker's decoding) to be decoded as the
