@@ -17,10 +17,12 @@ record starts with an 8-byte header {u32 len; u32 page offset}; the top bits of 
 the record is still being written (BUSY) or was discarded, and a record takes len + 8
 bytes rounded up to 8, so a header never wraps.
 
-The data pages are mapped a window at a time, for one read, and unmapped after it: the
-kernel maps every page of a mapping at mmap() time, and each counts in our RSS, so a ring
-mapped whole would count 64 MiB. Mapping and unmapping a 1 MiB window costs about 0.1 ms:
-at 100 MB/s of records, 1% of a core.
+The data pages are mapped a window at a time (MAP_BYTES), kept for the reads that fall
+in it: the kernel maps every page of a mapping at mmap() time, and each counts in our
+RSS, so a ring mapped whole would count 64 MiB (twice over, for the wrap). Mapped for
+each read and unmapped after it, as before, a storm of 250,000 new flows/s cost 170
+mmap() and munmap() calls a second, about 0.2 ms each, and each munmap() interrupts the
+other CPU to flush its TLB, and waits for the GIL on its way back.
 
 Ordering: the kernel clears BUSY with a release after writing the record, and we read each
 header before copying the data behind it; x86 does not reorder loads with loads, nor
@@ -44,6 +46,10 @@ _HEADER = struct.Struct("@I4x")
 # Bytes copied out of the ring at a time: bounds the memory a read takes (the ring can be
 # 64 MiB) while amortising the per-read cost. Larger than any record we submit.
 READ_LIMIT = 1 << 20
+# The span of the ring's data mapped at a time, for the reads that fall in it (at most
+# the ring's size): a remap every four reads of READ_LIMIT, for 3 MiB more RSS than one
+# read's window.
+MAP_BYTES = 4 << 20
 
 
 class Position:
@@ -154,9 +160,13 @@ class RingReader:
 class RingBuffer(RingReader):
     """The ring of a BPF_RINGBUF_OUTPUT map, mapped from the map's fd (which stays bcc's)."""
 
-    def __init__(self, map_fd: int, size: int) -> None:
+    def __init__(self, map_fd: int, size: int, map_bytes: int = MAP_BYTES) -> None:
         page = mmap.PAGESIZE
         self._fd = map_fd
+        self._map_bytes = min(map_bytes, size)
+        # The data mapped now: its first and end offsets (the data is mapped twice in a
+        # row from the ring's third page), and the mapping.
+        self._data: tuple[int, int, mmap.mmap] | None = None
         self._maps = [mmap.mmap(map_fd, page, mmap.MAP_SHARED,
                                 mmap.PROT_READ | mmap.PROT_WRITE, offset=0)]
         try:
@@ -172,12 +182,23 @@ class RingBuffer(RingReader):
     @contextmanager
     def _window(self, start: int, length: int) -> Iterator[memoryview]:
         # Where it wraps, the window runs on into the data's second mapping.
-        page = mmap.PAGESIZE
-        skip = start % page
-        with mmap.mmap(self._fd, skip + length, mmap.MAP_SHARED, mmap.PROT_READ,
-                       offset=2 * page + start - skip) as mapping, \
-                memoryview(mapping) as view, view[skip:skip + length] as window:
+        end = start + length
+        if self._data is None or not self._data[0] <= start <= end <= self._data[1]:
+            self._unmap_data()
+            page = mmap.PAGESIZE
+            first = start - start % page
+            last = min(max(end, first + self._map_bytes) + page - 1, 2 * (self._mask + 1))
+            last -= last % page
+            self._data = first, last, mmap.mmap(self._fd, last - first, mmap.MAP_SHARED,
+                                                mmap.PROT_READ, offset=2 * page + first)
+        first, _, mapping = self._data
+        with memoryview(mapping) as view, view[start - first:end - first] as window:
             yield window
+
+    def _unmap_data(self) -> None:
+        if self._data is not None:
+            self._data[2].close()
+            self._data = None
 
     def wait(self, timeout_ms: int) -> None:
         """Until the kernel wakes us (the probe asks it not to) or the timeout passes."""
@@ -193,5 +214,6 @@ class RingBuffer(RingReader):
 
     def close(self) -> None:
         self.release()
+        self._unmap_data()
         self._close_maps()
         self._epoll.close()
