@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import re
+from dataclasses import replace
 
 import pytest
 import upcalls
@@ -13,7 +14,16 @@ from probe_records import probe_record, storm
 
 from upcall_capture import comment, pcapng, upcall_blocks
 from upcall_capture.flowkey import decode_key, format_key
-from upcall_capture.probe.record import HEADER_SIZE, header_offset, parse
+from upcall_capture.probe.record import (
+    F_OUTCOME_SHED,
+    FLAGS_OFFSET,
+    HEADER_SIZE,
+    UNKNOWN_TIMEOUT,
+    Outcome,
+    header_offset,
+    parse,
+    with_outcome,
+)
 from upcall_capture.upcall_blocks import UpcallBlocks, port_and_eth
 
 SENT = upcalls.read_records(REPLAY_DIR / "mixed.upc")[:200]
@@ -151,6 +161,52 @@ def test_while_keys_are_shed_a_scan_that_comes_again_is_decoded_and_kept(monkeyp
     assert blocks.undecoded == len(not_decoded) <= len(SENT)
     assert all(i < len(SENT) for i in not_decoded)  # only on the first pass
     assert len(not_decoded) > len(SENT) // 2  # most were shed: the test means something
+
+
+def test_a_shed_scan_writes_what_the_loop_for_every_record_writes(monkeypatch):
+    # _build_shed_scan writes most records of a scan itself, and hands the others on to
+    # _build: the same bytes as _build for every record, with records of each kind that
+    # it must hand on, losses between batches, and a scan that ends (its keys come again).
+    monkeypatch.setattr(upcall_blocks, "SCAN_AFTER_MISSES", 16)
+    monkeypatch.setattr(upcall_blocks, "SCAN_SAMPLE", 4)
+    rng = random.Random(11)  # fixed: a failure must be reproducible
+    flows = storm(SENT, 1500, unique=True)
+    records = []
+    for index, flow in enumerate(flows):
+        kind = rng.randrange(10)
+        if kind < 4:  # the outcome shed, as in every storm too big to decode
+            flow = bytearray(flow)
+            flow[FLAGS_OFFSET] |= F_OUTCOME_SHED
+        elif kind == 4:  # an outcome of its own
+            flow = with_outcome(flow, Outcome(0, UNKNOWN_TIMEOUT))
+        elif kind == 5:  # a key seen before
+            flow = flows[rng.randrange(index + 1)]
+        elif kind == 6:  # a packet cut by the snaplen
+            flow = record(SENT[index % len(SENT)], index, snaplen=40)
+        elif kind == 7:  # a key whose last attribute is broken: no shape compiled
+            upcall = SENT[index % len(SENT)]
+            flow = record(replace(upcall, key=upcall.key[:-1] + b"\xff"), index)
+        records.append(bytes(flow))
+    records += flows[:300]  # the scan is over
+    batches, start = [], 0
+    while start < len(records):
+        size = rng.randrange(1, 200)
+        batches.append((records[start:start + size], rng.choice([0, 0, 0, 3])))
+        start += size
+
+    def written() -> tuple[bytes, int]:
+        blocks = new_blocks()
+        data = b"".join(blocks.packets([memoryview(r) for r in batch], dropped, decode=False)
+                        for batch, dropped in batches)
+        return data, blocks.undecoded
+
+    written()  # the key shapes seen twice are compiled (flowkey's cache, for the process)
+    scanned, undecoded = written()
+    monkeypatch.setattr(UpcallBlocks, "_build_shed_scan",
+                        lambda self, records, out, dropped:
+                        self._build(records, out, dropped, False))
+    assert written() == (scanned, undecoded)
+    assert undecoded > len(flows) // 3  # the scan's loop wrote most of them
 
 
 def test_keys_decoded_before_the_shedding_keep_their_text_on_another_cpu():

@@ -337,11 +337,24 @@ class UpcallBlocks:
         so the first packet carries them as its epb_dropcount, with any still pending;
         without a record they wait for the next packet, or for statistics()."""
         out: _Pieces = []
-        add = out.append
         self.emitted = []
         self._outcomes.start_batch(decode and outcome_texts)
         dropped += self._pending_drops
-        self._pending_drops = 0
+        if self._note is not None and records:
+            self._last_interface = self._slow_packet(out, records[0], dropped, self._note)
+            self._note = None
+            dropped = 0
+            records = records[1:]
+        if decode or self._misses < SCAN_AFTER_MISSES:
+            self._pending_drops = self._build(records, out, dropped, decode)
+        else:
+            self._pending_drops = self._build_shed_scan(records, out, dropped)
+        return b"".join(out)
+
+    def _build(self, records: Sequence[bytes | memoryview], out: _Pieces, dropped: int,
+               decode: bool) -> int:
+        """packets()'s blocks of `records`, added to `out`; the losses still to carry."""
+        add = out.append
         cache = self._described
         offset = self.clock_offset_ns
         unpack = _DESCRIBE.unpack_from
@@ -355,11 +368,6 @@ class UpcallBlocks:
         unsheddable, described_flags = UNREADABLE | F_FAILED, ~_OWN_COMMENTS
         undecoded = 0
         interface = None
-        if self._note is not None and records:
-            interface = self._slow_packet(out, records[0], dropped, self._note)
-            self._note = None
-            dropped = 0
-            records = records[1:]
         for record in records:
             (ktime, key_size, pid, tid, cpu, type_, pkt_size, pkt_len, key_len,
              pkt_offset, flags) = unpack(record)
@@ -436,10 +444,95 @@ class UpcallBlocks:
             add(pack_end(total))
         if interface is not None:
             self._last_interface = interface
-        self._pending_drops = dropped
         self._misses = misses
         self.undecoded += undecoded
-        return b"".join(out)
+        return dropped
+
+    def _build_shed_scan(self, records: Sequence[bytes | memoryview], out: _Pieces,
+                         dropped: int) -> int:
+        """_build() in a scan of new keys while keys are shed: in a storm too big to
+        decode, every batch, and nearly every record is one that _shed writes from its
+        cache. Those are written here, _build's loop and _shed's way for them written out
+        without a call or a test that only other records need (a record 2.9 -> 2.2 µs).
+        Any other record goes through _build alone, and so do the rest once a key is in
+        the cache again: the scan is over."""
+        add = out.append
+        unpack = _DESCRIBE.unpack_from
+        pack_head = pcapng.pack_epb_head
+        pack_end = pcapng.pack_options_end
+        padding = pcapng.PADDING
+        fixed = pcapng.EPB_WITH_OPTIONS_FIXED
+        offset = self.clock_offset_ns
+        shed_parts, seen = self._shed_parts, self._seen_keys
+        shed_option = _UNKNOWN_OPTIONS[UNKNOWN_SHED]
+        shed_option_size = len(shed_option)
+        misses, scan_sample = self._misses, SCAN_SAMPLE
+        # Flags of records that _shed does not write from its cache, or that carry
+        # comments of their own other than a shed outcome.
+        elsewhere = UNREADABLE | F_FAILED | (_OWN_COMMENTS & ~F_OUTCOME_SHED)
+        undecoded = 0
+        interface = None
+        for at, record in enumerate(records):
+            (ktime, key_size, pid, tid, cpu, type_, pkt_size, pkt_len, key_len,
+             pkt_offset, flags) = unpack(record)
+            key_end = HEADER_SIZE + key_len
+            packet_at = HEADER_SIZE + pkt_offset
+            packet_end = packet_at + pkt_len
+            parts = None
+            if not (dropped or flags & elsewhere or not misses % scan_sample
+                    or key_len != key_size or pkt_len != pkt_size
+                    or packet_end > len(record) or pkt_offset < key_len):
+                key = record[HEADER_SIZE:key_end]
+                shape = key_shape(key)
+                if shape is not None:
+                    parts = shed_parts.get(((pid, tid, cpu, type_),
+                                            bytes(record[_COMM_AT:HEADER_SIZE]), shape,
+                                            shape.port(key)))
+                    # Last, as in _shed: it remembers the key.
+                    if parts is not None:
+                        sighting = hash(key)
+                        if sighting in seen:
+                            parts = None
+                        else:
+                            if len(seen) >= MAX_SEEN_KEYS:
+                                seen.clear()
+                            seen.add(sighting)
+            if parts is None:
+                if interface is not None:
+                    self._last_interface = interface
+                    interface = None
+                self._misses = misses
+                dropped = self._build(records[at:at + 1], out, dropped, False)
+                misses = self._misses
+                if misses < SCAN_AFTER_MISSES:
+                    dropped = self._build(records[at + 1:], out, dropped, False)
+                    break
+                continue
+            misses += 1
+            undecoded += 1
+            if_id, interface, before, after = parts
+            interface.received += 1
+            timestamp = ktime + offset
+            pad = padding[pkt_len & 3]
+            total = fixed + pkt_len + len(pad) + len(before) + key_len + len(after)
+            shed = flags & F_OUTCOME_SHED
+            if shed:
+                total += shed_option_size
+            add(pack_head(pcapng.BLOCK_EPB, total, if_id, timestamp >> 32,
+                          timestamp & 0xFFFFFFFF, pkt_len, pkt_size))
+            add(record[packet_at:packet_end])
+            add(pad)
+            add(before)
+            add(key)
+            add(after)
+            if shed:
+                add(shed_option)
+            add(pack_end(total))
+        if interface is not None:
+            self._last_interface = interface
+        self._misses = misses
+        self.undecoded += undecoded
+        return dropped
 
     def _remember(self, cache_key: tuple, entry: _Entry) -> dict:
         """Cache a description; the recent generation (a new one when it was full)."""
