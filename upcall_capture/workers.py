@@ -88,7 +88,7 @@ SHED_KEYS_UNTIL = 1 / 32
 TRIED_HOLD_S = 1.0
 DECODE_AGAIN_BELOW = 0.5
 BUSY_WINDOW_S = 0.25
-# Replies taken from a worker ahead of the output thread: batches of up to 256.
+# Replies taken from a worker ahead of the output thread: batches of up to sink.MAX_BATCH.
 REPLIES_AHEAD = 16
 
 
