@@ -43,7 +43,7 @@ from typing import BinaryIO
 
 from upcall_capture.probe.ring_buffer import Position
 
-# Each ring's room. Requests: a dozen batches of 256 records (some 150 KB each with
+# Each ring's room. Requests: half a dozen batches of 512 records (some 300 KB each with
 # 350-byte packets), twice the pipe it replaces held here (1 MiB: more needs
 # CAP_SYS_RESOURCE). Replies: twice that, as the thread that takes them waits for the
 # main process's GIL (up to its 5 ms switch interval) while the worker makes a batch's
