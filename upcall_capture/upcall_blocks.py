@@ -444,21 +444,18 @@ class UpcallBlocks:
             add(pad)
             add(options)
             add(pack_end(total))
-        if interface is not None:
-            self._last_interface = interface
-        self._misses = misses
-        self.undecoded += undecoded
+        self._settle(interface, misses, undecoded)
         return dropped
 
     def _build_shed_scan(self, records: Sequence[bytes | memoryview], out: _Pieces,
                          dropped: int) -> int:
         """_build() in a scan of new keys while keys are shed: in a storm too big to
         decode, every batch, and nearly every record is one that _shed writes from its
-        cache. Those are written here, _build's loop and _shed's way for them written out
-        without a call or a test that only other records need, and the header's names unpacked
-with its numbers (offline, 2.9 -> 2.55 µs a record).
-        Any other record goes through _build alone, and so do the rest once a key is in
-        the cache again: the scan is over."""
+        cache. Those are written here: _build's loop and _shed's way for them written
+        out, without a call or a test that only other records need, and the header's
+        names unpacked with its numbers (offline, 2.9 -> 2.55 µs a record). Any other
+        record goes through _build alone, and so do the rest once a key is in the cache
+        again: the scan is over."""
         add = out.append
         unpack = HEADER.unpack_from
         pack_head = pcapng.pack_epb_head
@@ -499,16 +496,13 @@ with its numbers (offline, 2.9 -> 2.55 µs a record).
                             if len(seen) >= MAX_SEEN_KEYS:
                                 seen.clear()
                             seen.add(sighting)
-            if parts is None:
-                if interface is not None:
-                    self._last_interface = interface
-                    interface = None
-                self._misses = misses
+            if parts is None:  # _build's, with what this loop leaves settled first
+                self._settle(interface, misses, undecoded)
+                interface, undecoded = None, 0
                 dropped = self._build(records[at:at + 1], out, dropped, False)
                 misses = self._misses
                 if misses < SCAN_AFTER_MISSES:
-                    dropped = self._build(records[at + 1:], out, dropped, False)
-                    break
+                    return self._build(records[at + 1:], out, dropped, False)
                 continue
             misses += 1
             undecoded += 1
@@ -530,11 +524,17 @@ with its numbers (offline, 2.9 -> 2.55 µs a record).
             if shed:
                 add(shed_option)
             add(pack_end(total))
+        self._settle(interface, misses, undecoded)
+        return dropped
+
+    def _settle(self, interface: Interface | None, misses: int, undecoded: int) -> None:
+        """What a loop over a batch's records leaves for the next: the last packet's
+        interface (None: it wrote none), the look-ups missed in a row, and the count of
+        packets written without their key's text."""
         if interface is not None:
             self._last_interface = interface
         self._misses = misses
         self.undecoded += undecoded
-        return dropped
 
     def _remember(self, cache_key: tuple, entry: _Entry) -> dict:
         """Cache a description; the recent generation (a new one when it was full)."""
