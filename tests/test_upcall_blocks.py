@@ -212,6 +212,32 @@ def test_a_shed_scan_writes_what_the_loop_for_every_record_writes(monkeypatch):
     assert scanned[1] > len(flows) // 3  # the scan's loop wrote most of them
 
 
+def test_a_shed_scan_writes_most_records_itself(monkeypatch):
+    # Its cache is the one _shed fills, under keys of the same form: else it would hand
+    # every record on to _build, and write the same bytes, only slower.
+    monkeypatch.setattr(upcall_blocks, "SCAN_AFTER_MISSES", 16)
+    given, handed_on = [], []  # records given to the scan's loop, and handed on by it
+    build, build_shed_scan = UpcallBlocks._build, UpcallBlocks._build_shed_scan
+
+    def counted_scan(self, records, *rest):
+        given.extend(records)
+        monkeypatch.setattr(UpcallBlocks, "_build", lambda self, records, *rest:
+                            handed_on.extend(records) or build(self, records, *rest))
+        try:
+            return build_shed_scan(self, records, *rest)
+        finally:
+            monkeypatch.setattr(UpcallBlocks, "_build", build)
+
+    monkeypatch.setattr(UpcallBlocks, "_build_shed_scan", counted_scan)
+    flows = storm(SENT, 3000, unique=True)
+    blocks = new_blocks()
+    for start in range(0, len(flows), 256):
+        blocks.packets(flows[start:start + 256], decode=False)
+    assert len(given) > len(flows) // 2
+    # One in SCAN_SAMPLE is handed on to be looked up, and the first of each comment head.
+    assert len(handed_on) < len(given) // 8
+
+
 def test_keys_decoded_before_the_shedding_keep_their_text_on_another_cpu():
     # A repeated storm decoded on one CPU; then the capture falls behind, keys are shed,
     # and the traced thread moves to the other CPU: the comment says which, so none of
