@@ -21,7 +21,7 @@ The data pages are mapped a window at a time (MAP_BYTES), kept for the reads tha
 in it: the kernel maps every page of a mapping at mmap() time, and each counts in our
 RSS, so a ring mapped whole would count 64 MiB (twice over, for the wrap). Mapped for
 each read and unmapped after it, as before, a storm of 250,000 new flows/s cost 170
-mmap() and munmap() calls a second, about 0.1 ms each, and each munmap() interrupts the
+mmap() and munmap() calls a second, about 0.1 ms each; each munmap() can interrupt the
 other CPU to flush its TLB, and waits for the GIL on its way back.
 
 Ordering: the kernel clears BUSY with a release after writing the record, and we read each
