@@ -146,6 +146,8 @@ _UNKNOWN_OPTIONS = {reason: pcapng.comment_option(comment.outcome_what(Outcome(0
                                                                         b"").encode())
                     for reason in comment.UNKNOWN_REASONS}
 _UNDECODED_OUTCOME = pcapng.comment_option(comment.OUTCOME_NOT_DECODED.encode())
+# The outcome's comment of an upcall whose ops were not copied: in a storm, every one's.
+_SHED_OUTCOME = _UNKNOWN_OPTIONS[UNKNOWN_SHED]
 _KEY_LEN = struct.Struct("<I")
 _KEY_LEN_AT = header_offset("key_len")
 _HANDLING = struct.Struct("<q")
@@ -243,6 +245,10 @@ _DESCRIBE = struct.Struct(header_format("comm"))
 _PKT_SIZE_AT, _COMM_AT = header_offset("pkt_size"), header_offset("comm")
 _NAMES = struct.Struct("<" + header_format()[len(_DESCRIBE.format):])  # comm, dpif
 _NOT_DECODED = comment.NOT_DECODED.encode()
+# What the loops over a batch's records bind locally to write a packet block: its head
+# packed, its end packed, the padding after its packet, and its fixed size.
+_EPB_WRITING = (pcapng.pack_epb_head, pcapng.pack_options_end, pcapng.PADDING,
+                pcapng.EPB_WITH_OPTIONS_FIXED)
 
 
 # What a packet's metadata and key make of it: its interface's id, the interface, and its
@@ -360,11 +366,8 @@ class UpcallBlocks:
         cache = self._described
         offset = self.clock_offset_ns
         unpack = _DESCRIBE.unpack_from
-        pack_head = pcapng.pack_epb_head
-        pack_end = pcapng.pack_options_end
-        shed_option = _UNKNOWN_OPTIONS[UNKNOWN_SHED]
-        padding = pcapng.PADDING
-        fixed = pcapng.EPB_WITH_OPTIONS_FIXED
+        pack_head, pack_end, padding, fixed = _EPB_WRITING
+        shed_option = _SHED_OUTCOME
         misses, scan_after, scan_sample = self._misses, SCAN_AFTER_MISSES, SCAN_SAMPLE
         # Flag masks, made once a batch: per record, each cost as much as a look-up.
         unsheddable, described_flags = UNREADABLE | F_FAILED, ~_OWN_COMMENTS
@@ -458,13 +461,10 @@ class UpcallBlocks:
         again: the scan is over."""
         add = out.append
         unpack = HEADER.unpack_from
-        pack_head = pcapng.pack_epb_head
-        pack_end = pcapng.pack_options_end
-        padding = pcapng.PADDING
-        fixed = pcapng.EPB_WITH_OPTIONS_FIXED
+        pack_head, pack_end, padding, fixed = _EPB_WRITING
         offset = self.clock_offset_ns
         shed_parts, seen = self._shed_parts, self._seen_keys
-        shed_option = _UNKNOWN_OPTIONS[UNKNOWN_SHED]
+        shed_option = _SHED_OUTCOME
         shed_option_size = len(shed_option)
         misses, scan_sample = self._misses, SCAN_SAMPLE
         # Flags of records that _shed does not write from its cache, or that carry
@@ -570,7 +570,7 @@ class UpcallBlocks:
         upcall while either is on. (A failed upcall's comment says what its enqueue was.)"""
         if flags & F_FAILED:
             return b""
-        options = _UNKNOWN_OPTIONS[UNKNOWN_SHED] if flags & F_OUTCOME_SHED else \
+        options = _SHED_OUTCOME if flags & F_OUTCOME_SHED else \
             self._outcomes.option(record, flags) if flags & F_OUTCOME else b""
         return (options + _enqueue_option(record)) if flags & F_KERNEL else options
 
