@@ -168,10 +168,10 @@ class RingReader:
 class RingBuffer(RingReader):
     """The ring of a BPF_RINGBUF_OUTPUT map, mapped from the map's fd (which stays bcc's)."""
 
-    def __init__(self, map_fd: int, size: int, map_bytes: int = MAP_BYTES) -> None:
+    def __init__(self, map_fd: int, size: int) -> None:
         page = mmap.PAGESIZE
         self._fd = map_fd
-        self._map_bytes = min(map_bytes, size)
+        self._map_bytes = min(MAP_BYTES, size)
         # The data mapped now: its first and end offsets (the data is mapped twice in a
         # row from the ring's third page), and the mapping.
         self._data: tuple[int, int, mmap.mmap] | None = None
