@@ -18,16 +18,14 @@ from collections import Counter
 
 import pytest
 import upcalls  # samples/replay/upcalls.py
-from conftest import REPLAY_DIR, Tool
+from conftest import REPLAY_DIR, SUMMARY_HEAD, Tool
 from probe_records import probe_record
 
 from upcall_capture import pcapng
 from upcall_capture.upcall_blocks import UpcallBlocks
 
 MIXED = REPLAY_DIR / "mixed.upc"
-SUMMARY = re.compile(
-    r"(\d+) upcalls captured(?:, \d+ without key text)?, (\d+) lost(?:, (\d+) filtered out)? "
-    r"\((\d+) fired\)")
+SUMMARY = re.compile(SUMMARY_HEAD + r"(?:, (\d+) filtered out)? \((\d+) fired\)")
 FIRED = 200_000
 
 

@@ -1,8 +1,10 @@
 """probe.record: a record whose dpif name the probe could not read (it left the name's
 address in the field), read back and completed as capture.DpifNames does; records
-counted by their flags."""
+counted by their flags; parts of the header read on their own."""
 
 from __future__ import annotations
+
+import struct
 
 import upcalls
 from conftest import REPLAY_DIR
@@ -16,6 +18,8 @@ from upcall_capture.probe.record import (
     HEADER,
     HEADER_FIELDS,
     count_flagged,
+    header_format,
+    header_offset,
     parse,
     unread_dpif_address,
     with_dpif,
@@ -60,3 +64,15 @@ def test_records_are_counted_by_any_flag_of_a_mask():
     assert count_flagged(records, F_DPIF_UNREADABLE) == (2,)
     assert count_flagged(records, F_KEY_UNREADABLE | F_DPIF_UNREADABLE) == (3,)
     assert count_flagged([], F_FAILED) == (0,)
+
+
+def test_a_part_of_the_header_reads_what_the_whole_header_reads_there():
+    record = probe_record(UPCALL, ktime_ns=7, gap=b"")
+    fields = HEADER.unpack_from(record)
+    for start, before in (("comm", None), ("pid", "pkt_size"), (None, "comm")):
+        part = struct.Struct(header_format(before, start=start))
+        first = NAMES.index(start) if start else 0
+        end = NAMES.index(before) if before else len(NAMES)
+        at = header_offset(start) if start else 0
+        assert part.unpack_from(record, at) == fields[first:end]
+        assert at + part.size == (header_offset(before) if before else HEADER.size)

@@ -243,7 +243,7 @@ def interface_name(dpif: str, port: int | None, port_name: str | None) -> str:
 # header that the comment's first line depends on start.
 _DESCRIBE = struct.Struct(header_format("comm"))
 _PKT_SIZE_AT, _COMM_AT = header_offset("pkt_size"), header_offset("comm")
-_NAMES = struct.Struct("<" + header_format()[len(_DESCRIBE.format):])  # comm, dpif
+_NAMES = struct.Struct(header_format(start="comm"))  # comm, dpif
 _NOT_DECODED = comment.NOT_DECODED.encode()
 # What the loops over a batch's records bind locally to write a packet block: its head
 # packed, its end packed, the padding after its packet, and its fixed size.

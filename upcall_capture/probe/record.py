@@ -24,11 +24,13 @@ HEADER_FIELDS = (
 )
 
 
-def header_format(before: str | None = None) -> str:
-    """The struct format of the header, or of its fields before the one named."""
+def header_format(before: str | None = None, *, start: str | None = None) -> str:
+    """The struct format of the header's fields from the one named `start` (the first)
+    up to the one named `before` (the end)."""
     names = [name for name, _ in HEADER_FIELDS]
+    first = names.index(start) if start is not None else 0
     end = names.index(before) if before is not None else len(names)
-    return "<" + "".join(code for _, code in HEADER_FIELDS[:end])
+    return "<" + "".join(code for _, code in HEADER_FIELDS[first:end])
 
 
 def header_offset(name: str) -> int:
