@@ -15,4 +15,9 @@ bench-full:
 bench-targets:
 	$(PYTHON) benchmarks/bench_capture.py --targets
 
-.PHONY: bench bench-full bench-targets
+# How much of a core those runs leave: two of them beside a program spinning a share of
+# every 10 ms, a few shares, twice each: about five minutes.
+bench-headroom:
+	$(PYTHON) benchmarks/bench_capture.py --headroom
+
+.PHONY: bench bench-full bench-targets bench-headroom

@@ -3,7 +3,8 @@
     .venv/bin/python benchmarks/bench_capture.py            # a few minutes (5 s runs)
     .venv/bin/python benchmarks/bench_capture.py --full     # the issue's 30 s runs
     .venv/bin/python benchmarks/bench_capture.py --targets  # issue 13's done-when runs
-    make bench / make bench-full / make bench-targets
+    .venv/bin/python benchmarks/bench_capture.py --headroom  # the room they leave
+    make bench / make bench-full / make bench-targets / make bench-headroom
 
 Needs root, bcc and kernel headers, as the capture tests do. Everything runs against
 samples/replay/upcall-replay firing the 'repeat' mix (4,000 distinct full-size flows,
@@ -36,6 +37,11 @@ packets up to 1,500 bytes of IP, as in an upcall storm), with `-u` for unique ke
   must be in the file, with its key's text (repeated keys), 99% of them with it (unique
   keys at 100,000/s), or each either with it or marked (unique keys at 250,000/s, whose
   file then goes through `-r FILE -w NEW`, which must leave none without text).
+- **Headroom** (`--headroom`, alone): how much slower the host may be before those runs
+  fail. The storm of new flows at 250,000/s and the repeated one at 200,000/s, each
+  beside a program that spins a share of every 10 ms on one core (a busy loop, then a
+  sleep: what a slower host, or another tenant, takes), a share at a time in turn, so
+  that the host's drift falls on every share alike.
 - **Latency** at 10 upcalls/s: from each probe hit to its packet arriving through
   `-w -`, and to its line arriving on the console.
 
@@ -61,6 +67,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import mmap
+import multiprocessing
 import os
 import platform
 import re
@@ -73,6 +80,7 @@ import sys
 import tempfile
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -930,6 +938,63 @@ def targets_report(records: Path, workdir: Path) -> str:
     return "\n".join(lines)
 
 
+# The storms of TARGETS that run out of room first (the unique storm at 250,000/s, the
+# repeated one at 200,000/s), and the ms of every SPIN_PERIOD_S spun beside each: each
+# share HEADROOM_ROUNDS times, the shares in turn.
+HEADROOM = ((TARGETS[2], (0, 2, 3)), (TARGETS[0], (0, 5)))
+HEADROOM_ROUNDS = 2
+SPIN_PERIOD_S = 0.010
+
+
+def _spin(busy_s: float) -> None:
+    """Busy for busy_s of every SPIN_PERIOD_S, until killed."""
+    while True:
+        end = time.perf_counter() + busy_s
+        while time.perf_counter() < end:
+            pass
+        time.sleep(SPIN_PERIOD_S - busy_s)
+
+
+@contextmanager
+def spinning(busy_ms: int):
+    """A process that takes busy_ms of every SPIN_PERIOD_S of one core, while inside."""
+    if not busy_ms:
+        yield
+        return
+    spinner = multiprocessing.Process(target=_spin, args=(busy_ms / 1000,), daemon=True)
+    spinner.start()
+    try:
+        yield
+    finally:
+        spinner.kill()
+        spinner.join()
+
+
+def headroom_report(records: Path, workdir: Path) -> str:
+    """Each storm of HEADROOM beside each share spun, HEADROOM_ROUNDS times: what it
+    lost, and the CPU each process took (the traced program's tells the host's speed)."""
+    lines = ["| storm | spun, ms of every 10 | lost, each run | without key text, each run "
+             "| CPU µs an upcall, traced program / main / workers, each run |",
+             "|---|---|---|---|---|"]
+    for (label, unique, rate, count), shares in HEADROOM:
+        trials: dict[int, list[Trial]] = {busy_ms: [] for busy_ms in shares}
+        for round_ in range(HEADROOM_ROUNDS):
+            for busy_ms in shares:
+                print(f"  {label}, {busy_ms} ms of every 10 spun ({round_ + 1} of "
+                      f"{HEADROOM_ROUNDS})...", flush=True)
+                with spinning(busy_ms):
+                    trials[busy_ms].append(run_capture(records, workdir, rate, count,
+                                                       unique))
+        for busy_ms, runs in trials.items():
+            lines.append(
+                f"| {'unique' if unique else 'repeated'} keys: {count:,} at {rate:,}/s | "
+                f"{busy_ms} | "
+                + ", ".join(f"{t.lost / max(t.fired, 1):.1%}" for t in runs) + " | "
+                + ", ".join(f"{t.undecoded / max(t.fired, 1):.1%}" for t in runs) + " | "
+                + "; ".join(_cpu_per_upcall(t) for t in runs) + " |")
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------------------------------
 # The table
 
@@ -1066,6 +1131,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--targets", action="store_true",
                         help="only issue 13's three done-when runs, as stated (about two "
                         "minutes)")
+    parser.add_argument("--headroom", action="store_true",
+                        help="only the done-when storms beside a program spinning a share "
+                        "of a core (about five minutes)")
     parser.add_argument("--overhead-count", type=int, default=1_000_000,
                         help="upcalls per probe-overhead run (default 1,000,000)")
     args = parser.parse_args(argv)
@@ -1088,6 +1156,12 @@ def main(argv: list[str] | None = None) -> int:
             per_cpu, _ = describe_throughput(sent)[1]
             print(f"\nthe host now: offline describe of unique keys, {_k(per_cpu)} a "
                   "worker CPU-second")
+            return 0
+        if args.headroom:
+            print("the done-when storms beside a program spinning a share of a core...",
+                  flush=True)
+            print()
+            print(headroom_report(records, workdir))
             return 0
         sizes = (sum(len(u.packet) for u in sent) / len(sent),
                  sum(len(u.key) for u in sent) / len(sent))
