@@ -1,5 +1,6 @@
 """tuning.py: what the tool does to its own process."""
 
+import os
 import subprocess
 import sys
 
@@ -64,3 +65,32 @@ def test_the_compilers_code_leaves_our_memory_while_another_process_maps_it_too(
         holder.kill()
         holder.wait()
     assert before_kb - after_kb > 30 * 1024, (before_kb, after_kb)
+
+
+def _tasks(pid: int) -> list[int]:
+    """A process's threads, and its children's, and theirs."""
+    tasks = [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+    children = [int(child) for tid in tasks
+                for child in open(f"/proc/{pid}/task/{tid}/children").read().split()]
+    return tasks + [task for child in children for task in _tasks(child)]
+
+
+@pytest.mark.capture
+def test_the_capture_and_its_workers_run_as_batch(replay, tmp_path):
+    # Their threads wake without preempting the traced process's (tuning.schedule_as_batch).
+    from conftest import REPLAY_DIR, Tool
+
+    source = replay(REPLAY_DIR / "mixed.upc", "-n", "200")
+    tool = Tool("-p", str(source.pid), "-w", str(tmp_path / "out.pcapng"), "--workers", "1")
+    tool.wait_listening()
+    try:  # looked at before the source fires: its exit ends the capture
+        tasks = _tasks(tool.proc.pid)
+        policies = {task: os.sched_getscheduler(task) for task in tasks}
+    finally:
+        source.start()
+        status, stderr = tool.wait()
+    assert status == 0, stderr
+    # The main process's threads (reading, sending to the worker, taking its replies) and
+    # the worker's.
+    assert len(tasks) >= 4, tasks
+    assert set(policies.values()) == {os.SCHED_BATCH}, policies

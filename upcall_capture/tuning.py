@@ -1,7 +1,8 @@
 """Process-wide tuning for a capture, in one place: what the tool does to its own process
 (and the traced one's pages) so that an upcall storm costs it less.
 
-cli.py calls `before_attach()` before the probe is compiled and attached, and
+cli.py calls `before_attach()` before the probe is compiled and attached (and before the
+capture starts its threads and workers, which take its scheduling policy), and
 `after_attach(pid)` once it is, for each process traced (--follow attaches again). A
 describing worker (workers.py) calls `tune_gc()` as it starts, and `HeapTrimmer.tick()`
 after each batch.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import os
 import time
 
 from upcall_capture.target import prefault_readonly_data
@@ -18,6 +20,7 @@ from upcall_capture.target import prefault_readonly_data
 
 def before_attach() -> None:
     tune_malloc()
+    schedule_as_batch()
 
 
 def after_attach(pid: int) -> None:
@@ -25,6 +28,24 @@ def after_attach(pid: int) -> None:
     release_compiler_pages()
     prefault_readonly_data(pid)
     tune_gc()
+
+
+def schedule_as_batch() -> None:
+    """Run the calling thread as SCHED_BATCH, and so every thread and worker it starts.
+
+    The weight stays that of any other thread; what changes is that a thread of ours that
+    wakes does not preempt the one running, and waits for the tick (1 to 4 ms) instead.
+    In a storm the one running is often a handler of the traced ovs-vswitchd, which is
+    left its slice; a capture is all throughput, and a tick is nothing to it. It also
+    costs the capture less: in 15 alternating pairs of 2,500,000 new flows at 250,000/s
+    (three sets of five, one beside a program spinning 2 ms of every 10), the main
+    process took 6% less CPU (less in 12 of the 15) and the worker 2% less; their losses
+    did not differ measurably. Where the system refuses, nothing changes.
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except OSError:
+        pass
 
 
 # glibc's mallopt() parameters, and the values the capture wants.
