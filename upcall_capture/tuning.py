@@ -37,10 +37,9 @@ def schedule_as_batch() -> None:
     wakes does not preempt the one running, and waits for the tick (1 to 4 ms) instead.
     In a storm the one running is often a handler of the traced ovs-vswitchd, which is
     left its slice; a capture is all throughput, and a tick is nothing to it. It also
-    costs the capture less: in 15 alternating pairs of 2,500,000 new flows at 250,000/s
-    (three sets of five, one beside a program spinning 2 ms of every 10), the main
-    process took 6% less CPU (less in 12 of the 15) and the worker 2% less; their losses
-    did not differ measurably. Where the system refuses, nothing changes.
+    costs the capture less: in 20 alternating pairs of 2,500,000 new flows at 250,000/s,
+    the main process took 4% to 7% less CPU (less in 17 of them) and the worker 1% to 2.5%
+    less. Where the system refuses, nothing changes.
     """
     try:
         os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
