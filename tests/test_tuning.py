@@ -3,6 +3,7 @@
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -71,7 +72,7 @@ def _tasks(pid: int) -> list[int]:
     """A process's threads, and its children's, and theirs."""
     tasks = [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
     children = [int(child) for tid in tasks
-                for child in open(f"/proc/{pid}/task/{tid}/children").read().split()]
+                for child in Path(f"/proc/{pid}/task/{tid}/children").read_text().split()]
     return tasks + [task for child in children for task in _tasks(child)]
 
 

@@ -487,7 +487,8 @@ class UpcallBlocks:
                 if shape is not None:
                     parts = shed_parts.get((pid, tid, cpu, type_, comm, dpif, shape,
                                             shape.port(key)))
-                    # Last, as in _shed: it remembers the key.
+                    # Last, as in _shed: it remembers the key (_seen_before, written
+                    # out without its call, as the rest of _shed's way is).
                     if parts is not None:
                         sighting = hash(key)
                         if sighting in seen:
