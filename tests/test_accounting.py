@@ -12,6 +12,7 @@ fired = captured + lost + filtered holds exactly.
 
 from __future__ import annotations
 
+import mmap
 import re
 import subprocess
 from collections import Counter
@@ -47,6 +48,10 @@ def test_overloaded_buffer_loses_upcalls_and_counts_every_one(replay, tmp_path):
     assert fired == FIRED
     assert captured + lost == fired
     assert lost > 0 and captured > 0
+    # The operator is told why, and what to do about it, on a line of its own.
+    assert (f"upcall-capture: {lost} upcalls lost: the {mmap.PAGESIZE // 1024} KiB ring "
+            "buffer (--buffer-pages 1) had no room for them; a larger one rides out a "
+            "longer burst\n") in stderr
 
     data = out.read_bytes()
     assert pcapng.complete_length(data) == len(data)
@@ -73,6 +78,14 @@ def test_overloaded_buffer_loses_upcalls_and_counts_every_one(replay, tmp_path):
                           capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
     assert len(done.stdout.split()) == captured
+
+
+def test_the_advice_on_losses_gives_the_default_ring_in_mib():
+    from upcall_capture.cli import _ring_was_full
+
+    pages = (64 << 20) // mmap.PAGESIZE
+    assert _ring_was_full(7, pages).startswith(
+        f"7 upcalls lost: the 64 MiB ring buffer (--buffer-pages {pages}) had no room")
 
 
 def test_losses_in_batches_without_packets_go_on_the_next_packet():

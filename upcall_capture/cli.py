@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import mmap
 import os
 import shlex
 import signal
@@ -573,6 +574,8 @@ def _report(summary, run: Capture, outputs: list, stats: UpcallStats | None,
     if pool is not None:
         line += f"; {_workers_busy(pool)}"
     print(f"{PROG}: {line}", file=sys.stderr)
+    if summary.lost:
+        print(f"{PROG}: {_ring_was_full(summary.lost, args.buffer_pages)}", file=sys.stderr)
     for kernel_line in summary.kernel or ():
         print(f"{PROG}: {kernel_line}", file=sys.stderr)
     if summary.outcomes:
@@ -580,6 +583,15 @@ def _report(summary, run: Capture, outputs: list, stats: UpcallStats | None,
     if stats is not None:
         _print_stats(stats, args)
     return failed[0].error.exit_status if failed else 0
+
+
+def _ring_was_full(lost: int, pages: int) -> str:
+    """What `lost` means, and what to do about it: the probe counts an upcall lost only
+    when the ring had no room for its record."""
+    kib = pages * mmap.PAGESIZE // 1024
+    size = f"{kib // 1024} MiB" if kib >= 1024 else f"{kib} KiB"
+    return (f"{lost} upcalls lost: the {size} ring buffer (--buffer-pages {pages}) had no "
+            "room for them; a larger one rides out a longer burst")
 
 
 def _workers_busy(pool: workers.WorkerPool) -> str:
