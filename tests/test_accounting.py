@@ -50,8 +50,8 @@ def test_overloaded_buffer_loses_upcalls_and_counts_every_one(replay, tmp_path):
     assert lost > 0 and captured > 0
     # The operator is told why, and what to do about it, on a line of its own.
     assert (f"upcall-capture: {lost} upcalls lost: the {mmap.PAGESIZE // 1024} KiB ring "
-            "buffer (--buffer-pages 1) had no room for them; a larger one rides out a "
-            "longer burst\n") in stderr
+            "buffer (--buffer-pages 1) was full; a larger one holds a longer burst, and "
+            "--filter or --no-outcomes make a capture lighter\n") in stderr
 
     data = out.read_bytes()
     assert pcapng.complete_length(data) == len(data)
@@ -85,7 +85,7 @@ def test_the_advice_on_losses_gives_the_default_ring_in_mib():
 
     pages = (64 << 20) // mmap.PAGESIZE
     assert _ring_was_full(7, pages).startswith(
-        f"7 upcalls lost: the 64 MiB ring buffer (--buffer-pages {pages}) had no room")
+        f"7 upcalls lost: the 64 MiB ring buffer (--buffer-pages {pages}) was full;")
 
 
 def test_losses_in_batches_without_packets_go_on_the_next_packet():

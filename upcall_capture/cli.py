@@ -587,11 +587,13 @@ def _report(summary, run: Capture, outputs: list, stats: UpcallStats | None,
 
 def _ring_was_full(lost: int, pages: int) -> str:
     """What `lost` means, and what to do about it: the probe counts an upcall lost only
-    when the ring had no room for its record."""
+    when the ring had no room for its record, in a burst longer than the ring holds or a
+    storm faster than the capture."""
     kib = pages * mmap.PAGESIZE // 1024
     size = f"{kib // 1024} MiB" if kib >= 1024 else f"{kib} KiB"
-    return (f"{lost} upcalls lost: the {size} ring buffer (--buffer-pages {pages}) had no "
-            "room for them; a larger one rides out a longer burst")
+    return (f"{lost} upcalls lost: the {size} ring buffer (--buffer-pages {pages}) was "
+            "full; a larger one holds a longer burst, and --filter or --no-outcomes make a "
+            "capture lighter")
 
 
 def _workers_busy(pool: workers.WorkerPool) -> str:
