@@ -77,6 +77,13 @@ def with_outcomes(records: list[bytes]) -> list[bytes]:
     return out
 
 
+@pytest.mark.parametrize("cpus, chosen", [(1, 1), (2, 1), (3, 2), (5, 4), (64, 4)])
+def test_workers_by_default_one_per_core_but_one_and_at_most_four(monkeypatch, cpus,
+                                                                   chosen):
+    monkeypatch.setattr(workers.os, "sched_getaffinity", lambda pid: set(range(cpus)))
+    assert workers.default_count() == chosen
+
+
 @pytest.mark.parametrize("unique, outcomes", [(False, False), (True, False), (True, True)],
                          ids=["repeated", "unique", "outcomes"])
 def test_any_number_of_workers_writes_the_bytes_of_one_process(unique, outcomes):

@@ -92,9 +92,18 @@ BUSY_WINDOW_S = 0.25
 REPLIES_AHEAD = 16
 
 
+# The most workers chosen by default. The main process reads, orders and writes every
+# upcall on what is in effect one core (its threads share the GIL): 2.2 to 2.8 µs an
+# upcall in the storms of `make bench-targets` here, some 400,000 upcalls/s at most,
+# which three workers decoding new keys at about 150,000/s each already match. More would
+# only take cores and memory (up to 60 MB each) from a hypervisor's ovs-vswitchd.
+DEFAULT_MAX_WORKERS = 4
+
+
 def default_count() -> int:
-    """One worker per core the main process leaves free, and at least one."""
-    return max(1, len(os.sched_getaffinity(0)) - 1)
+    """One worker per core the main process leaves free, at least one and at most
+    DEFAULT_MAX_WORKERS."""
+    return min(DEFAULT_MAX_WORKERS, max(1, len(os.sched_getaffinity(0)) - 1))
 
 
 @dataclass(frozen=True)
