@@ -239,10 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
         default=workers.default_count(),
         help="processes that describe upcalls (decode keys, write comments) beside the one "
              "that reads the probe and writes the file (default: one for each core but one, "
-             f"at least one and at most {workers.DEFAULT_MAX_WORKERS}); 0 does it all in "
-             "one process. When they fall "
-             "behind, upcalls are written without their key's text, which the comment "
-             "says, rather than lost; -r FILE -w NEW writes the text in")
+             f"at least one and at most {workers.DEFAULT_MAX_WORKERS}); 0 does it all in one "
+             "process. When they fall behind, upcalls are written without their key's text, "
+             "which the comment says, rather than lost; -r FILE -w NEW writes the text in")
     kernel = capture.add_mutually_exclusive_group()
     kernel.add_argument(
         "--kernel", action="store_true",
