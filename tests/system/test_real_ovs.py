@@ -676,19 +676,23 @@ class CapturedOutcome:
 
 @dataclass
 class Outcomes:
-    puts: list[re.Match[str]]  # logged by handlers while the tool listened
+    # Logged by handlers while the tool listened, and for the upcalls at its edge (below)
+    puts: list[re.Match[str]]
     executes: list[re.Match[str]]
     captured: list[CapturedOutcome]
 
 
+# How long after `stop` a handler's op may come for an upcall the capture caught before
+# it: the outcome window (250 ms), with room.
+EDGE_S = 1.0
+
+
 @pytest.fixture(scope="module")
 def outcomes(guest: GuestRun) -> Outcomes:
+    from upcall_capture import comment
+
     start = (guest.results / "capture-start").read_text().strip()
     stop = (guest.results / "capture-stop").read_text().strip()
-    log = (guest.results / "ovs-vswitchd.log").read_text().splitlines()
-    puts = [m for line in log if (m := _LOG_PUT.match(line)) and start < m["time"] < stop]
-    executes = [m for line in log
-                if (m := _LOG_EXECUTE.match(line)) and start < m["time"] < stop]
     # The tool stops a moment after `stop` is taken, and may catch an upcall in between
     # (one CI run caught two, 19 and 30 ms after it, which the log's window left out).
     stop_ns = round(_wall(stop) * 1e9)
@@ -699,6 +703,27 @@ def outcomes(guest: GuestRun) -> Outcomes:
         thread = re.search(r" thread=(\S+) ", packet.comments[0])[1]
         captured.append(CapturedOutcome(frame, thread, packet.key, packet.mask,
                                         packet.comments[1]))
+    # An upcall caught just before `stop` has its ops logged just after it (one CI run:
+    # an upcall at the very millisecond of `stop`, its put and execute 3 ms later). Those
+    # ops count as the window's, as match_upcalls counts the upcalls at its edges: a put
+    # by its ufid on a captured packet, and each handler's executes in order, as many as
+    # its captured ones beyond the window's.
+    log = (guest.results / "ovs-vswitchd.log").read_text().splitlines()
+    start_s, stop_s = _wall(start), _wall(stop)
+    puts, executes, puts_after, executes_after = [], [], [], []
+    for line in log:
+        for pattern, within, after in ((_LOG_PUT, puts, puts_after),
+                                       (_LOG_EXECUTE, executes, executes_after)):
+            if (m := pattern.match(line)) and start_s < _wall(m["time"]) <= stop_s + EDGE_S:
+                (within if _wall(m["time"]) < stop_s else after).append(m)
+    read = [(item, comment.parse_outcome(item.text)) for item in captured]
+    ufids = {outcome.ufid for _, outcome in read if outcome is not None}
+    puts += [m for m in puts_after if m["ufid"] in ufids]
+    for thread in sorted({m["thread"] for m in executes + executes_after}):
+        beyond = sum(1 for item, outcome in read if item.thread == thread
+                     and outcome is not None and outcome.execute_actions is not None) \
+            - sum(1 for m in executes if m["thread"] == thread)
+        executes += [m for m in executes_after if m["thread"] == thread][:max(beyond, 0)]
     return Outcomes(puts, executes, captured)
 
 
