@@ -714,8 +714,9 @@ def outcomes(guest: GuestRun) -> Outcomes:
     for line in log:
         for pattern, within, after in ((_LOG_PUT, puts, puts_after),
                                        (_LOG_EXECUTE, executes, executes_after)):
-            if (m := pattern.match(line)) and start_s < _wall(m["time"]) <= stop_s + EDGE_S:
-                (within if _wall(m["time"]) < stop_s else after).append(m)
+            if (m := pattern.match(line)) and start_s < (at := _wall(m["time"])) \
+                    <= stop_s + EDGE_S:
+                (within if at < stop_s else after).append(m)
     read = [(item, comment.parse_outcome(item.text)) for item in captured]
     ufids = {outcome.ufid for _, outcome in read if outcome is not None}
     puts += [m for m in puts_after if m["ufid"] in ufids]
