@@ -21,6 +21,7 @@ from upcall_capture.sink import (
 
 def test_direct_writes_leave_exactly_the_bytes_written(tmp_path):
     path = tmp_path / "c.pcapng"
+    descriptors = set(os.listdir("/proc/self/fd"))
     sink = open_file(str(path))
     if not sink.direct:
         pytest.skip(f"{tmp_path} does not take O_DIRECT")
@@ -37,6 +38,8 @@ def test_direct_writes_leave_exactly_the_bytes_written(tmp_path):
         assert sink.good_bytes == len(written)
     sink.close()
     assert path.read_bytes() == written
+    # Both descriptors of the file (the direct one, and the one for partial blocks) closed.
+    assert set(os.listdir("/proc/self/fd")) == descriptors
 
 
 def test_pieces_written_at_once_leave_exactly_their_bytes_in_order(tmp_path):
