@@ -56,7 +56,7 @@ from upcall_capture.channel import SharedMemory
 from upcall_capture.errors import CaptureError
 from upcall_capture.interfaces import InterfaceTable, WorkerBatch
 from upcall_capture.ports import PortNames, dpctl_show, no_port_names
-from upcall_capture.tuning import HeapTrimmer
+from upcall_capture.tuning import HeapTrimmer, schedule_for_latency
 from upcall_capture.upcall_blocks import OUTCOME_TEXT_SHARE, UpcallBlocks
 
 # Records sent to workers and not yet back, beyond which the reader waits: at 100,000
@@ -223,6 +223,7 @@ class _Worker:
         return self.process.poll() is None
 
     def _send_all(self) -> None:
+        schedule_for_latency()
         stream = self.process.stdin
         try:
             while (message := self._outbox.get()) is not None:
@@ -235,6 +236,7 @@ class _Worker:
         self._outbox.put((pickle.dumps(batch), records))
 
     def _receive_all(self) -> None:
+        schedule_for_latency()
         stream = self.process.stdout
         while (reply := channel.receive(stream, self._replies)) is not None:
             self._inbox.put(reply)
