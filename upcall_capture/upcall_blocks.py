@@ -58,10 +58,12 @@ from upcall_capture.probe.record import (
 )
 
 # Bounds the cache of encoded options: an entry is about a kilobyte (key bytes, comment
-# and key option), so this is about 18 MB at most. With the outcome texts' cache (below)
-# it keeps a worker under 60 MB: at 32,768 and 16,384, a worker reached 76 MB in a storm
-# of new flows with outcomes on (100,000/s for 10 s), and 58 MB at 16,384 and 8,192.
-MAX_CACHED_OPTIONS = 16384
+# and key option), so this is about 11 MB at most. With the outcome texts' cache (below)
+# and the rings it shares with the main process (channel.py) it keeps a worker under
+# 60 MB: at 32,768 and 16,384, a worker reached 76 MB in a storm of new flows with
+# outcomes on (100,000/s for 10 s), and 58 MB at 16,384 and 8,192; with a request ring
+# of 8 MiB rather than 2, 62 MB at 16,384, 59 MB at 12,288.
+MAX_CACHED_OPTIONS = 10240
 # Comment heads: one per thread, CPU, dpif and port.
 MAX_CACHED_HEADS = 4096
 # In a storm of new keys (a scan) no look-up hits, and looking up and keeping each
