@@ -48,8 +48,7 @@ from upcall_capture.probe.ring_buffer import Position
 # room for it, and notices that a few milliseconds late at times (woken, then given the
 # GIL). At 2 MiB only two or three of a storm's batches fitted (512 records of 1 KB or
 # so: 450 to 600 KB), and at 250,000 new flows/s the worker waited 1.6 to 2.2 s of a
-# 10 s storm for its next batch; at 8 MiB, 0.02 to 0.25 s (instrumented runs; batches
-# are of up to 1,024 records since, sink.MAX_BATCH). Replies:
+# 10 s storm for its next batch; at 8 MiB, 0.02 to 0.25 s (instrumented runs). Replies:
 # the thread that takes them waits for the main process's GIL while the worker makes a
 # batch's blocks every millisecond: at 250,000 new flows/s, a worker waited 1.3 to 1.6 s
 # of a 10 s storm for room in 2 MiB, and 0.6 s in 4 MiB or 6 MiB (instrumented runs,

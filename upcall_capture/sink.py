@@ -384,12 +384,9 @@ def open_stdout() -> Sink:
 # some wake-ups, pipe frames and pickles: at 250,000 new flows/s, batches of 512 took
 # them 0.4 µs an upcall less than batches of 256 (main and worker 5.7 and 7.7 s of CPU
 # for 2,500,000, against 6.4 and 8.1, in two pairs of runs). Batches of 1,024 took less
-# again, but while only three fitted in a worker's request ring of 2 MiB the worker
-# waited for each: 12% to 29% were lost. In 8 MiB (channel.REQUEST_RING_BYTES), seven:
-# the worker took 2.64 to 2.72 µs an upcall against 2.77 to 2.87 at 512, and the main
-# process 2.22 to 2.39 against 2.27 to 2.44 (four alternating pairs beside a program
-# spinning 3 ms of every 10: none lost, against 0.4% in two of the four).
-MAX_BATCH = 1024
+# again, but only three fit in a worker's request ring (channel.REQUEST_RING_BYTES), and
+# the worker waited for each: 12% to 29% were lost.
+MAX_BATCH = 512
 
 
 class OutputThread(_Background):
