@@ -396,7 +396,7 @@ def test_a_worker_gone_while_its_ring_is_full_ends_the_capture_not_a_wait():
         builder = PooledBlocks(pool, SETTINGS, lambda: 1)
         builder.blocks(builder.prepare(storm(MIXED, 10, unique=False), 0, None))
         os.kill(worker.process.pid, signal.SIGSTOP)
-        records = storm(MIXED, 32000, unique=True)
+        records = storm(MIXED, 16000, unique=True)
         batches = in_batches(records, 400)
         assert sum(map(len, records)) > 2 * channel.REQUEST_RING_BYTES  # more than it holds
         tickets = [builder.prepare(batch, 0, None) for batch in batches]

@@ -43,18 +43,20 @@ from typing import BinaryIO
 
 from upcall_capture.probe.ring_buffer import Position
 
-# Each ring's room. Requests: some 15 ms of a worker's work in a storm, so that it does
+# Each ring's room. Requests: some 8 ms of a worker's work in a storm, so that it does
 # not wait for the main process, whose thread sends the next batch only once there is
-# room for it, and notices that a few milliseconds late at times (woken, then given the
-# GIL). At 2 MiB only two or three of a storm's batches fitted (512 records of 1 KB or
-# so: 450 to 600 KB), and at 250,000 new flows/s the worker waited 1.6 to 2.2 s of a
-# 10 s storm for its next batch; at 8 MiB, 0.02 to 0.25 s (instrumented runs). Replies:
+# room for it, and notices that late at times (woken, then given the GIL). At 2 MiB only
+# two or three of a storm's batches fitted (512 records of 1 KB or so: 450 to 600 KB),
+# and at 250,000 new flows/s the worker waited 1.6 to 2.2 s of a 10 s storm for its next
+# batch; at 8 MiB, 0.02 to 0.25 s (instrumented runs, before that thread was woken
+# without waiting for a tick and given the GIL within 1 ms: tuning.py). 8 MiB took a
+# worker's peak RSS to 62 MB at 100,000 new flows/s; 4 MiB, 58 MB. Replies:
 # the thread that takes them waits for the main process's GIL while the worker makes a
 # batch's blocks every millisecond: at 250,000 new flows/s, a worker waited 1.3 to 1.6 s
 # of a 10 s storm for room in 2 MiB, and 0.6 s in 4 MiB or 6 MiB (instrumented runs,
 # with the GIL's default switch interval). Both processes touch every page in time, so
 # it counts in both one's peak RSS.
-REQUEST_RING_BYTES = 8 << 20
+REQUEST_RING_BYTES = 4 << 20
 REPLY_RING_BYTES = 4 << 20
 PAIR_BYTES = 2 * mmap.PAGESIZE + REQUEST_RING_BYTES + REPLY_RING_BYTES  # each after a page
 # The writer's wait for room: from this, doubling up to WAIT_MAX_S.

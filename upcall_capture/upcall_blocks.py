@@ -58,12 +58,13 @@ from upcall_capture.probe.record import (
 )
 
 # Bounds the cache of encoded options: an entry is about a kilobyte (key bytes, comment
-# and key option), so this is about 11 MB at most. With the outcome texts' cache (below)
-# and the rings it shares with the main process (channel.py) it keeps a worker under
-# 60 MB: at 32,768 and 16,384, a worker reached 76 MB in a storm of new flows with
-# outcomes on (100,000/s for 10 s), and 58 MB at 16,384 and 8,192; with a request ring
-# of 8 MiB rather than 2, 62 MB at 16,384, 59 MB at 12,288.
-MAX_CACHED_OPTIONS = 10240
+# and key option), so this is about 18 MB at most. With the outcome texts' cache (below)
+# it keeps a worker under 60 MB: at 32,768 and 16,384, a worker reached 76 MB in a storm
+# of new flows with outcomes on (100,000/s for 10 s), and 58 MB at 16,384 and 8,192.
+# Each generation must hold a storm's flows on every CPU they come from: at 10,240, the
+# 8,000 entries of 4,000 flows on two CPUs went out of the cache and were described
+# again, and the worker took 3.31 µs an upcall instead of 2.40.
+MAX_CACHED_OPTIONS = 16384
 # Comment heads: one per thread, CPU, dpif and port.
 MAX_CACHED_HEADS = 4096
 # In a storm of new keys (a scan) no look-up hits, and looking up and keeping each
@@ -87,8 +88,10 @@ SCAN_SAMPLE = 32
 # upcalls without text (then 3,968, one a flow at most). Remembered only while shedding,
 # each of 4,000 repeated flows went once without text when the traced thread moved to
 # the other CPU after the shedding began (every bench-targets run at 200,000/s: 4,000,
-# all on that CPU).
-MAX_SEEN_KEYS = 65536
+# all on that CPU). Twice the options cache: 2.2 MB of hashes, where 65,536 took 4.4 MB
+# (with it, and a request ring of 8 MiB, a worker reached 64 MB at 100,000 new flows/s;
+# at 32,768 with 4 MiB, 58 MB).
+MAX_SEEN_KEYS = 32768
 
 
 def port_and_eth(key_text: str) -> tuple[int | None, bool]:
