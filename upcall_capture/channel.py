@@ -50,7 +50,8 @@ from upcall_capture.probe.ring_buffer import Position
 # and at 250,000 new flows/s the worker waited 1.6 to 2.2 s of a 10 s storm for its next
 # batch; at 8 MiB, 0.02 to 0.25 s (instrumented runs, before that thread was woken
 # without waiting for a tick and given the GIL within 1 ms: tuning.py). 8 MiB took a
-# worker's peak RSS to 62 MB at 100,000 new flows/s; 4 MiB, 58 MB. Replies:
+# worker's peak RSS to 62 MB at 100,000 new flows/s; 4 MiB, 58 MB (with fewer seen
+# keys kept: upcall_blocks.MAX_SEEN_KEYS). Replies:
 # the thread that takes them waits for the main process's GIL while the worker makes a
 # batch's blocks every millisecond: at 250,000 new flows/s, a worker waited 1.3 to 1.6 s
 # of a 10 s storm for room in 2 MiB, and 0.6 s in 4 MiB or 6 MiB (instrumented runs,

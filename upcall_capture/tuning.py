@@ -74,9 +74,10 @@ def shorten_switch_interval() -> None:
     """Let a thread of the main process that comes back from a system call have the GIL
     within a millisecond, not five. Its reading thread holds the GIL for long spells;
     the others wait on I/O and then need it for a moment: with 5 ms, in a storm of
-    250,000 new flows/s, each direct write of 4 MiB took the writer's thread 8 to 9 ms
-    (3.5 for `dd`), and the writing was the capture's bottleneck (busy 8 s of 10); with
-    1 ms, 6 ms and 5 s. (Tried before the worker's request ring was deepened, at 0.5 ms,
+    250,000 new flows/s whose worker had batches enough (a deeper request ring than the
+    2 MiB of then: channel.py), each direct write of 4 MiB took the writer's thread 8 to
+    9 ms (3.5 for `dd`), and the writing was the capture's bottleneck (busy 8 s of 10);
+    with 1 ms, 6 ms and 5 s. (Tried before the worker's request ring was deepened, at 0.5 ms,
     it lost more: the worker, waiting for batches, was the bottleneck then.)"""
     sys.setswitchinterval(SWITCH_INTERVAL_S)
 
